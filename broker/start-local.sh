@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Start a private RabbitMQ node from the Debian `rabbitmq-server` package,
+# with its own node name, AMQP port and data directory, so that it runs
+# beside any other RabbitMQ on the machine. Prints the AMQP URI on stdout.
+#
+#   broker/start-local.sh [PORT] [DIR]     (defaults: 5673, /tmp/provring-rabbitmq-PORT)
+#   broker/stop-local.sh  [PORT]
+#
+# Needs: apt-get install rabbitmq-server
+set -euo pipefail
+
+port=${1:-${PROVRING_LOCAL_AMQP_PORT:-5673}}
+base=${2:-${PROVRING_LOCAL_BROKER_DIR:-/tmp/provring-rabbitmq-$port}}
+node="provring-$port@localhost"
+
+if ! command -v rabbitmq-server >/dev/null 2>&1; then
+  echo "rabbitmq-server is not installed: apt-get install rabbitmq-server (or docker compose up rabbitmq)" >&2
+  exit 69
+fi
+
+mkdir -p "$base/mnesia" "$base/log"
+cat > "$base/rabbitmq.conf" <<CONF
+listeners.tcp.1 = 127.0.0.1:$port
+loopback_users.guest = true
+log.file.level = warning
+CONF
+echo "[]." > "$base/enabled_plugins"
+: > "$base/rabbitmq-env.conf"
+# The Debian scripts run the node as the rabbitmq user when started as root.
+if id rabbitmq >/dev/null 2>&1; then chown -R rabbitmq: "$base" 2>/dev/null || true; fi
+
+export RABBITMQ_NODENAME="$node"
+export RABBITMQ_NODE_PORT="$port"
+export RABBITMQ_DIST_PORT=$((port + 20000))
+export RABBITMQ_MNESIA_BASE="$base/mnesia"
+export RABBITMQ_LOG_BASE="$base/log"
+export RABBITMQ_CONFIG_FILE="$base/rabbitmq.conf"
+export RABBITMQ_CONF_ENV_FILE="$base/rabbitmq-env.conf"
+export RABBITMQ_ENABLED_PLUGINS_FILE="$base/enabled_plugins"
+export RABBITMQ_PID_FILE="$base/rabbitmq.pid"
+export ERL_EPMD_ADDRESS=127.0.0.1
+
+if ! rabbitmqctl -q -n "$node" status >/dev/null 2>&1; then
+  rabbitmq-server -detached
+  rabbitmqctl -q -n "$node" wait --timeout 90 "$RABBITMQ_PID_FILE" >/dev/null
+  rabbitmqctl -q -n "$node" await_startup --timeout 90 >/dev/null
+fi
+echo "amqp://guest:guest@127.0.0.1:$port/%2f"

@@ -1,0 +1,292 @@
+//! An adaptor: one broker queue → repository → ack.
+//!
+//! The consume loop follows vector's AMQP source: `basic_qos` first, then a
+//! `select!` over shutdown, the consumer stream and the writer. Deliveries
+//! are grouped into batches (as many as are ready, up to
+//! `broker.batch_max`); a writer task, one batch behind, decodes each
+//! delivery, parks invalid ones (publish with confirm), stores the valid ones
+//! (idempotent by event identity), flushes the repository (group commit), and
+//! only then acks the whole batch with one `multiple = true` ack. Durable
+//! items then go to the executor.
+//!
+//! Invariant: a delivery is acked only once it is durable in the repository
+//! or confirmed on the parking queue. Any broker error ends the session; the
+//! broker redelivers what was not acked, and the loop reconnects with
+//! back-off.
+
+use crate::broker::declare::{declare_adaptor_queue, parking_queue};
+use crate::broker::{Backoff, Broker, BrokerError, PublishError, Publisher};
+use crate::config::AdaptorKind;
+use crate::event::{Invalid, decode};
+use crate::repository::{Repository, RepositoryError, Stored};
+use crate::stats::Stats;
+use crate::workflow::ItemSender;
+use futures::{FutureExt, StreamExt};
+use lapin::Channel;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdaptorError {
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error("parking an invalid message failed: {0}")]
+    Park(#[from] PublishError),
+    #[error(transparent)]
+    Repository(#[from] RepositoryError),
+    #[error("the broker closed the consumer")]
+    ConsumerClosed,
+    #[error("the writer task stopped: {0}")]
+    Writer(String),
+}
+
+/// One adaptor of this server.
+pub struct Adaptor {
+    parts: Arc<Parts>,
+}
+
+struct Parts {
+    name: String,
+    node: String,
+    kind: AdaptorKind,
+    queue: String,
+    broker: Broker,
+    repo: Repository,
+    parking: Publisher,
+    max_message_size: usize,
+    items_tx: ItemSender,
+    stats: Arc<Stats>,
+}
+
+impl Adaptor {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        name: &str,
+        node: &str,
+        kind: AdaptorKind,
+        queue: &str,
+        broker: Broker,
+        repo: Repository,
+        parking: Publisher,
+        max_message_size: usize,
+        items_tx: ItemSender,
+        stats: Arc<Stats>,
+    ) -> Adaptor {
+        Adaptor {
+            parts: Arc::new(Parts {
+                name: name.to_owned(),
+                node: node.to_owned(),
+                kind,
+                queue: queue.to_owned(),
+                broker,
+                repo,
+                parking,
+                max_message_size,
+                items_tx,
+                stats,
+            }),
+        }
+    }
+
+    /// Consume until `shutdown`, reconnecting with back-off after errors.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let cfg = self.parts.broker.config();
+        let mut backoff = Backoff::new(cfg.reconnect_min, cfg.reconnect_max);
+        loop {
+            let started = Instant::now();
+            let result = self.session(&shutdown).await;
+            if shutdown.is_cancelled() {
+                if let Err(e) = result {
+                    tracing::warn!(adaptor = %self.parts.name, error = %e, "Consumer ended with an error during shutdown; unacked deliveries go back to the queue.");
+                }
+                return;
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                backoff.reset();
+            }
+            let delay = backoff.next_delay();
+            match result {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::warn!(adaptor = %self.parts.name, error = %e, retry_in = ?delay, "Consumer stopped; reconnecting.")
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    async fn session(&self, shutdown: &CancellationToken) -> Result<(), AdaptorError> {
+        let p = &self.parts;
+        let cfg = p.broker.config();
+        let channel = p.broker.channel().await?;
+        let queue =
+            declare_adaptor_queue(&channel, &cfg.namespace, cfg.queue_type, &p.queue).await?;
+        channel
+            .basic_qos(cfg.prefetch, BasicQosOptions::default())
+            .await
+            .map_err(BrokerError::op("basic.qos"))?;
+        let tag = format!(
+            "provring.{}.{}.{:08x}",
+            p.node,
+            p.name,
+            rand::random::<u32>()
+        );
+        let mut consumer = channel
+            .basic_consume(
+                queue.as_str().into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(BrokerError::op("basic.consume"))?;
+        tracing::info!(adaptor = %p.name, %queue, "Consuming.");
+
+        let (batch_tx, batch_rx) = mpsc::channel::<Vec<Delivery>>(2);
+        let mut writer = tokio::spawn(write_loop(p.clone(), channel.clone(), batch_rx));
+        let batch_max = cfg.batch_max;
+        let mut writer_done = None;
+        let result = loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break Ok(()),
+                res = &mut writer => {
+                    let e = match res {
+                        Ok(Ok(())) => AdaptorError::Writer("ended".into()),
+                        Ok(Err(e)) => e,
+                        Err(e) => AdaptorError::Writer(e.to_string()),
+                    };
+                    writer_done = Some(());
+                    break Err(e);
+                }
+                next = consumer.next() => {
+                    let delivery = match next {
+                        None => break Err(AdaptorError::ConsumerClosed),
+                        Some(Err(e)) => break Err(BrokerError::Op { op: "consume", source: e }.into()),
+                        Some(Ok(d)) => d,
+                    };
+                    let mut batch = Vec::with_capacity(64);
+                    batch.push(delivery);
+                    // Take what is ready now, without waiting: the batch
+                    // grows while the writer flushes (group commit).
+                    while batch.len() < batch_max {
+                        match consumer.next().now_or_never() {
+                            Some(Some(Ok(d))) => batch.push(d),
+                            _ => break,
+                        }
+                    }
+                    p.stats.received.fetch_add(batch.len() as u64, Relaxed);
+                    if batch_tx.send(batch).await.is_err() {
+                        // The writer has stopped; its error arrives next turn.
+                        continue;
+                    }
+                }
+            }
+        };
+        if shutdown.is_cancelled() {
+            // No new deliveries; what is buffered unacked goes back to the queue.
+            let _ = channel
+                .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+                .await;
+        }
+        drop(batch_tx);
+        let writer_result = match writer_done {
+            Some(()) => Ok(()),
+            None => match writer.await {
+                Ok(r) => r,
+                Err(e) => Err(AdaptorError::Writer(e.to_string())),
+            },
+        };
+        let _ = channel.close(200, "consumer stopped".into()).await;
+        result.and(writer_result)
+    }
+}
+
+async fn write_loop(
+    p: Arc<Parts>,
+    channel: Channel,
+    mut batches: mpsc::Receiver<Vec<Delivery>>,
+) -> Result<(), AdaptorError> {
+    let parking = parking_queue(&p.broker.config().namespace);
+    while let Some(batch) = batches.recv().await {
+        let Some(last_tag) = batch.last().map(|d| d.delivery_tag) else {
+            continue;
+        };
+        let mut events = Vec::with_capacity(batch.len());
+        for delivery in &batch {
+            match decode(&delivery.data, p.kind, p.max_message_size) {
+                Ok(event) => events.push(event),
+                Err(reason) => park_invalid(&p, &parking, delivery, reason).await?,
+            }
+        }
+        drop(batch);
+        let stored = if events.is_empty() {
+            Vec::new()
+        } else {
+            let repo = p.repo.clone();
+            let name = p.name.clone();
+            let n = events.len();
+            let t0 = Instant::now();
+            let stored = tokio::task::spawn_blocking(move || repo.store(&name, events))
+                .await
+                .map_err(|e| AdaptorError::Writer(e.to_string()))??;
+            let t1 = Instant::now();
+            p.repo.flush().await?;
+            tracing::trace!(adaptor = %p.name, batch = n, store_us = (t1 - t0).as_micros() as u64, flush_us = t1.elapsed().as_micros() as u64, "Batch durable.");
+            stored
+        };
+        channel
+            .basic_ack(last_tag, BasicAckOptions { multiple: true })
+            .await
+            .map_err(BrokerError::op("basic.ack"))?;
+        for s in stored {
+            match s {
+                Stored::New(item) => {
+                    p.stats.stored.fetch_add(1, Relaxed);
+                    // If the executor has stopped (shutdown), the item waits
+                    // in the repository for the next start.
+                    let _ = p.items_tx.send(item);
+                }
+                Stored::Duplicate => {
+                    p.stats.duplicates.fetch_add(1, Relaxed);
+                }
+                Stored::AlreadyDone => {
+                    p.stats.already_done.fetch_add(1, Relaxed);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn park_invalid(
+    p: &Parts,
+    parking: &str,
+    delivery: &Delivery,
+    reason: Invalid,
+) -> Result<(), AdaptorError> {
+    tracing::warn!(adaptor = %p.name, %reason, bytes = delivery.data.len(), "Invalid message parked.");
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "x-provring-reason".into(),
+        AMQPValue::LongString(reason.0.as_str().into()),
+    );
+    headers.insert(
+        "x-provring-adaptor".into(),
+        AMQPValue::LongString(p.name.as_str().into()),
+    );
+    p.parking
+        .publish("", parking, &delivery.data, headers)
+        .await?;
+    p.stats.invalid.fetch_add(1, Relaxed);
+    Ok(())
+}

@@ -1,0 +1,269 @@
+//! `provring bench`: throughput of this server measured against the raw
+//! broker in the same run, so that the ratio means something on a shared,
+//! noisy machine.
+//!
+//! `pipeline`: (1) fill a queue with N events and consume it as fast as the
+//! broker allows (prefetch, one `multiple` ack per ready batch, nothing
+//! stored); (2) fill an adaptor queue with the same N events and run this
+//! server's pipeline in-process on it (decode, sled, group commit, ack,
+//! executor, null target) until all N are finished. Both use a fresh
+//! namespace, the configured queue type and prefetch, and are cleaned up.
+
+use crate::broker::declare::declare_adaptor_queue;
+use crate::broker::{Broker, BrokerError};
+use crate::cli::BenchArgs;
+use crate::config::{self, AdaptorKind, BrokerConfig, Config};
+use crate::publish::{generated, publish_bodies};
+use futures::{FutureExt, StreamExt};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeleteOptions};
+use lapin::types::FieldTable;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error(transparent)]
+    Publish(#[from] crate::publish::PublishCmdError),
+    #[error(transparent)]
+    Server(#[from] crate::server::ServerError),
+    #[error("cannot create a temporary directory: {0}")]
+    Temp(std::io::Error),
+    #[error("{0}")]
+    Stalled(String),
+}
+
+/// Result of `bench pipeline`.
+pub struct PipelineReport {
+    pub messages: u64,
+    pub queue_type: &'static str,
+    pub raw_msgs_per_s: f64,
+    pub provring_msgs_per_s: f64,
+}
+
+impl PipelineReport {
+    pub fn ratio(&self) -> f64 {
+        self.provring_msgs_per_s / self.raw_msgs_per_s.max(1e-9)
+    }
+
+    pub fn render(&self, json: bool) -> String {
+        if json {
+            serde_json::json!({
+                "raw_msgs_per_s": self.raw_msgs_per_s.round(),
+                "provring_msgs_per_s": self.provring_msgs_per_s.round(),
+                "ratio": (self.ratio() * 1000.0).round() / 1000.0,
+                "messages": self.messages,
+                "queue_type": self.queue_type,
+            })
+            .to_string()
+        } else {
+            format!(
+                "bench pipeline: {} messages, {} queues\n  raw consume+ack     {:>10.0} msg/s\n  provring pipeline   {:>10.0} msg/s (durable, null target)\n  ratio               {:>10.3}",
+                self.messages,
+                self.queue_type,
+                self.raw_msgs_per_s,
+                self.provring_msgs_per_s,
+                self.ratio()
+            )
+        }
+    }
+}
+
+fn bench_broker(args: &BenchArgs, namespace: &str) -> Result<BrokerConfig, BenchError> {
+    let mut broker = if args.config.is_empty() {
+        let toml = format!(
+            "[broker]\nuris = [{:?}]\n[servers.x]\nadmin_listen = \"127.0.0.1:1\"\ndata_dir = \"x\"\n",
+            args.amqp
+        );
+        config::Config::builder_from_toml(&toml)?.broker
+    } else {
+        config::load(&args.config)?.broker
+    };
+    broker.namespace = namespace.to_owned();
+    Ok(broker)
+}
+
+/// `provring bench pipeline`.
+pub async fn pipeline(args: &BenchArgs) -> Result<PipelineReport, BenchError> {
+    let namespace = format!("bench-{:08x}", rand::random::<u32>());
+    let broker_config = bench_broker(args, &namespace)?;
+    let n = args.messages.max(1);
+    let progress = !args.json;
+    let say = |s: &str| {
+        if progress {
+            eprintln!("{s}");
+        }
+    };
+    let run = format!("{:08x}", rand::random::<u32>());
+    let broker = Broker::new(broker_config.clone(), "provring bench");
+
+    say(&format!("filling {namespace}.raw with {n} events..."));
+    publish_bodies(
+        &broker_config,
+        "raw",
+        generated(AdaptorKind::Provisioning, run.clone(), n),
+        false,
+    )
+    .await?;
+    let raw = consume_raw(&broker, &broker_config, n).await;
+    say(&format!("filling {namespace}.bench with {n} events..."));
+    let filled = publish_bodies(
+        &broker_config,
+        "bench",
+        generated(AdaptorKind::Provisioning, run, n),
+        false,
+    )
+    .await;
+    let result = match (raw, filled) {
+        (Ok(raw), Ok(_)) => {
+            say("running the provring pipeline...");
+            run_pipeline(&broker_config, n).await.map(|p| (raw, p))
+        }
+        (Err(e), _) => Err(e),
+        (_, Err(e)) => Err(e.into()),
+    };
+    cleanup(&broker, &namespace).await;
+    let (raw_secs, pipeline_secs) = result?;
+    Ok(PipelineReport {
+        messages: n,
+        queue_type: broker_config.queue_type.as_str(),
+        raw_msgs_per_s: n as f64 / raw_secs,
+        provring_msgs_per_s: n as f64 / pipeline_secs,
+    })
+}
+
+/// Seconds to consume and ack `n` messages from `ns.raw`.
+async fn consume_raw(broker: &Broker, cfg: &BrokerConfig, n: u64) -> Result<f64, BenchError> {
+    let channel = broker.channel().await?;
+    let queue = declare_adaptor_queue(&channel, &cfg.namespace, cfg.queue_type, "raw").await?;
+    channel
+        .basic_qos(cfg.prefetch, BasicQosOptions::default())
+        .await
+        .map_err(BrokerError::op("basic.qos"))?;
+    let mut consumer = channel
+        .basic_consume(
+            queue.as_str().into(),
+            "bench-raw".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(BrokerError::op("basic.consume"))?;
+    let mut got = 0u64;
+    let mut started = None;
+    while got < n {
+        let next = tokio::time::timeout(Duration::from_secs(30), consumer.next())
+            .await
+            .map_err(|_| BenchError::Stalled(format!("raw consumer stalled after {got} of {n}")))?;
+        let Some(Ok(first)) = next else {
+            return Err(BenchError::Stalled(format!(
+                "raw consumer closed after {got} of {n}"
+            )));
+        };
+        started.get_or_insert_with(Instant::now);
+        let mut last = first.delivery_tag;
+        got += 1;
+        while got < n {
+            match consumer.next().now_or_never() {
+                Some(Some(Ok(d))) => {
+                    last = d.delivery_tag;
+                    got += 1;
+                }
+                _ => break,
+            }
+        }
+        channel
+            .basic_ack(last, BasicAckOptions { multiple: true })
+            .await
+            .map_err(BrokerError::op("basic.ack"))?;
+    }
+    let secs = started.map(|s| s.elapsed().as_secs_f64()).unwrap_or(1e-9);
+    let _ = channel.close(200, "done".into()).await;
+    Ok(secs)
+}
+
+/// Seconds for this server's pipeline to finish `n` events from `ns.bench`.
+async fn run_pipeline(broker: &BrokerConfig, n: u64) -> Result<f64, BenchError> {
+    let dir = tempfile_dir()?;
+    let toml = format!(
+        r#"
+[servers.bench]
+admin_listen = "127.0.0.1:1"
+data_dir = {dir:?}
+[adaptors.bench]
+kind = "provisioning"
+queue = "bench"
+server = "bench"
+target = "null"
+concurrency = 64
+[targets.null]
+kind = "null"
+"#,
+        dir = dir.path().display().to_string()
+    );
+    let mut config =
+        Config::builder_from_toml(&format!("[broker]\nuris = [\"amqp://x\"]\n{toml}"))?;
+    config.broker = broker.clone();
+    let started = Instant::now();
+    let running = crate::server::start(&config, "bench")?;
+    let stats = running.stats.clone();
+    let mut last = (0, Instant::now());
+    while stats.finished() < n {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        let done = stats.finished();
+        if done != last.0 {
+            last = (done, Instant::now());
+        } else if last.1.elapsed() > Duration::from_secs(30) {
+            running.stop().await;
+            return Err(BenchError::Stalled(format!(
+                "pipeline stalled after {done} of {n}"
+            )));
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    running.stop().await;
+    Ok(secs)
+}
+
+fn tempfile_dir() -> Result<TempDir, BenchError> {
+    let path = std::env::temp_dir().join(format!("provring-bench-{:08x}", rand::random::<u32>()));
+    std::fs::create_dir_all(&path).map_err(BenchError::Temp)?;
+    Ok(TempDir(path))
+}
+
+/// A directory removed on drop.
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+async fn cleanup(broker: &Broker, namespace: &str) {
+    if let Ok(channel) = broker.channel().await {
+        for q in ["raw", "bench", "parking"] {
+            let _ = channel
+                .queue_delete(
+                    format!("{namespace}.{q}").as_str().into(),
+                    QueueDeleteOptions::default(),
+                )
+                .await;
+        }
+        let _ = channel
+            .exchange_delete(
+                format!("{namespace}.events").as_str().into(),
+                lapin::options::ExchangeDeleteOptions::default(),
+            )
+            .await;
+    }
+    broker.close().await;
+}

@@ -1,0 +1,145 @@
+//! Names on the broker and their idempotent declarations.
+//!
+//! With namespace `ns`:
+//! - exchange `ns.events` (direct, durable): producers publish here with the
+//!   adaptor's queue name as routing key;
+//! - queue `ns.<queue>` per adaptor: durable, `x-queue-type` from
+//!   `broker.queue_type`, `x-single-active-consumer = true` (the broker lets
+//!   one consumer at a time receive, whatever the servers believe), bound to
+//!   `ns.events` with routing key `<queue>`;
+//! - queue `ns.parking`: invalid and undeliverable messages, each with an
+//!   `x-provring-reason` header.
+//!
+//! [`definitions`] renders the same topology as a RabbitMQ definitions file
+//! for operators who pre-provision; `broker/definitions.json` is generated
+//! from `config/cluster.toml` and a test keeps them equal.
+
+use super::BrokerError;
+use crate::config::{Config, QueueType};
+use lapin::Channel;
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+
+pub fn events_exchange(namespace: &str) -> String {
+    format!("{namespace}.events")
+}
+
+pub fn parking_queue(namespace: &str) -> String {
+    format!("{namespace}.parking")
+}
+
+fn queue_args(queue_type: QueueType, single_active: bool) -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(queue_type.as_str().into()),
+    );
+    if single_active {
+        args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+    }
+    args
+}
+
+async fn declare_queue(channel: &Channel, name: &str, args: FieldTable) -> Result<(), BrokerError> {
+    channel
+        .queue_declare(
+            name.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            args,
+        )
+        .await
+        .map(|_| ())
+        .map_err(|e| {
+            let text = e.to_string();
+            if text.contains("PRECONDITION_FAILED") || text.contains("inequivalent") {
+                BrokerError::QueueMismatch {
+                    queue: name.to_owned(),
+                    detail: text,
+                }
+            } else {
+                BrokerError::Op {
+                    op: "queue.declare",
+                    source: e,
+                }
+            }
+        })
+}
+
+/// Declare the events exchange and one adaptor queue bound to it.
+pub async fn declare_adaptor_queue(
+    channel: &Channel,
+    namespace: &str,
+    queue_type: QueueType,
+    queue: &str,
+) -> Result<String, BrokerError> {
+    let exchange = events_exchange(namespace);
+    channel
+        .exchange_declare(
+            exchange.as_str().into(),
+            lapin::ExchangeKind::Direct,
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(BrokerError::op("exchange.declare"))?;
+    let full = format!("{namespace}.{queue}");
+    declare_queue(channel, &full, queue_args(queue_type, true)).await?;
+    channel
+        .queue_bind(
+            full.as_str().into(),
+            exchange.as_str().into(),
+            queue.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(BrokerError::op("queue.bind"))?;
+    Ok(full)
+}
+
+/// Declare the parking queue.
+pub async fn declare_parking(
+    channel: &Channel,
+    namespace: &str,
+    queue_type: QueueType,
+) -> Result<String, BrokerError> {
+    let name = parking_queue(namespace);
+    declare_queue(channel, &name, queue_args(queue_type, false)).await?;
+    Ok(name)
+}
+
+/// The cluster's broker topology as a RabbitMQ definitions document
+/// (`rabbitmqctl import_definitions` or the management UI).
+pub fn definitions(config: &Config) -> serde_json::Value {
+    let ns = &config.broker.namespace;
+    let qt = config.broker.queue_type.as_str();
+    let mut queues = vec![serde_json::json!({
+        "name": parking_queue(ns), "vhost": "/", "durable": true, "auto_delete": false,
+        "arguments": {"x-queue-type": qt}
+    })];
+    let mut bindings = Vec::new();
+    for a in config.adaptors.values() {
+        queues.push(serde_json::json!({
+            "name": config.queue_name(a), "vhost": "/", "durable": true, "auto_delete": false,
+            "arguments": {"x-queue-type": qt, "x-single-active-consumer": true}
+        }));
+        bindings.push(serde_json::json!({
+            "source": events_exchange(ns), "vhost": "/", "destination": config.queue_name(a),
+            "destination_type": "queue", "routing_key": a.queue, "arguments": {}
+        }));
+    }
+    serde_json::json!({
+        "exchanges": [{
+            "name": events_exchange(ns), "vhost": "/", "type": "direct", "durable": true,
+            "auto_delete": false, "internal": false, "arguments": {}
+        }],
+        "queues": queues,
+        "bindings": bindings,
+    })
+}

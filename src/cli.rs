@@ -1,0 +1,116 @@
+//! Command line: `provring <subcommand>`.
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+/// provring: a provisioning server for event-driven identity feeds.
+///
+/// Servers consume provisioning and password-change events (CloudEvents
+/// JSON) from RabbitMQ, keep each in a local sled repository until it has
+/// been delivered to its target (SCIM 2.0 or webhook), and ack the broker
+/// only once the event is durable.
+#[derive(Debug, Parser)]
+#[command(name = "provring", version, propagate_version = true)]
+pub struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "PROVRING_LOG_FORMAT")]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Configuration files: the cluster file, then optional node files that
+/// override it. `PROVRING__SECTION__KEY` environment variables override both
+/// (e.g. `PROVRING__BROKER__PREFETCH=200`).
+#[derive(Debug, Clone, Args)]
+pub struct ConfigArgs {
+    /// Cluster file (TOML); repeat to layer node files on top.
+    #[arg(long = "config", short = 'c', required = true, value_name = "FILE")]
+    pub files: Vec<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run one server of the fleet until SIGTERM or SIGINT.
+    Server {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// This server's node id (a key of [servers]).
+        #[arg(long, env = "PROVRING_NODE")]
+        node: String,
+    },
+    /// Run every server of the cluster file on this machine, one process
+    /// each, until Ctrl-C (for trying provring out and local development).
+    Ring {
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// Check configuration files; list every problem with its key.
+    ///
+    /// Exits 0 when the configuration is usable, 64 otherwise.
+    CheckConfig {
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// Publish events to an adaptor's queue, with publisher confirms.
+    Publish {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Adaptor whose queue receives the events.
+        #[arg(long)]
+        adaptor: String,
+        /// File with one event (CloudEvents JSON) per line.
+        #[arg(
+            long,
+            conflicts_with = "generate",
+            required_unless_present = "generate"
+        )]
+        file: Option<PathBuf>,
+        /// Publish this many valid synthetic events of every type the adaptor accepts.
+        #[arg(long, value_name = "N")]
+        generate: Option<u64>,
+    },
+    /// Print the broker topology as a RabbitMQ definitions file (JSON).
+    BrokerDefinitions {
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// Measure throughput against the raw broker in the same run.
+    Bench {
+        #[command(subcommand)]
+        bench: Bench,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Bench {
+    /// Raw consume+ack throughput vs. this server's durable pipeline
+    /// (repository, group commit, null target) on the same broker.
+    Pipeline(BenchArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// Take the broker (URIs, queue type, prefetch) from this cluster file.
+    #[arg(long = "config", short = 'c', value_name = "FILE")]
+    pub config: Vec<PathBuf>,
+    /// Broker URI when no --config is given.
+    #[arg(
+        long,
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        env = "PROVRING_BENCH_AMQP"
+    )]
+    pub amqp: String,
+    /// Messages per measurement.
+    #[arg(long, default_value_t = 50_000)]
+    pub messages: u64,
+    /// Print one JSON line instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}

@@ -1,0 +1,381 @@
+//! Configuration: the structs that a cluster file (TOML) deserialises into.
+//!
+//! One cluster file describes the whole fleet; a node file and the
+//! environment (`PROVRING__SECTION__KEY`) may override it (see [`load`]).
+//! Every field's `///` doc is the reference manual for that key.
+//! Validation ([`validate`]) is pure and reports every problem at once.
+
+mod load;
+mod validate;
+
+pub use load::{ConfigError, load};
+pub use validate::{Problem, validate};
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// The whole cluster: broker, servers, adaptors, targets and policies.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// How to reach RabbitMQ and how to name things on it.
+    pub broker: BrokerConfig,
+    /// The servers of the fleet, by node id.
+    #[serde(default)]
+    pub servers: BTreeMap<String, ServerConfig>,
+    /// The adaptors (one broker queue each), by name.
+    #[serde(default)]
+    pub adaptors: BTreeMap<String, AdaptorConfig>,
+    /// The systems that workflows deliver to, by name.
+    #[serde(default)]
+    pub targets: BTreeMap<String, TargetConfig>,
+    /// Retry policy for transient target errors.
+    #[serde(default)]
+    pub retry: RetryConfig,
+    /// Limits on input.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    /// Graceful shutdown.
+    #[serde(default)]
+    pub shutdown: ShutdownConfig,
+    /// The ledger of completed events that stops a redelivered event from
+    /// being delivered again.
+    #[serde(default)]
+    pub done_ledger: DoneLedgerConfig,
+}
+
+/// `[broker]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerConfig {
+    /// AMQP URIs (`amqp://` or `amqps://`), tried in turn on every (re)connect.
+    pub uris: Vec<String>,
+    /// Prefix of every exchange and queue name, so that clusters (and tests)
+    /// can share a broker. Letters, digits, `.`, `-` and `_`.
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    /// Deliveries a consumer may hold unacknowledged (`basic.qos`).
+    #[serde(default = "default_prefetch")]
+    pub prefetch: u16,
+    /// Type of the queues declared at start: `quorum` (default) or `classic`.
+    #[serde(default)]
+    pub queue_type: QueueType,
+    /// Longest wait for a publisher confirm before the publish counts as failed.
+    #[serde(default = "default_publish_timeout", with = "humantime_serde")]
+    pub publish_timeout: Duration,
+    /// First pause before reconnecting after the connection is lost.
+    #[serde(default = "default_reconnect_min", with = "humantime_serde")]
+    pub reconnect_min: Duration,
+    /// Longest pause between reconnect attempts (the back-off doubles up to it).
+    #[serde(default = "default_reconnect_max", with = "humantime_serde")]
+    pub reconnect_max: Duration,
+    /// Most deliveries written to the repository in one group commit.
+    #[serde(default = "default_batch_max")]
+    pub batch_max: usize,
+}
+
+fn default_namespace() -> String {
+    "provring".to_owned()
+}
+fn default_prefetch() -> u16 {
+    1000
+}
+fn default_publish_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_reconnect_min() -> Duration {
+    Duration::from_millis(100)
+}
+fn default_reconnect_max() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_batch_max() -> usize {
+    500
+}
+
+/// Type of the broker queues that provring declares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueType {
+    /// Replicated Raft queue: a confirmed message is on a majority of nodes.
+    #[default]
+    Quorum,
+    /// Classic (single-node) queue.
+    Classic,
+}
+
+impl QueueType {
+    /// The value of the `x-queue-type` argument.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueType::Quorum => "quorum",
+            QueueType::Classic => "classic",
+        }
+    }
+}
+
+/// `[servers.<id>]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address of the admin HTTP API (`host:port`).
+    pub admin_listen: String,
+    /// Directory of the server's sled repository.
+    pub data_dir: PathBuf,
+    /// Singleton services this server may run.
+    #[serde(default = "default_services")]
+    pub services: Vec<Service>,
+}
+
+fn default_services() -> Vec<Service> {
+    vec![Service::Scheduler, Service::TimeoutChecker]
+}
+
+/// Singleton services: exactly one server of the fleet runs each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Service {
+    /// Runs scheduled jobs.
+    Scheduler,
+    /// Parks items whose deadline passed.
+    TimeoutChecker,
+}
+
+/// `[adaptors.<name>]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdaptorConfig {
+    /// Which events the adaptor accepts: `provisioning` (account events) or
+    /// `password` (password-change events).
+    pub kind: AdaptorKind,
+    /// Queue name, without the namespace prefix.
+    pub queue: String,
+    /// Node id of the server that hosts the adaptor.
+    pub server: String,
+    /// Name of the target (a key of `[targets]`) that its workflow delivers to.
+    pub target: String,
+    /// Target calls in flight at once.
+    #[serde(default = "default_concurrency")]
+    pub concurrency: usize,
+}
+
+fn default_concurrency() -> usize {
+    8
+}
+
+/// The kind of events an adaptor accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AdaptorKind {
+    /// Account create, update, enable, disable and delete.
+    Provisioning,
+    /// Password change.
+    Password,
+}
+
+/// `[targets.<name>]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetConfig {
+    /// `webhook` (POST of the event JSON), `scim` (SCIM 2.0 `/Users`) or
+    /// `null` (accepts everything; for benchmarks).
+    pub kind: TargetKind,
+    /// Endpoint: the webhook URL, or the SCIM base URL (the part before `/Users`).
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Longest wait for one request, connect included.
+    #[serde(default = "default_target_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Credentials sent with every request.
+    #[serde(default)]
+    pub auth: Option<AuthConfig>,
+}
+
+fn default_target_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// The kinds of target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TargetKind {
+    /// HTTP POST of the event with an `Idempotency-Key` header.
+    Webhook,
+    /// SCIM 2.0 service (RFC 7644).
+    Scim,
+    /// Accepts every event at once (benchmarks).
+    Null,
+}
+
+/// `[targets.<name>.auth]`: one of a bearer token (inline or in a file) or
+/// basic credentials. Never logged.
+#[derive(Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Bearer token sent as `Authorization: Bearer …`.
+    #[serde(default)]
+    pub bearer_token: Option<String>,
+    /// File whose content (trimmed) is the bearer token.
+    #[serde(default)]
+    pub bearer_token_file: Option<PathBuf>,
+    /// User for HTTP basic authentication.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Password for HTTP basic authentication.
+    #[serde(default)]
+    pub password: Option<String>,
+}
+
+impl std::fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let redact = |set: bool| if set { "<redacted>" } else { "<unset>" };
+        f.debug_struct("AuthConfig")
+            .field("bearer_token", &redact(self.bearer_token.is_some()))
+            .field("bearer_token_file", &self.bearer_token_file)
+            .field("username", &self.username)
+            .field("password", &redact(self.password.is_some()))
+            .finish()
+    }
+}
+
+/// `[retry]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Target calls per event before it is parked (first call included).
+    #[serde(default = "default_attempts")]
+    pub attempts: u32,
+    /// Pause after the first transient failure.
+    #[serde(default = "default_initial_backoff", with = "humantime_serde")]
+    pub initial_backoff: Duration,
+    /// Longest pause between two attempts.
+    #[serde(default = "default_max_backoff", with = "humantime_serde")]
+    pub max_backoff: Duration,
+    /// Factor applied to the pause after each failure.
+    #[serde(default = "default_multiplier")]
+    pub multiplier: f64,
+    /// Fraction of each pause drawn at random (0 to 1) so that retries spread out.
+    #[serde(default = "default_jitter")]
+    pub jitter: f64,
+    /// Time from receipt after which an event that is still not delivered is parked.
+    #[serde(default = "default_deadline", with = "humantime_serde")]
+    pub deadline: Duration,
+}
+
+fn default_attempts() -> u32 {
+    10
+}
+fn default_initial_backoff() -> Duration {
+    Duration::from_millis(500)
+}
+fn default_max_backoff() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_multiplier() -> f64 {
+    2.0
+}
+fn default_jitter() -> f64 {
+    0.2
+}
+fn default_deadline() -> Duration {
+    Duration::from_secs(24 * 3600)
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            attempts: default_attempts(),
+            initial_backoff: default_initial_backoff(),
+            max_backoff: default_max_backoff(),
+            multiplier: default_multiplier(),
+            jitter: default_jitter(),
+            deadline: default_deadline(),
+        }
+    }
+}
+
+/// `[limits]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest message body accepted, in bytes; larger ones are parked.
+    #[serde(default = "default_max_message_size")]
+    pub max_message_size: usize,
+}
+
+fn default_max_message_size() -> usize {
+    1024 * 1024
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_message_size: default_max_message_size(),
+        }
+    }
+}
+
+/// `[shutdown]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownConfig {
+    /// Time in-flight work gets to finish after SIGTERM/SIGINT.
+    #[serde(default = "default_grace", with = "humantime_serde")]
+    pub grace: Duration,
+}
+
+fn default_grace() -> Duration {
+    Duration::from_secs(10)
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig {
+            grace: default_grace(),
+        }
+    }
+}
+
+/// `[done_ledger]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DoneLedgerConfig {
+    /// How long a completed event's identity is remembered.
+    #[serde(default = "default_done_ttl", with = "humantime_serde")]
+    pub ttl: Duration,
+    /// Most identities remembered; the oldest go first.
+    #[serde(default = "default_done_max")]
+    pub max_entries: usize,
+}
+
+fn default_done_ttl() -> Duration {
+    Duration::from_secs(24 * 3600)
+}
+fn default_done_max() -> usize {
+    1_000_000
+}
+
+impl Default for DoneLedgerConfig {
+    fn default() -> Self {
+        DoneLedgerConfig {
+            ttl: default_done_ttl(),
+            max_entries: default_done_max(),
+        }
+    }
+}
+
+impl Config {
+    /// Full broker name of an adaptor's queue.
+    pub fn queue_name(&self, adaptor: &AdaptorConfig) -> String {
+        format!("{}.{}", self.broker.namespace, adaptor.queue)
+    }
+}
+
+impl Config {
+    /// Parse and validate a configuration given as TOML text (tools, tests).
+    pub fn builder_from_toml(toml: &str) -> Result<Config, ConfigError> {
+        load::from_toml(toml)
+    }
+}

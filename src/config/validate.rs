@@ -1,0 +1,363 @@
+//! Validation: pure checks over a deserialised [`Config`], returning every
+//! problem with the key it concerns.
+
+use super::{Config, TargetKind};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+/// One thing wrong with a configuration, and where.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Dotted key, e.g. `adaptors.hr.target`.
+    pub key: String,
+    /// What is wrong and, where possible, what would be right.
+    pub message: String,
+}
+
+impl Problem {
+    pub fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Problem {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+/// Every problem of `config`, in key order of appearance; empty if it is usable.
+pub fn validate(config: &Config) -> Vec<Problem> {
+    let mut p = Vec::new();
+    let mut add = |key: String, msg: String| p.push(Problem::new(key, msg));
+
+    let b = &config.broker;
+    if b.uris.is_empty() {
+        add(
+            "broker.uris".into(),
+            "at least one AMQP URI is needed".into(),
+        );
+    }
+    for (i, uri) in b.uris.iter().enumerate() {
+        if let Err(reason) = check_amqp_uri(uri) {
+            add(format!("broker.uris[{i}]"), reason);
+        }
+    }
+    if !is_name(&b.namespace) {
+        add(
+            "broker.namespace".into(),
+            format!(
+                "{:?} must be 1-100 letters, digits, '.', '-' or '_'",
+                b.namespace
+            ),
+        );
+    }
+    if b.prefetch == 0 {
+        add("broker.prefetch".into(), "must be at least 1".into());
+    }
+    if b.batch_max == 0 {
+        add("broker.batch_max".into(), "must be at least 1".into());
+    }
+    if b.publish_timeout.is_zero() {
+        add(
+            "broker.publish_timeout".into(),
+            "must be longer than 0".into(),
+        );
+    }
+    if b.reconnect_min.is_zero() || b.reconnect_min > b.reconnect_max {
+        add(
+            "broker.reconnect_min".into(),
+            format!(
+                "{} must be above 0 and at most broker.reconnect_max ({})",
+                humantime::format_duration(b.reconnect_min),
+                humantime::format_duration(b.reconnect_max)
+            ),
+        );
+    }
+
+    if config.servers.is_empty() {
+        add(
+            "servers".into(),
+            "at least one [servers.<id>] is needed".into(),
+        );
+    }
+    let mut listens: BTreeMap<SocketAddr, &str> = BTreeMap::new();
+    let mut dirs: BTreeMap<&std::path::Path, &str> = BTreeMap::new();
+    for (id, s) in &config.servers {
+        if !is_name(id) {
+            add(
+                format!("servers.{id}"),
+                "a node id must be letters, digits, '.', '-' or '_'".into(),
+            );
+        }
+        match s.admin_listen.parse::<SocketAddr>() {
+            Ok(addr) => {
+                if let Some(other) = listens.insert(addr, id) {
+                    add(
+                        format!("servers.{id}.admin_listen"),
+                        format!("{addr} is also the admin address of server {other}"),
+                    );
+                }
+            }
+            Err(e) => add(
+                format!("servers.{id}.admin_listen"),
+                format!("{:?} is not host:port ({e})", s.admin_listen),
+            ),
+        }
+        if s.data_dir.as_os_str().is_empty() {
+            add(format!("servers.{id}.data_dir"), "must not be empty".into());
+        } else if let Some(other) = dirs.insert(&s.data_dir, id) {
+            add(
+                format!("servers.{id}.data_dir"),
+                format!(
+                    "{} is also the data directory of server {other}; each server needs its own",
+                    s.data_dir.display()
+                ),
+            );
+        }
+    }
+
+    let mut queues: BTreeMap<&str, &str> = BTreeMap::new();
+    for (name, a) in &config.adaptors {
+        let key = |field: &str| format!("adaptors.{name}.{field}");
+        if !is_name(name) {
+            add(
+                format!("adaptors.{name}"),
+                "an adaptor name must be letters, digits, '.', '-' or '_'".into(),
+            );
+        }
+        if !is_name(&a.queue) {
+            add(
+                key("queue"),
+                format!(
+                    "{:?} must be 1-100 letters, digits, '.', '-' or '_'",
+                    a.queue
+                ),
+            );
+        } else if a.queue == "parking" || a.queue == "events" {
+            add(
+                key("queue"),
+                format!("{:?} is reserved by provring", a.queue),
+            );
+        } else if let Some(other) = queues.insert(&a.queue, name) {
+            add(
+                key("queue"),
+                format!("queue {:?} is also used by adaptor {other}", a.queue),
+            );
+        }
+        if !config.servers.contains_key(&a.server) {
+            add(
+                key("server"),
+                format!(
+                    "{:?} is not a server; known: {}",
+                    a.server,
+                    known(config.servers.keys())
+                ),
+            );
+        }
+        if !config.targets.contains_key(&a.target) {
+            add(
+                key("target"),
+                format!(
+                    "{:?} is not a target; known: {}",
+                    a.target,
+                    known(config.targets.keys())
+                ),
+            );
+        }
+        if a.concurrency == 0 || a.concurrency > 1024 {
+            add(
+                key("concurrency"),
+                format!("{} must be between 1 and 1024", a.concurrency),
+            );
+        }
+    }
+
+    for (name, t) in &config.targets {
+        let key = |field: &str| format!("targets.{name}.{field}");
+        match (t.kind, &t.url) {
+            (TargetKind::Null, _) => {}
+            (_, None) => add(key("url"), "is required for this kind of target".into()),
+            (_, Some(url)) => match url::Url::parse(url) {
+                Ok(u) if u.scheme() == "http" || u.scheme() == "https" => {}
+                Ok(u) => add(
+                    key("url"),
+                    format!("scheme {:?} is not http or https", u.scheme()),
+                ),
+                Err(e) => add(key("url"), format!("{url:?} is not a URL ({e})")),
+            },
+        }
+        if t.timeout.is_zero() {
+            add(key("timeout"), "must be longer than 0".into());
+        }
+        if let Some(auth) = &t.auth {
+            let bearer = auth.bearer_token.is_some() as u8 + auth.bearer_token_file.is_some() as u8;
+            let basic = auth.username.is_some() || auth.password.is_some();
+            if bearer > 1 || (bearer == 1 && basic) {
+                add(
+                    key("auth"),
+                    "set only one of bearer_token, bearer_token_file, or username+password".into(),
+                );
+            } else if basic && (auth.username.is_none() || auth.password.is_none()) {
+                add(
+                    key("auth"),
+                    "basic authentication needs both username and password".into(),
+                );
+            } else if bearer == 0 && !basic {
+                add(
+                    key("auth"),
+                    "is empty; set bearer_token, bearer_token_file or username+password".into(),
+                );
+            }
+            if let Some(path) = &auth.bearer_token_file
+                && std::fs::metadata(path).is_err()
+            {
+                add(
+                    key("auth.bearer_token_file"),
+                    format!("{} cannot be read", path.display()),
+                );
+            }
+        }
+    }
+
+    let r = &config.retry;
+    if r.attempts == 0 {
+        add("retry.attempts".into(), "must be at least 1".into());
+    }
+    if r.initial_backoff.is_zero() || r.initial_backoff > r.max_backoff {
+        add(
+            "retry.initial_backoff".into(),
+            "must be above 0 and at most retry.max_backoff".into(),
+        );
+    }
+    if !(r.multiplier >= 1.0 && r.multiplier <= 100.0) {
+        add(
+            "retry.multiplier".into(),
+            format!("{} must be between 1 and 100", r.multiplier),
+        );
+    }
+    if !(0.0..=1.0).contains(&r.jitter) {
+        add(
+            "retry.jitter".into(),
+            format!("{} must be between 0 and 1", r.jitter),
+        );
+    }
+    if r.deadline.is_zero() {
+        add("retry.deadline".into(), "must be longer than 0".into());
+    }
+    let max = config.limits.max_message_size;
+    if !(1024..=64 * 1024 * 1024).contains(&max) {
+        add(
+            "limits.max_message_size".into(),
+            format!("{max} must be between 1024 (1 KiB) and 67108864 (64 MiB)"),
+        );
+    }
+    if config.done_ledger.max_entries == 0 {
+        add(
+            "done_ledger.max_entries".into(),
+            "must be at least 1".into(),
+        );
+    }
+    p
+}
+
+fn known<'a>(names: impl Iterator<Item = &'a String>) -> String {
+    let names: Vec<&str> = names.map(String::as_str).collect();
+    if names.is_empty() {
+        "none".to_owned()
+    } else {
+        names.join(", ")
+    }
+}
+
+/// Names that end up in broker queue names and sled keys.
+pub(crate) fn is_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 100
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-' || c == '_')
+}
+
+fn check_amqp_uri(uri: &str) -> Result<(), String> {
+    let parsed = url::Url::parse(uri).map_err(|e| format!("not a URI ({e})"))?;
+    match parsed.scheme() {
+        "amqp" | "amqps" => {}
+        other => return Err(format!("scheme {other:?} is not amqp or amqps")),
+    }
+    if parsed.host_str().is_none_or(str::is_empty) {
+        return Err("has no host".into());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::*;
+    use std::time::Duration;
+
+    fn sample() -> Config {
+        let toml = r#"
+            [broker]
+            uris = ["amqp://guest:guest@127.0.0.1:5672/%2f"]
+            [servers.a]
+            admin_listen = "127.0.0.1:7001"
+            data_dir = "/tmp/a"
+            [adaptors.hr]
+            kind = "provisioning"
+            queue = "hr"
+            server = "a"
+            target = "hook"
+            [targets.hook]
+            kind = "webhook"
+            url = "http://127.0.0.1:9000/events"
+        "#;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, toml).expect("write");
+        load(&[path]).expect("sample config loads")
+    }
+
+    #[test]
+    fn sample_is_valid() {
+        let c = sample();
+        assert!(validate(&c).is_empty());
+        assert_eq!(c.broker.prefetch, 1000);
+        assert_eq!(c.adaptors["hr"].concurrency, 8);
+        assert_eq!(c.retry.initial_backoff, Duration::from_millis(500));
+    }
+
+    #[test]
+    fn reports_every_problem_with_its_key() {
+        let mut c = sample();
+        c.broker.uris = vec!["http://x".into()];
+        if let Some(a) = c.adaptors.get_mut("hr") {
+            a.server = "zz".into();
+            a.target = "nope".into();
+            a.concurrency = 0;
+        }
+        c.retry.jitter = 3.0;
+        let keys: Vec<String> = validate(&c).into_iter().map(|p| p.key).collect();
+        assert_eq!(
+            keys,
+            [
+                "broker.uris[0]",
+                "adaptors.hr.server",
+                "adaptors.hr.target",
+                "adaptors.hr.concurrency",
+                "retry.jitter"
+            ]
+        );
+    }
+
+    #[test]
+    fn names() {
+        assert!(is_name("hr.events-1_a"));
+        assert!(!is_name(""));
+        assert!(!is_name("a b"));
+        assert!(!is_name("a/b"));
+    }
+}

@@ -1,0 +1,41 @@
+//! provring: a provisioning server for event-driven identity feeds.
+//!
+//! Servers consume provisioning and password-change events from RabbitMQ,
+//! keep each in a local sled repository until its workflow has delivered it
+//! to a target system, and ack the broker only once the event is durable.
+//!
+//! # Layout
+//!
+//! - [`cli`]: the `provring` subcommands.
+//! - [`config`]: configuration structs, layered loading, pure validation.
+//! - [`event`]: the CloudEvents envelope, identity, validation.
+//! - [`broker`]: lapin connection with reconnect, declarations, publish with confirm.
+//! - [`adaptor`]: one queue → repository → flush → ack.
+//! - [`repository`]: the sled layout and group commit.
+//! - [`workflow`]: the executor (retry, back-off, deadline, parking) and
+//!   [`workflow::targets`] (webhook, SCIM, null).
+//! - [`server`]: wires one node's components, graceful shutdown.
+//! - [`ring`]: `provring ring`, every server of a cluster file on one machine.
+//! - [`publish`]: `provring publish`.
+//! - [`bench`]: `provring bench`.
+//! - [`stats`]: counters for progress logs and benchmarks.
+#![forbid(unsafe_code)]
+
+pub mod adaptor;
+pub mod bench;
+pub mod broker;
+pub mod cli;
+pub mod config;
+pub mod event;
+pub mod publish;
+pub mod repository;
+pub mod ring;
+pub mod server;
+pub mod stats;
+pub mod workflow;
+
+/// Install the process-wide rustls crypto provider (aws-lc-rs) once, before
+/// any TLS is used; rustls panics when it has to choose between two.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}

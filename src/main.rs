@@ -1,0 +1,150 @@
+//! The `provring` binary: parse the command line, set up logging, load the
+//! configuration, run the subcommand, turn the outcome into an exit code.
+#![forbid(unsafe_code)]
+
+use clap::Parser;
+use provring::cli::{Bench, Cli, Command, LogFormat};
+use provring::{bench, config, publish, server};
+
+use std::process::ExitCode;
+
+/// Exit code for a configuration that cannot be used (EX_CONFIG is 78; 64,
+/// EX_USAGE, is what operators and the issue tracker agreed on).
+const EXIT_CONFIG: u8 = 64;
+const EXIT_FAILURE: u8 = 1;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    provring::install_crypto_provider();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("provring: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    runtime.block_on(run(cli.command))
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,lapin=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn load(files: &[std::path::PathBuf]) -> Result<config::Config, ExitCode> {
+    config::load(files).map_err(|e| {
+        eprintln!("provring: {e}");
+        ExitCode::from(EXIT_CONFIG)
+    })
+}
+
+async fn run(command: Command) -> ExitCode {
+    match command {
+        Command::Server { config, node } => {
+            let config = match load(&config.files) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match server::run(config, &node).await {
+                Ok(server::Exit::Clean) => ExitCode::SUCCESS,
+                Ok(server::Exit::GraceExpired(_)) => ExitCode::from(EXIT_FAILURE),
+                Err(e @ server::ServerError::UnknownNode { .. }) => {
+                    eprintln!("provring: {e}");
+                    ExitCode::from(EXIT_CONFIG)
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "Server cannot start.");
+                    eprintln!("provring: {e}");
+                    ExitCode::from(EXIT_FAILURE)
+                }
+            }
+        }
+        Command::Ring { config: args } => {
+            let config = match load(&args.files) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match provring::ring::run(&config, &args.files).await {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::from(EXIT_FAILURE),
+                Err(e) => {
+                    eprintln!("provring: {e}");
+                    ExitCode::from(EXIT_FAILURE)
+                }
+            }
+        }
+        Command::CheckConfig { config } => match load(&config.files) {
+            Ok(c) => {
+                println!(
+                    "configuration OK: {} servers, {} adaptors, {} targets, namespace {:?}",
+                    c.servers.len(),
+                    c.adaptors.len(),
+                    c.targets.len(),
+                    c.broker.namespace
+                );
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        Command::BrokerDefinitions { config } => match load(&config.files) {
+            Ok(c) => {
+                let doc = provring::broker::declare::definitions(&c);
+                println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        Command::Publish {
+            config,
+            adaptor,
+            file,
+            generate,
+        } => {
+            let config = match load(&config.files) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let source = match (file, generate) {
+                (Some(path), _) => publish::Source::File(path),
+                (None, Some(n)) => publish::Source::Generate(n),
+                (None, None) => {
+                    eprintln!("provring: give --file or --generate");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            match publish::run(&config, &adaptor, source).await {
+                Ok(summary) => {
+                    println!("{summary}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("provring: {e}");
+                    ExitCode::from(EXIT_FAILURE)
+                }
+            }
+        }
+        Command::Bench {
+            bench: Bench::Pipeline(args),
+        } => match bench::pipeline(&args).await {
+            Ok(report) => {
+                println!("{}", report.render(args.json));
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("provring: bench failed: {e}");
+                ExitCode::from(EXIT_FAILURE)
+            }
+        },
+    }
+}

@@ -1,0 +1,218 @@
+//! `provring server`: wire the components of one node together and run them
+//! until SIGTERM/SIGINT.
+//!
+//! Shutdown: stop consuming → let in-flight batches and target calls finish
+//! within `shutdown.grace` → flush the repository → exit. When the grace
+//! period runs out, the components still running are named.
+
+use crate::adaptor::Adaptor;
+use crate::broker::{Broker, Publisher};
+use crate::config::Config;
+use crate::repository::{Repository, RepositoryError};
+use crate::stats::Stats;
+use crate::workflow::{Executor, targets};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("node {node:?} is not in the configuration; known servers: {known}")]
+    UnknownNode { node: String, known: String },
+    #[error(transparent)]
+    Repository(#[from] RepositoryError),
+    #[error("target {name}: {reason}")]
+    Target { name: String, reason: String },
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+}
+
+/// How the server ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// Every component finished within the grace period.
+    Clean,
+    /// The grace period ran out; the named components were still running.
+    GraceExpired(Vec<String>),
+}
+
+/// A running server's parts, for in-process use (benchmarks).
+pub struct Running {
+    pub stats: Arc<Stats>,
+    pub repo: Repository,
+    shutdown: CancellationToken,
+    tasks: Vec<(String, JoinHandle<()>)>,
+    broker: Broker,
+    grace: Duration,
+}
+
+/// Open the repository and start every component this node hosts.
+pub fn start(config: &Config, node: &str) -> Result<Running, ServerError> {
+    let server = config
+        .servers
+        .get(node)
+        .ok_or_else(|| ServerError::UnknownNode {
+            node: node.to_owned(),
+            known: config
+                .servers
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", "),
+        })?;
+    let repo = Repository::open(&server.data_dir)?;
+    let stats = Arc::new(Stats::default());
+    let broker = Broker::new(config.broker.clone(), format!("provring {node}"));
+    let parking = Publisher::for_parking(broker.clone());
+    let shutdown = CancellationToken::new();
+    let mut tasks = Vec::new();
+
+    for (name, a) in config.adaptors.iter().filter(|(_, a)| a.server == node) {
+        let target_config = &config.targets[&a.target];
+        let target =
+            targets::build(&a.target, target_config).map_err(|reason| ServerError::Target {
+                name: a.target.clone(),
+                reason,
+            })?;
+        let (executor, items_tx) = Executor::new(
+            name,
+            a.concurrency,
+            repo.clone(),
+            target,
+            parking.clone(),
+            &config.broker.namespace,
+            config.retry.clone(),
+            stats.clone(),
+        );
+        let adaptor = Adaptor::new(
+            name,
+            node,
+            a.kind,
+            &a.queue,
+            broker.clone(),
+            repo.clone(),
+            parking.clone(),
+            config.limits.max_message_size,
+            items_tx,
+            stats.clone(),
+        );
+        tasks.push((
+            format!("executor {name}"),
+            tokio::spawn(executor.run(shutdown.child_token())),
+        ));
+        tasks.push((
+            format!("adaptor {name}"),
+            tokio::spawn(adaptor.run(shutdown.child_token())),
+        ));
+        tracing::info!(adaptor = %name, queue = %config.queue_name(a), target = %a.target, concurrency = a.concurrency, "Adaptor started.");
+    }
+
+    tasks.push((
+        "done-ledger pruner".into(),
+        tokio::spawn(prune_done_ledger(
+            repo.clone(),
+            config.done_ledger.clone(),
+            shutdown.child_token(),
+        )),
+    ));
+
+    Ok(Running {
+        stats,
+        repo,
+        shutdown,
+        tasks,
+        broker,
+        grace: config.shutdown.grace,
+    })
+}
+
+impl Running {
+    /// Stop every component (see the module doc) and flush.
+    pub async fn stop(self) -> Exit {
+        self.shutdown.cancel();
+        let deadline = tokio::time::Instant::now() + self.grace;
+        let mut still_running = Vec::new();
+        for (name, mut handle) in self.tasks {
+            if tokio::time::timeout_at(deadline, &mut handle)
+                .await
+                .is_err()
+            {
+                handle.abort();
+                still_running.push(name);
+            }
+        }
+        let repo = self.repo.clone();
+        match tokio::task::spawn_blocking(move || repo.flush_blocking()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "Final repository flush failed."),
+            Err(e) => tracing::error!(error = %e, "Final repository flush failed."),
+        }
+        self.broker.close().await;
+        if still_running.is_empty() {
+            Exit::Clean
+        } else {
+            Exit::GraceExpired(still_running)
+        }
+    }
+}
+
+/// Run the server until SIGTERM or SIGINT.
+pub async fn run(config: Config, node: &str) -> Result<Exit, ServerError> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut sigterm = signal(SignalKind::terminate()).map_err(ServerError::Signals)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(ServerError::Signals)?;
+    let running = start(&config, node)?;
+    let backlog = running.repo.count_all();
+    tracing::info!(%node, backlog, version = env!("CARGO_PKG_VERSION"), "Server started.");
+
+    let stats = running.stats.clone();
+    let mut progress = tokio::time::interval(Duration::from_secs(10));
+    progress.tick().await;
+    let mut last = String::new();
+    let signal_name = loop {
+        tokio::select! {
+            _ = sigterm.recv() => break "SIGTERM",
+            _ = sigint.recv() => break "SIGINT",
+            _ = progress.tick() => {
+                let now = stats.summary();
+                if now != last {
+                    tracing::info!(stats = %now, "Progress.");
+                    last = now;
+                }
+            }
+        }
+    };
+    tracing::info!(signal = signal_name, grace = ?config.shutdown.grace, "Shutting down.");
+    let exit = running.stop().await;
+    match &exit {
+        Exit::Clean => tracing::info!(stats = %stats.summary(), "Stopped cleanly."),
+        Exit::GraceExpired(names) => tracing::warn!(
+            still_running = %names.join(", "),
+            "Grace period expired; unfinished items stay in the repository for the next start."
+        ),
+    }
+    Ok(exit)
+}
+
+async fn prune_done_ledger(
+    repo: Repository,
+    cfg: crate::config::DoneLedgerConfig,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let repo = repo.clone();
+        let (ttl, max) = (cfg.ttl, cfg.max_entries);
+        match tokio::task::spawn_blocking(move || repo.prune_done(ttl, max)).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => tracing::debug!(removed = n, "Done ledger pruned."),
+            Ok(Err(e)) => tracing::warn!(error = %e, "Cannot prune the done ledger."),
+            Err(e) => tracing::warn!(error = %e, "Cannot prune the done ledger."),
+        }
+    }
+}

@@ -1,0 +1,46 @@
+//! Counters shared by a server's components, for progress logs, the
+//! benchmark and (later) metrics.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Deliveries received from the broker.
+    pub received: AtomicU64,
+    /// New items written to the repository.
+    pub stored: AtomicU64,
+    /// Redeliveries of items still in the repository.
+    pub duplicates: AtomicU64,
+    /// Redeliveries of items already completed (done ledger).
+    pub already_done: AtomicU64,
+    /// Invalid messages parked on receipt.
+    pub invalid: AtomicU64,
+    /// Items delivered to their target.
+    pub delivered: AtomicU64,
+    /// Items parked by the workflow.
+    pub parked: AtomicU64,
+    /// Transient target errors.
+    pub retries: AtomicU64,
+}
+
+impl Stats {
+    /// One line for progress logs.
+    pub fn summary(&self) -> String {
+        format!(
+            "received={} stored={} delivered={} parked={} invalid={} retries={} redelivered={} already_done={}",
+            self.received.load(Relaxed),
+            self.stored.load(Relaxed),
+            self.delivered.load(Relaxed),
+            self.parked.load(Relaxed),
+            self.invalid.load(Relaxed),
+            self.retries.load(Relaxed),
+            self.duplicates.load(Relaxed),
+            self.already_done.load(Relaxed),
+        )
+    }
+
+    /// Items whose workflow finished (delivered or parked, or parked on receipt).
+    pub fn finished(&self) -> u64 {
+        self.delivered.load(Relaxed) + self.parked.load(Relaxed) + self.invalid.load(Relaxed)
+    }
+}

@@ -1,0 +1,339 @@
+//! Workflow execution: one [`Executor`] per adaptor delivers its repository
+//! items to the adaptor's target.
+//!
+//! - At most `concurrency` target calls in flight; the event identity is the
+//!   idempotency key of every call.
+//! - Transient errors retry with exponential back-off and jitter
+//!   ([`retry_delay`]); the attempt count and the next attempt time are saved
+//!   in the repository first, so a restart continues the schedule.
+//! - A permanent error, exhausted attempts or a passed deadline park the item
+//!   (published with confirm to the parking queue with `x-provring-reason`
+//!   and the original body); only then is it removed. If parking fails, the
+//!   reason is saved and parking is retried later: never a silent drop.
+//! - Items arrive from the adaptor after they are durable. The executor keeps
+//!   at most [`MEMORY_CAP`] of them in memory; beyond that the repository is
+//!   the queue and the executor reloads from it in arrival order.
+
+pub mod targets;
+
+use crate::broker::{Publisher, declare::parking_queue};
+use crate::config::RetryConfig;
+use crate::repository::{Repository, StoredItem, now_ms};
+use crate::stats::Stats;
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
+use lapin::types::{AMQPValue, FieldTable};
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+use targets::{Delivery, Target, TargetError};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::time::DelayQueue;
+
+/// Most items an executor holds in memory (ready + waiting for retry).
+pub const MEMORY_CAP: usize = 20_000;
+
+/// Pause before `attempts + 1`-th call after `attempts` failed calls:
+/// `initial × multiplier^(attempts-1)`, capped at `max_backoff`, of which the
+/// fraction `jitter` is drawn at random.
+pub fn retry_delay(cfg: &RetryConfig, attempts: u32, random: f64) -> Duration {
+    let exp = cfg
+        .multiplier
+        .powi(attempts.saturating_sub(1).min(64) as i32);
+    let base = cfg
+        .initial_backoff
+        .as_secs_f64()
+        .mul_add(exp, 0.0)
+        .min(cfg.max_backoff.as_secs_f64());
+    let factor = 1.0 - cfg.jitter * random.clamp(0.0, 1.0);
+    Duration::from_secs_f64(base * factor)
+}
+
+enum Outcome {
+    Finished,
+    /// Try again after the delay (the item's schedule is already saved).
+    Again(Box<StoredItem>, Duration),
+}
+
+/// What the in-flight futures share.
+struct Worker {
+    adaptor: String,
+    repo: Repository,
+    target: Arc<dyn Target>,
+    parking: Publisher,
+    parking_queue: String,
+    retry: RetryConfig,
+    stats: Arc<Stats>,
+}
+
+/// Delivers one adaptor's items; see the module doc.
+pub struct Executor {
+    worker: Arc<Worker>,
+    concurrency: usize,
+    items_rx: mpsc::UnboundedReceiver<StoredItem>,
+}
+
+/// The sending side the adaptor hands durable items to.
+pub type ItemSender = mpsc::UnboundedSender<StoredItem>;
+
+impl Executor {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        adaptor: &str,
+        concurrency: usize,
+        repo: Repository,
+        target: Arc<dyn Target>,
+        parking: Publisher,
+        namespace: &str,
+        retry: RetryConfig,
+        stats: Arc<Stats>,
+    ) -> (Executor, ItemSender) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let worker = Arc::new(Worker {
+            adaptor: adaptor.to_owned(),
+            repo,
+            target,
+            parking,
+            parking_queue: parking_queue(namespace),
+            retry,
+            stats,
+        });
+        (
+            Executor {
+                worker,
+                concurrency,
+                items_rx: rx,
+            },
+            tx,
+        )
+    }
+
+    /// Run until `shutdown`; then finish the target calls in flight.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut ready: VecDeque<StoredItem> = VecDeque::new();
+        let mut waiting: DelayQueue<StoredItem> = DelayQueue::new();
+        let mut in_flight: FuturesUnordered<BoxFuture<'static, Outcome>> = FuturesUnordered::new();
+        // Items with seq below `loaded_to` are known to this executor.
+        let mut loaded_to = 0u64;
+        let mut overflow = self.reload(&mut ready, &mut waiting, &mut loaded_to);
+        let initial = ready.len() + waiting.len();
+        if initial > 0 {
+            tracing::info!(adaptor = %self.worker.adaptor, items = initial, more = overflow, "Resuming backlog.");
+        }
+        loop {
+            while in_flight.len() < self.concurrency {
+                let Some(item) = ready.pop_front() else { break };
+                in_flight.push(Box::pin(attempt(self.worker.clone(), item)));
+            }
+            if overflow && ready.len() + waiting.len() < MEMORY_CAP / 2 {
+                overflow = self.reload(&mut ready, &mut waiting, &mut loaded_to);
+                continue;
+            }
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                Some(outcome) = in_flight.next(), if !in_flight.is_empty() => {
+                    if let Outcome::Again(item, delay) = outcome {
+                        waiting.insert(*item, delay);
+                    }
+                }
+                Some(expired) = waiting.next(), if !waiting.is_empty() => {
+                    ready.push_back(expired.into_inner());
+                }
+                item = self.items_rx.recv() => {
+                    let Some(item) = item else { break };
+                    if item.seq < loaded_to {
+                        continue; // loaded from the repository already
+                    }
+                    if overflow || ready.len() + waiting.len() >= MEMORY_CAP {
+                        overflow = true; // it is in the repository; reload later
+                        continue;
+                    }
+                    loaded_to = item.seq + 1;
+                    ready.push_back(item);
+                }
+            }
+        }
+        let n = in_flight.len();
+        if n > 0 {
+            tracing::info!(adaptor = %self.worker.adaptor, in_flight = n, "Finishing deliveries in flight.");
+        }
+        while in_flight.next().await.is_some() {}
+    }
+
+    /// Load items from the repository from `loaded_to` on; true if more remain.
+    fn reload(
+        &self,
+        ready: &mut VecDeque<StoredItem>,
+        waiting: &mut DelayQueue<StoredItem>,
+        loaded_to: &mut u64,
+    ) -> bool {
+        let room = MEMORY_CAP.saturating_sub(ready.len() + waiting.len());
+        let items = match self
+            .worker
+            .repo
+            .pending(&self.worker.adaptor, *loaded_to, room)
+        {
+            Ok(items) => items,
+            Err(e) => {
+                tracing::error!(adaptor = %self.worker.adaptor, error = %e, "Cannot read the backlog from the repository.");
+                return true;
+            }
+        };
+        let full = items.len() >= room;
+        let now = now_ms();
+        for item in items {
+            *loaded_to = item.seq + 1;
+            if item.next_attempt_ms > now {
+                let delay = Duration::from_millis(item.next_attempt_ms - now);
+                waiting.insert(item, delay);
+            } else {
+                ready.push_back(item);
+            }
+        }
+        full
+    }
+}
+
+async fn attempt(w: Arc<Worker>, mut item: StoredItem) -> Outcome {
+    if let Some(reason) = item.park_reason.clone() {
+        return park(&w, item, reason).await;
+    }
+    let deadline_ms = item
+        .received_ms
+        .saturating_add(w.retry.deadline.as_millis() as u64);
+    if now_ms() > deadline_ms {
+        let reason = format!(
+            "deadline of {} passed after {} attempts; last error: {}",
+            humantime::format_duration(w.retry.deadline),
+            item.attempts,
+            item.last_error.as_deref().unwrap_or("none")
+        );
+        return park(&w, item, reason).await;
+    }
+    let Some(event_type) = item.event_type() else {
+        let reason = format!("unknown event type {:?}", item.event_type);
+        return park(&w, item, reason).await;
+    };
+    let identity = item.identity();
+    let result = w
+        .target
+        .deliver(Delivery {
+            identity: &identity,
+            event_type,
+            body: &item.body,
+        })
+        .await;
+    item.attempts += 1;
+    match result {
+        Ok(()) => {
+            w.stats.delivered.fetch_add(1, Relaxed);
+            finish(&w, &item);
+            Outcome::Finished
+        }
+        Err(TargetError::Permanent(reason)) => {
+            park(&w, item, format!("target refused the event: {reason}")).await
+        }
+        Err(TargetError::Transient(reason)) => {
+            w.stats.retries.fetch_add(1, Relaxed);
+            if item.attempts >= w.retry.attempts {
+                let reason = format!(
+                    "gave up after {} attempts; last error: {reason}",
+                    item.attempts
+                );
+                return park(&w, item, reason).await;
+            }
+            let delay = retry_delay(&w.retry, item.attempts, rand::random());
+            let next = now_ms() + delay.as_millis() as u64;
+            if next > deadline_ms {
+                let reason = format!(
+                    "deadline of {} would pass before attempt {}; last error: {reason}",
+                    humantime::format_duration(w.retry.deadline),
+                    item.attempts + 1
+                );
+                return park(&w, item, reason).await;
+            }
+            tracing::debug!(adaptor = %w.adaptor, event = %identity, attempts = item.attempts, retry_in = ?delay, error = %reason, "Transient target error.");
+            item.next_attempt_ms = next;
+            item.last_error = Some(reason);
+            save(&w, &item);
+            Outcome::Again(Box::new(item), delay)
+        }
+    }
+}
+
+/// Publish the item to the parking queue with its reason, then remove it.
+async fn park(w: &Worker, mut item: StoredItem, reason: String) -> Outcome {
+    let mut headers = FieldTable::default();
+    let text = |s: &str| AMQPValue::LongString(s.into());
+    headers.insert("x-provring-reason".into(), text(&reason));
+    headers.insert("x-provring-adaptor".into(), text(&w.adaptor));
+    headers.insert("x-provring-source".into(), text(&item.source));
+    headers.insert("x-provring-id".into(), text(&item.id));
+    headers.insert(
+        "x-provring-attempts".into(),
+        AMQPValue::LongUInt(item.attempts),
+    );
+    match w
+        .parking
+        .publish("", &w.parking_queue, item.body.as_bytes(), headers)
+        .await
+    {
+        Ok(()) => {
+            tracing::warn!(adaptor = %w.adaptor, event = %item.identity(), %reason, "Event parked.");
+            w.stats.parked.fetch_add(1, Relaxed);
+            finish(w, &item);
+            Outcome::Finished
+        }
+        Err(e) => {
+            let delay = Duration::from_secs(2);
+            tracing::warn!(adaptor = %w.adaptor, event = %item.identity(), error = %e, retry_in = ?delay, "Cannot park the event yet; it stays in the repository.");
+            item.next_attempt_ms = now_ms() + delay.as_millis() as u64;
+            item.park_reason = Some(reason);
+            save(w, &item);
+            Outcome::Again(Box::new(item), delay)
+        }
+    }
+}
+
+fn finish(w: &Worker, item: &StoredItem) {
+    if let Err(e) = w.repo.complete(item) {
+        // The item stays and is delivered again after a restart (at least once).
+        tracing::error!(adaptor = %w.adaptor, event = %item.identity(), error = %e, "Cannot remove a finished item from the repository.");
+    }
+}
+
+fn save(w: &Worker, item: &StoredItem) {
+    if let Err(e) = w.repo.update(item) {
+        tracing::error!(adaptor = %w.adaptor, event = %item.identity(), error = %e, "Cannot save the retry schedule.");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delays_grow_cap_and_jitter_down() {
+        let cfg = RetryConfig {
+            attempts: 10,
+            initial_backoff: Duration::from_millis(500),
+            max_backoff: Duration::from_secs(10),
+            multiplier: 2.0,
+            jitter: 0.5,
+            deadline: Duration::from_secs(3600),
+        };
+        assert_eq!(retry_delay(&cfg, 1, 0.0), Duration::from_millis(500));
+        assert_eq!(retry_delay(&cfg, 2, 0.0), Duration::from_secs(1));
+        assert_eq!(retry_delay(&cfg, 3, 0.0), Duration::from_secs(2));
+        assert_eq!(retry_delay(&cfg, 30, 0.0), Duration::from_secs(10));
+        assert_eq!(retry_delay(&cfg, 1, 1.0), Duration::from_millis(250));
+        assert_eq!(
+            retry_delay(&cfg, u32::MAX, 0.5),
+            Duration::from_secs_f64(7.5)
+        );
+    }
+}

@@ -1,0 +1,211 @@
+//! `scim` target: SCIM 2.0 `/Users` (RFC 7644) with bearer-token auth.
+//!
+//! | event | requests |
+//! |---|---|
+//! | create | `POST /Users`; on 409, look up by `userName` and `PUT /Users/{id}` |
+//! | update | look up, `PATCH` (replace of the given attributes) |
+//! | enable / disable | look up, `PATCH` replace `active` |
+//! | delete | look up, `DELETE /Users/{id}`; not found or 404 = done |
+//! | password change | look up, `PATCH` replace `password` |
+//!
+//! A user that an update, enable, disable or password change needs but that
+//! the service does not have is a permanent error (parked with the reason).
+
+use super::{Auth, Delivery, Target, TargetError, classify_status, classify_transport};
+use crate::event::EventType;
+use futures::future::BoxFuture;
+use serde_json::{Map, Value, json};
+
+const USER_SCHEMA: &str = "urn:ietf:params:scim:schemas:core:2.0:User";
+const PATCH_SCHEMA: &str = "urn:ietf:params:scim:api:messages:2.0:PatchOp";
+
+pub struct ScimTarget {
+    base: String,
+    client: reqwest::Client,
+    auth: Auth,
+}
+
+impl ScimTarget {
+    pub fn new(base: String, client: reqwest::Client, auth: Auth) -> ScimTarget {
+        ScimTarget {
+            base: base.trim_end_matches('/').to_owned(),
+            client,
+            auth,
+        }
+    }
+
+    fn users(&self) -> String {
+        format!("{}/Users", self.base)
+    }
+
+    async fn send(
+        &self,
+        request: reqwest::RequestBuilder,
+        what: &str,
+    ) -> Result<reqwest::Response, TargetError> {
+        self.auth
+            .apply(request.header("accept", "application/scim+json"))
+            .send()
+            .await
+            .map_err(|e| classify_transport(&e, what))
+    }
+
+    /// The service's id of `user_name`, if it has that user.
+    async fn lookup(&self, user_name: &str) -> Result<Option<String>, TargetError> {
+        let filter = format!("userName eq \"{}\"", user_name.replace('"', "\\\""));
+        let mut url = url::Url::parse(&self.users()).map_err(|e| {
+            TargetError::Permanent(format!("SCIM base URL {:?} is unusable: {e}", self.base))
+        })?;
+        url.query_pairs_mut().append_pair("filter", &filter);
+        let response = self.send(self.client.get(url), "SCIM user lookup").await?;
+        if let Some(e) = classify_status(response.status(), "SCIM user lookup") {
+            return Err(e);
+        }
+        let body: Value = response.json().await.map_err(|e| {
+            TargetError::Transient(format!("SCIM user lookup returned unreadable JSON: {e}"))
+        })?;
+        Ok(body
+            .get("Resources")
+            .and_then(Value::as_array)
+            .and_then(|r| r.first())
+            .and_then(|u| u.get("id"))
+            .and_then(Value::as_str)
+            .map(str::to_owned))
+    }
+
+    async fn require(&self, user_name: &str) -> Result<String, TargetError> {
+        self.lookup(user_name).await?.ok_or_else(|| {
+            TargetError::Permanent(format!("SCIM service has no user {user_name:?}"))
+        })
+    }
+
+    async fn expect_ok(
+        &self,
+        request: reqwest::RequestBuilder,
+        what: &str,
+    ) -> Result<reqwest::StatusCode, TargetError> {
+        let status = self.send(request, what).await?.status();
+        match classify_status(status, what) {
+            None => Ok(status),
+            Some(e) => Err(e),
+        }
+    }
+
+    async fn patch(&self, id: &str, ops: Value, key: &str) -> Result<(), TargetError> {
+        let body = json!({"schemas": [PATCH_SCHEMA], "Operations": ops});
+        self.expect_ok(
+            self.client
+                .patch(format!("{}/{id}", self.users()))
+                .header("idempotency-key", key)
+                .json(&body),
+            "SCIM PATCH",
+        )
+        .await
+        .map(|_| ())
+    }
+}
+
+/// `data` as a SCIM User resource: the event's attributes plus `schemas`;
+/// `password` is never copied except by a password change.
+fn user_resource(data: &Map<String, Value>) -> Value {
+    let mut user = data.clone();
+    user.remove("password");
+    user.insert("schemas".into(), json!([USER_SCHEMA]));
+    Value::Object(user)
+}
+
+impl Target for ScimTarget {
+    fn deliver<'a>(&'a self, d: Delivery<'a>) -> BoxFuture<'a, Result<(), TargetError>> {
+        Box::pin(async move {
+            let event: Value = serde_json::from_str(d.body)
+                .map_err(|e| TargetError::Permanent(format!("event JSON unreadable: {e}")))?;
+            let data = event
+                .get("data")
+                .and_then(Value::as_object)
+                .ok_or_else(|| TargetError::Permanent("event has no data object".into()))?;
+            let user_name = data
+                .get("userName")
+                .and_then(Value::as_str)
+                .ok_or_else(|| TargetError::Permanent("data.userName missing".into()))?;
+            let key = d.identity.idempotency_key();
+            match d.event_type {
+                EventType::AccountCreate => {
+                    let status = self
+                        .send(
+                            self.client
+                                .post(self.users())
+                                .header("idempotency-key", &key)
+                                .json(&user_resource(data)),
+                            "SCIM POST",
+                        )
+                        .await?
+                        .status();
+                    if status.as_u16() == 409 {
+                        let id = self.require(user_name).await?;
+                        self.expect_ok(
+                            self.client
+                                .put(format!("{}/{id}", self.users()))
+                                .header("idempotency-key", &key)
+                                .json(&user_resource(data)),
+                            "SCIM PUT",
+                        )
+                        .await?;
+                        return Ok(());
+                    }
+                    match classify_status(status, "SCIM POST") {
+                        None => Ok(()),
+                        Some(e) => Err(e),
+                    }
+                }
+                EventType::AccountUpdate => {
+                    let id = self.require(user_name).await?;
+                    let mut attrs = data.clone();
+                    attrs.remove("password");
+                    self.patch(&id, json!([{"op": "replace", "value": attrs}]), &key)
+                        .await
+                }
+                EventType::AccountEnable | EventType::AccountDisable => {
+                    let id = self.require(user_name).await?;
+                    let active = d.event_type == EventType::AccountEnable;
+                    self.patch(
+                        &id,
+                        json!([{"op": "replace", "path": "active", "value": active}]),
+                        &key,
+                    )
+                    .await
+                }
+                EventType::PasswordChange => {
+                    let id = self.require(user_name).await?;
+                    let password = data.get("password").cloned().unwrap_or(Value::Null);
+                    self.patch(
+                        &id,
+                        json!([{"op": "replace", "path": "password", "value": password}]),
+                        &key,
+                    )
+                    .await
+                }
+                EventType::AccountDelete => {
+                    let Some(id) = self.lookup(user_name).await? else {
+                        return Ok(());
+                    };
+                    let status = self
+                        .send(
+                            self.client
+                                .delete(format!("{}/{id}", self.users()))
+                                .header("idempotency-key", &key),
+                            "SCIM DELETE",
+                        )
+                        .await?
+                        .status();
+                    if status.as_u16() == 404 {
+                        return Ok(());
+                    }
+                    match classify_status(status, "SCIM DELETE") {
+                        None => Ok(()),
+                        Some(e) => Err(e),
+                    }
+                }
+            }
+        })
+    }
+}

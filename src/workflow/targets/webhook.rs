@@ -1,0 +1,42 @@
+//! `webhook` target: HTTP POST of the event JSON (CloudEvents structured
+//! mode) with an `Idempotency-Key` header. 2xx is success; 408, 429, 5xx,
+//! timeouts and connection errors are transient; other statuses permanent.
+
+use super::{Auth, Delivery, Target, TargetError, classify_status, classify_transport};
+use futures::future::BoxFuture;
+
+pub struct WebhookTarget {
+    url: String,
+    client: reqwest::Client,
+    auth: Auth,
+}
+
+impl WebhookTarget {
+    pub fn new(url: String, client: reqwest::Client, auth: Auth) -> WebhookTarget {
+        WebhookTarget { url, client, auth }
+    }
+}
+
+impl Target for WebhookTarget {
+    fn deliver<'a>(&'a self, d: Delivery<'a>) -> BoxFuture<'a, Result<(), TargetError>> {
+        Box::pin(async move {
+            let request = self
+                .client
+                .post(&self.url)
+                .header("content-type", "application/cloudevents+json")
+                .header("idempotency-key", d.identity.idempotency_key())
+                .header("ce-type", d.event_type.as_str())
+                .body(d.body.to_owned());
+            let response = self
+                .auth
+                .apply(request)
+                .send()
+                .await
+                .map_err(|e| classify_transport(&e, "webhook"))?;
+            match classify_status(response.status(), "webhook") {
+                None => Ok(()),
+                Some(e) => Err(e),
+            }
+        })
+    }
+}

@@ -1,0 +1,441 @@
+//! Shared test helpers: a broker to talk to, a namespace per test, real
+//! `provring` processes, a recording webhook target, publishing, parking.
+#![allow(dead_code)]
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::post;
+
+use lapin::options::{BasicGetOptions, QueueDeleteOptions};
+use provring::config::{BrokerConfig, Config};
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// The broker the tests use: `PROVRING_TEST_AMQP` if set, else RabbitMQ on
+/// 127.0.0.1:5672, else a private node started from `broker/start-local.sh`.
+pub fn amqp_uri() -> String {
+    static URI: OnceLock<String> = OnceLock::new();
+    URI.get_or_init(|| {
+        if let Ok(uri) = std::env::var("PROVRING_TEST_AMQP") {
+            return uri;
+        }
+        if std::net::TcpStream::connect_timeout(&"127.0.0.1:5672".parse().expect("addr"), Duration::from_secs(1)).is_ok() {
+            return "amqp://guest:guest@127.0.0.1:5672/%2f".into();
+        }
+        start_private_broker(5673).unwrap_or_else(|e| {
+            panic!(
+                "no RabbitMQ for the tests: set PROVRING_TEST_AMQP=amqp://…, start one on 127.0.0.1:5672 \
+                 (apt-get install rabbitmq-server, or docker compose up rabbitmq), or install rabbitmq-server \
+                 so that broker/start-local.sh can start a private node ({e})"
+            )
+        })
+    })
+    .clone()
+}
+
+/// Start (or reuse) a private node on `port`; returns its URI.
+pub fn start_private_broker(port: u16) -> Result<String, String> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("broker/start-local.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .arg(port.to_string())
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
+    if !out.status.success() {
+        return Err(format!(
+            "{} failed: {}",
+            script.display(),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// `rabbitmqctl` against the private node on `port`.
+pub fn rabbitmqctl(port: u16, args: &[&str]) {
+    let status = Command::new("rabbitmqctl")
+        .env("ERL_EPMD_ADDRESS", "127.0.0.1")
+        .args(["-q", "-n", &format!("provring-{port}@localhost")])
+        .args(args)
+        .status()
+        .expect("run rabbitmqctl");
+    assert!(status.success(), "rabbitmqctl {args:?} failed");
+}
+
+/// A fresh namespace, so that tests can share a broker.
+pub fn namespace(test: &str) -> String {
+    format!("t-{test}-{:06x}", rand::random::<u32>() & 0xffffff)
+}
+
+/// Test settings on top of the defaults.
+pub struct Setup {
+    pub uri: String,
+    pub namespace: String,
+    pub webhook: String,
+    pub max_message_size: usize,
+    pub concurrency: usize,
+    pub extra: String,
+}
+
+impl Setup {
+    pub fn new(test: &str, webhook: &str) -> Setup {
+        Setup {
+            uri: amqp_uri(),
+            namespace: namespace(test),
+            webhook: webhook.to_owned(),
+            max_message_size: 1024 * 1024,
+            concurrency: 16,
+            extra: String::new(),
+        }
+    }
+
+    /// Write the cluster file (one server `a`, adaptor `hr` → webhook).
+    pub fn write(&self, dir: &Path) -> PathBuf {
+        let toml = format!(
+            r#"
+[broker]
+uris = [{uri:?}]
+namespace = {ns:?}
+prefetch = 500
+reconnect_min = "100ms"
+reconnect_max = "1s"
+publish_timeout = "5s"
+
+[servers.a]
+admin_listen = "127.0.0.1:0"
+data_dir = {data:?}
+
+[adaptors.hr]
+kind = "provisioning"
+queue = "hr"
+server = "a"
+target = "hook"
+concurrency = {concurrency}
+
+[targets.hook]
+kind = "webhook"
+url = {hook:?}
+timeout = "2s"
+
+[retry]
+attempts = 100
+initial_backoff = "100ms"
+max_backoff = "1s"
+deadline = "10m"
+
+[limits]
+max_message_size = {max}
+
+[shutdown]
+grace = "5s"
+{extra}
+"#,
+            uri = self.uri,
+            ns = self.namespace,
+            data = dir.join("data-a").display().to_string(),
+            concurrency = self.concurrency,
+            hook = self.webhook,
+            max = self.max_message_size,
+            extra = self.extra,
+        );
+        let path = dir.join("cluster.toml");
+        std::fs::write(&path, toml).expect("write cluster.toml");
+        path
+    }
+}
+
+pub fn load(path: &Path) -> Config {
+    provring::config::load(&[path.to_owned()]).expect("test config is valid")
+}
+
+/// A `provring server` process started from the built binary.
+pub struct ServerProc {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl ServerProc {
+    pub fn start(config: &Path, node: &str, log: PathBuf) -> ServerProc {
+        // A fresh log per start, so that readiness is read from this run.
+        let file = std::fs::File::create(&log).expect("open server log");
+        let child = Command::new(env!("CARGO_BIN_EXE_provring"))
+            .args(["server", "--config"])
+            .arg(config)
+            .args(["--node", node])
+            .env("RUST_LOG", "info,lapin=off")
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("spawn provring");
+        ServerProc { child, log }
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, sig).expect("send signal");
+    }
+
+    /// Wait until the server has logged that it started (signal handlers
+    /// are in place from then on).
+    pub fn wait_started(&mut self, within: Duration) {
+        let deadline = Instant::now() + within;
+        while !self.log_text().contains("Server started.") {
+            assert!(
+                self.is_running(),
+                "server exited during start; log:\n{}",
+                self.log_text()
+            );
+            assert!(
+                Instant::now() < deadline,
+                "server did not start within {within:?}; log:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM once started, then wait for the exit.
+    pub fn stop(&mut self, within: Duration) -> ExitStatus {
+        self.wait_started(within);
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        self.wait(within)
+    }
+
+    pub fn wait(&mut self, within: Duration) -> ExitStatus {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                self.kill9();
+                panic!(
+                    "server did not exit within {within:?}; log:\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for ServerProc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// What the recording webhook saw.
+#[derive(Default)]
+pub struct Record {
+    /// Every request, in arrival order: (Idempotency-Key, body identity).
+    pub requests: Vec<(String, String)>,
+    /// Effects applied, by body identity ("source|id"): applied once per
+    /// Idempotency-Key, as an idempotent target would.
+    pub effects: HashMap<String, u32>,
+    /// Keys already applied.
+    pub keys: HashSet<String>,
+    /// Requests answered with a failure.
+    pub failed: u64,
+}
+
+/// Behaviour of the recording webhook.
+#[derive(Default)]
+pub struct Behaviour {
+    /// Answer 503 to everything until then.
+    pub unavailable_until: Option<Instant>,
+    /// Event ids answered with 400.
+    pub reject_ids: HashSet<String>,
+}
+
+#[derive(Clone, Default)]
+pub struct Recorder {
+    pub record: Arc<Mutex<Record>>,
+    pub behaviour: Arc<Mutex<Behaviour>>,
+}
+
+impl Recorder {
+    /// Serve on 127.0.0.1 (a free port); returns the webhook URL.
+    pub async fn start(&self) -> String {
+        let app = Router::new()
+            .route("/events", post(receive))
+            .with_state(self.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind recorder");
+        let addr: SocketAddr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        format!("http://{addr}/events")
+    }
+
+    pub fn distinct_effects(&self) -> usize {
+        self.record.lock().expect("lock").effects.len()
+    }
+
+    /// Wait until `n` distinct events had their effect, or panic.
+    pub async fn wait_for(&self, n: usize, within: Duration, what: &str) {
+        let deadline = Instant::now() + within;
+        let mut last = (0, Instant::now());
+        loop {
+            let got = self.distinct_effects();
+            if got >= n {
+                return;
+            }
+            if got != last.0 {
+                last = (got, Instant::now());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: only {got} of {n} events reached the target within {within:?} (no progress for {:?})",
+                last.1.elapsed()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Requests whose Idempotency-Key had been seen before.
+    pub fn duplicate_deliveries(&self) -> u64 {
+        let r = self.record.lock().expect("lock");
+        let mut seen = HashSet::new();
+        r.requests
+            .iter()
+            .filter(|(k, _)| !seen.insert(k.clone()))
+            .count() as u64
+    }
+}
+
+async fn receive(State(rec): State<Recorder>, headers: HeaderMap, body: String) -> StatusCode {
+    let key = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    let id = json["id"].as_str().unwrap_or("").to_owned();
+    let identity = format!("{}|{}", json["source"].as_str().unwrap_or(""), id);
+    {
+        let b = rec.behaviour.lock().expect("lock");
+        let unavailable = b.unavailable_until.is_some_and(|t| Instant::now() < t);
+        if unavailable || b.reject_ids.contains(&id) {
+            rec.record.lock().expect("lock").failed += 1;
+            return if unavailable {
+                StatusCode::SERVICE_UNAVAILABLE
+            } else {
+                StatusCode::BAD_REQUEST
+            };
+        }
+    }
+    let mut r = rec.record.lock().expect("lock");
+    r.requests.push((key.clone(), identity.clone()));
+    if r.keys.insert(key) {
+        *r.effects.entry(identity).or_default() += 1;
+    }
+    StatusCode::OK
+}
+
+/// Publish raw bodies to adaptor queue `queue`, with confirms.
+pub async fn publish(broker: &BrokerConfig, queue: &str, bodies: Vec<Vec<u8>>) {
+    provring::publish::publish_bodies(broker, queue, bodies.into_iter(), false)
+        .await
+        .expect("publish");
+}
+
+/// `n` valid synthetic provisioning events with ids `{run}-{i}`.
+pub fn events(run: &str, n: u64) -> Vec<Vec<u8>> {
+    provring::publish::generated(
+        provring::config::AdaptorKind::Provisioning,
+        run.to_owned(),
+        n,
+    )
+    .collect()
+}
+
+/// Take every message from the namespace's parking queue:
+/// (body, x-provring-reason).
+pub async fn drain_parking(broker: &BrokerConfig) -> Vec<(Vec<u8>, String)> {
+    let b = provring::broker::Broker::new(broker.clone(), "test");
+    let ch = b.channel().await.expect("channel");
+    let queue = format!("{}.parking", broker.namespace);
+    let mut out = Vec::new();
+    while let Ok(Some(m)) = ch
+        .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true })
+        .await
+    {
+        let reason = m
+            .delivery
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get("x-provring-reason").cloned())
+            .map(|v| match v {
+                lapin::types::AMQPValue::LongString(s) => {
+                    String::from_utf8_lossy(s.as_bytes()).into_owned()
+                }
+                other => format!("{other:?}"),
+            })
+            .unwrap_or_default();
+        out.push((m.delivery.data, reason));
+    }
+    b.close().await;
+    out
+}
+
+/// Delete the namespace's queues and exchange.
+pub async fn cleanup(broker: &BrokerConfig, queues: &[&str]) {
+    let b = provring::broker::Broker::new(broker.clone(), "test cleanup");
+    if let Ok(ch) = b.channel().await {
+        for q in queues.iter().chain(["parking"].iter()) {
+            let _ = ch
+                .queue_delete(
+                    format!("{}.{q}", broker.namespace).as_str().into(),
+                    QueueDeleteOptions::default(),
+                )
+                .await;
+        }
+        let _ = ch
+            .exchange_delete(
+                format!("{}.events", broker.namespace).as_str().into(),
+                lapin::options::ExchangeDeleteOptions::default(),
+            )
+            .await;
+    }
+    b.close().await;
+}
+
+/// Items left in a stopped server's repository.
+pub async fn repository_items(data_dir: &Path) -> usize {
+    let repo = provring::repository::Repository::open(data_dir).expect("open repository");
+    repo.count_all()
+}
+
+/// Poll `f` until it is true or `within` passes.
+pub async fn eventually(within: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !f() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

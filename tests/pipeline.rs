@@ -1,0 +1,240 @@
+//! One server, end to end, against the real RabbitMQ: real `provring`
+//! processes, a recording webhook, and the outcomes a user cares about.
+
+mod common;
+
+use common::*;
+use std::time::Duration;
+
+/// 10,000 events → each delivered, each key's effect applied once,
+/// repository empty at the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivers_ten_thousand_events_once_each() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rec = Recorder::default();
+    let setup = Setup::new("10k", &rec.start().await);
+    let cfg_path = setup.write(dir.path());
+    let cfg = load(&cfg_path);
+    let mut server = ServerProc::start(&cfg_path, "a", dir.path().join("a.log"));
+
+    publish(&cfg.broker, "hr", events("run10k", 10_000)).await;
+    rec.wait_for(10_000, Duration::from_secs(180), "10k events")
+        .await;
+
+    let status = server.stop(Duration::from_secs(30));
+    assert!(
+        status.success(),
+        "server exited with {status}; log:\n{}",
+        server.log_text()
+    );
+    {
+        let r = rec.record.lock().expect("lock");
+        assert_eq!(r.effects.len(), 10_000);
+        assert!(
+            r.effects.values().all(|&n| n == 1),
+            "an effect was applied twice"
+        );
+        println!("10k: {} requests for 10000 events", r.requests.len());
+    }
+    assert_eq!(
+        repository_items(&dir.path().join("data-a")).await,
+        0,
+        "repository not empty"
+    );
+    assert!(
+        drain_parking(&cfg.broker).await.is_empty(),
+        "nothing should be parked"
+    );
+    cleanup(&cfg.broker, &["hr"]).await;
+}
+
+/// kill -9 the server at random moments while 10,000 events flow,
+/// restarting it each time: every event delivered, no effect twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn survives_repeated_kill_9() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rec = Recorder::default();
+    let setup = Setup::new("kill9", &rec.start().await);
+    let cfg_path = setup.write(dir.path());
+    let cfg = load(&cfg_path);
+    let log = dir.path().join("a.log");
+    let mut server = ServerProc::start(&cfg_path, "a", log.clone());
+
+    let broker = cfg.broker.clone();
+    let publisher = tokio::spawn(async move {
+        // Ten waves, so that kills land while events are still arriving.
+        for wave in 0..10 {
+            let bodies: Vec<Vec<u8>> = events(&format!("k{wave}"), 1000);
+            publish(&broker, "hr", bodies).await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    });
+
+    let kills = 6;
+    for k in 0..kills {
+        let pause = 300 + rand::random::<u64>() % 1200;
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        server.kill9();
+        println!(
+            "kill -9 #{} after {pause} ms; {} events delivered so far",
+            k + 1,
+            rec.distinct_effects()
+        );
+        server = ServerProc::start(&cfg_path, "a", dir.path().join(format!("a{k}.log")));
+    }
+    publisher.await.expect("publisher");
+    rec.wait_for(10_000, Duration::from_secs(240), "after kills")
+        .await;
+
+    let status = server.stop(Duration::from_secs(30));
+    assert!(status.success(), "server exited with {status}");
+    {
+        let r = rec.record.lock().expect("lock");
+        assert_eq!(r.effects.len(), 10_000, "every event delivered");
+        let twice: Vec<_> = r.effects.iter().filter(|(_, n)| **n > 1).collect();
+        assert!(twice.is_empty(), "effects applied twice: {twice:?}");
+    }
+    println!(
+        "kill -9 x{kills}: 10000 events delivered, {} duplicate deliveries (same key, effect applied once)",
+        rec.duplicate_deliveries()
+    );
+    assert_eq!(repository_items(&dir.path().join("data-a")).await, 0);
+    cleanup(&cfg.broker, &["hr"]).await;
+}
+
+/// 503 for a while, then recovery: everything delivered. 400 for one
+/// event: that one parked with its reason, the rest delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_transient_errors_and_parks_permanent_ones() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rec = Recorder::default();
+    {
+        let mut b = rec.behaviour.lock().expect("lock");
+        b.unavailable_until = Some(std::time::Instant::now() + Duration::from_secs(3));
+        b.reject_ids.insert("errs-7".into());
+    }
+    let setup = Setup::new("errors", &rec.start().await);
+    let cfg_path = setup.write(dir.path());
+    let cfg = load(&cfg_path);
+    let mut server = ServerProc::start(&cfg_path, "a", dir.path().join("a.log"));
+
+    publish(&cfg.broker, "hr", events("errs", 300)).await;
+    rec.wait_for(299, Duration::from_secs(60), "after 503s")
+        .await;
+    let parked = {
+        let mut parked = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while parked.is_empty() && std::time::Instant::now() < deadline {
+            parked = drain_parking(&cfg.broker).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        parked
+    };
+    assert_eq!(parked.len(), 1, "exactly the rejected event is parked");
+    let body: serde_json::Value =
+        serde_json::from_slice(&parked[0].0).expect("parked body is the event");
+    assert_eq!(body["id"], "errs-7");
+    assert!(
+        parked[0].1.contains("400"),
+        "reason names the status: {}",
+        parked[0].1
+    );
+    {
+        let r = rec.record.lock().expect("lock");
+        assert!(r.failed > 0, "the target did answer 503");
+        assert_eq!(r.effects.len(), 299);
+        assert!(!r.effects.contains_key("/provring/generate|errs-7"));
+    }
+    assert!(server.stop(Duration::from_secs(30)).success());
+    assert_eq!(repository_items(&dir.path().join("data-a")).await, 0);
+    cleanup(&cfg.broker, &["hr"]).await;
+}
+
+/// Malformed JSON, missing id, unknown type, oversized body, non-UTF-8:
+/// each parked with its reason; the server stays up; other traffic flows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parks_bad_input_and_keeps_running() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rec = Recorder::default();
+    let mut setup = Setup::new("badinput", &rec.start().await);
+    setup.max_message_size = 4096;
+    let cfg_path = setup.write(dir.path());
+    let cfg = load(&cfg_path);
+    let mut server = ServerProc::start(&cfg_path, "a", dir.path().join("a.log"));
+
+    let mut bodies = events("good1", 50);
+    bodies.push(b"{\"specversion\": \"1.0\", \"id\": ".to_vec());
+    bodies.push(br#"{"specversion":"1.0","source":"/hr","type":"io.provring.account.create","data":{"userName":"x"}}"#.to_vec());
+    bodies.push(br#"{"specversion":"1.0","id":"u1","source":"/hr","type":"com.example.unknown","data":{"userName":"x"}}"#.to_vec());
+    let mut big = provring::event::synthetic(provring::event::EventType::AccountCreate, "big", 1)
+        .into_bytes();
+    big.truncate(big.len() - 1);
+    big.extend(format!(",\"pad\":\"{}\"}}", "x".repeat(8000)).into_bytes());
+    bodies.push(big);
+    bodies.push(vec![0xff, 0xfe, b'{', 0x80]);
+    bodies.extend(events("good2", 50));
+    publish(&cfg.broker, "hr", bodies).await;
+
+    rec.wait_for(100, Duration::from_secs(60), "valid traffic")
+        .await;
+    let mut parked = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while parked.len() < 5 && std::time::Instant::now() < deadline {
+        parked.extend(drain_parking(&cfg.broker).await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let reasons: Vec<&str> = parked.iter().map(|(_, r)| r.as_str()).collect();
+    println!("parking reasons: {reasons:#?}");
+    assert_eq!(parked.len(), 5, "each bad message parked once: {reasons:?}");
+    for expected in [
+        "body is not a JSON object",
+        "missing attribute \"id\"",
+        "unknown type \"com.example.unknown\"",
+        "exceeds limits.max_message_size",
+        "body is not UTF-8",
+    ] {
+        assert!(
+            reasons.iter().any(|r| r.contains(expected)),
+            "no parked message with reason {expected:?}: {reasons:?}"
+        );
+    }
+    assert!(
+        server.is_running(),
+        "server must stay up; log:\n{}",
+        server.log_text()
+    );
+    assert_eq!(rec.distinct_effects(), 100);
+    assert!(server.stop(Duration::from_secs(30)).success());
+    cleanup(&cfg.broker, &["hr"]).await;
+}
+
+/// SIGTERM while work is in flight: exit 0, nothing lost, the rest is
+/// delivered after the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_keeps_the_backlog() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rec = Recorder::default();
+    rec.behaviour.lock().expect("lock").unavailable_until =
+        Some(std::time::Instant::now() + Duration::from_secs(4));
+    let setup = Setup::new("sigterm", &rec.start().await);
+    let cfg_path = setup.write(dir.path());
+    let cfg = load(&cfg_path);
+    let log = dir.path().join("a.log");
+    let mut server = ServerProc::start(&cfg_path, "a", log.clone());
+    publish(&cfg.broker, "hr", events("term", 500)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let status = server.stop(Duration::from_secs(15));
+    assert!(
+        status.success(),
+        "exit status {status}; log:\n{}",
+        server.log_text()
+    );
+    assert!(server.log_text().contains("Shutting down"));
+    let left = repository_items(&dir.path().join("data-a")).await;
+    println!("{left} items waited in the repository across the restart");
+    let mut server = ServerProc::start(&cfg_path, "a", dir.path().join("a2.log"));
+    rec.wait_for(500, Duration::from_secs(60), "after restart")
+        .await;
+    assert!(server.stop(Duration::from_secs(30)).success());
+    cleanup(&cfg.broker, &["hr"]).await;
+}

@@ -109,6 +109,10 @@ pub fn start(config: &Config, node: &str) -> Result<Running, ServerError> {
     }
 
     tasks.push((
+        "progress saver".into(),
+        tokio::spawn(save_progress(repo.clone(), shutdown.child_token())),
+    ));
+    tasks.push((
         "done-ledger pruner".into(),
         tokio::spawn(prune_done_ledger(
             repo.clone(),
@@ -193,6 +197,27 @@ pub async fn run(config: Config, node: &str) -> Result<Exit, ServerError> {
         ),
     }
     Ok(exit)
+}
+
+/// How often finished items of unfinished batches are saved: the most
+/// work a crash can make the server repeat (delivered again, same key).
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
+
+async fn save_progress(repo: Repository, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(PROGRESS_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let repo = repo.clone();
+        match tokio::task::spawn_blocking(move || repo.save_progress()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "Cannot save delivery progress."),
+            Err(e) => tracing::error!(error = %e, "Cannot save delivery progress."),
+        }
+    }
 }
 
 async fn prune_done_ledger(

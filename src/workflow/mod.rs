@@ -116,9 +116,11 @@ impl Executor {
         let mut ready: VecDeque<StoredItem> = VecDeque::new();
         let mut waiting: DelayQueue<StoredItem> = DelayQueue::new();
         let mut in_flight: FuturesUnordered<BoxFuture<'static, Outcome>> = FuturesUnordered::new();
-        // Items with seq below `loaded_to` are known to this executor.
-        let mut loaded_to = 0u64;
-        let mut overflow = self.reload(&mut ready, &mut waiting, &mut loaded_to);
+        // Batches below `reloaded_to` were loaded from the repository; the
+        // adaptor's items of batch `accepted` are in memory.
+        let mut reloaded_to = 0u64;
+        let mut accepted: Option<u64> = None;
+        let mut overflow = self.reload(&mut ready, &mut waiting, &mut reloaded_to);
         let initial = ready.len() + waiting.len();
         if initial > 0 {
             tracing::info!(adaptor = %self.worker.adaptor, items = initial, more = overflow, "Resuming backlog.");
@@ -129,7 +131,10 @@ impl Executor {
                 in_flight.push(Box::pin(attempt(self.worker.clone(), item)));
             }
             if overflow && ready.len() + waiting.len() < MEMORY_CAP / 2 {
-                overflow = self.reload(&mut ready, &mut waiting, &mut loaded_to);
+                if let Some(seq) = accepted {
+                    reloaded_to = reloaded_to.max(seq + 1);
+                }
+                overflow = self.reload(&mut ready, &mut waiting, &mut reloaded_to);
                 continue;
             }
             tokio::select! {
@@ -145,14 +150,17 @@ impl Executor {
                 }
                 item = self.items_rx.recv() => {
                     let Some(item) = item else { break };
-                    if item.seq < loaded_to {
+                    if item.seq < reloaded_to {
                         continue; // loaded from the repository already
                     }
-                    if overflow || ready.len() + waiting.len() >= MEMORY_CAP {
+                    // A batch is taken whole or not at all, so that a
+                    // reload never brings back part of a batch in memory.
+                    let same_batch = accepted == Some(item.seq);
+                    if !same_batch && (overflow || ready.len() + waiting.len() >= MEMORY_CAP) {
                         overflow = true; // it is in the repository; reload later
                         continue;
                     }
-                    loaded_to = item.seq + 1;
+                    accepted = Some(item.seq);
                     ready.push_back(item);
                 }
             }
@@ -164,18 +172,19 @@ impl Executor {
         while in_flight.next().await.is_some() {}
     }
 
-    /// Load items from the repository from `loaded_to` on; true if more remain.
+    /// Load whole batches from the repository from `reloaded_to` on; true
+    /// if more remain.
     fn reload(
         &self,
         ready: &mut VecDeque<StoredItem>,
         waiting: &mut DelayQueue<StoredItem>,
-        loaded_to: &mut u64,
+        reloaded_to: &mut u64,
     ) -> bool {
         let room = MEMORY_CAP.saturating_sub(ready.len() + waiting.len());
         let items = match self
             .worker
             .repo
-            .pending(&self.worker.adaptor, *loaded_to, room)
+            .pending(&self.worker.adaptor, *reloaded_to, room)
         {
             Ok(items) => items,
             Err(e) => {
@@ -186,9 +195,9 @@ impl Executor {
         let full = items.len() >= room;
         let now = now_ms();
         for item in items {
-            *loaded_to = item.seq + 1;
-            if item.next_attempt_ms > now {
-                let delay = Duration::from_millis(item.next_attempt_ms - now);
+            *reloaded_to = item.seq + 1;
+            if item.state.next_attempt_ms > now {
+                let delay = Duration::from_millis(item.state.next_attempt_ms - now);
                 waiting.insert(item, delay);
             } else {
                 ready.push_back(item);
@@ -199,7 +208,7 @@ impl Executor {
 }
 
 async fn attempt(w: Arc<Worker>, mut item: StoredItem) -> Outcome {
-    if let Some(reason) = item.park_reason.clone() {
+    if let Some(reason) = item.state.park_reason.clone() {
         return park(&w, item, reason).await;
     }
     let deadline_ms = item
@@ -209,8 +218,8 @@ async fn attempt(w: Arc<Worker>, mut item: StoredItem) -> Outcome {
         let reason = format!(
             "deadline of {} passed after {} attempts; last error: {}",
             humantime::format_duration(w.retry.deadline),
-            item.attempts,
-            item.last_error.as_deref().unwrap_or("none")
+            item.state.attempts,
+            item.state.last_error.as_deref().unwrap_or("none")
         );
         return park(&w, item, reason).await;
     }
@@ -227,7 +236,7 @@ async fn attempt(w: Arc<Worker>, mut item: StoredItem) -> Outcome {
             body: &item.body,
         })
         .await;
-    item.attempts += 1;
+    item.state.attempts += 1;
     match result {
         Ok(()) => {
             w.stats.delivered.fetch_add(1, Relaxed);
@@ -239,26 +248,26 @@ async fn attempt(w: Arc<Worker>, mut item: StoredItem) -> Outcome {
         }
         Err(TargetError::Transient(reason)) => {
             w.stats.retries.fetch_add(1, Relaxed);
-            if item.attempts >= w.retry.attempts {
+            if item.state.attempts >= w.retry.attempts {
                 let reason = format!(
                     "gave up after {} attempts; last error: {reason}",
-                    item.attempts
+                    item.state.attempts
                 );
                 return park(&w, item, reason).await;
             }
-            let delay = retry_delay(&w.retry, item.attempts, rand::random());
+            let delay = retry_delay(&w.retry, item.state.attempts, rand::random());
             let next = now_ms() + delay.as_millis() as u64;
             if next > deadline_ms {
                 let reason = format!(
                     "deadline of {} would pass before attempt {}; last error: {reason}",
                     humantime::format_duration(w.retry.deadline),
-                    item.attempts + 1
+                    item.state.attempts + 1
                 );
                 return park(&w, item, reason).await;
             }
-            tracing::debug!(adaptor = %w.adaptor, event = %identity, attempts = item.attempts, retry_in = ?delay, error = %reason, "Transient target error.");
-            item.next_attempt_ms = next;
-            item.last_error = Some(reason);
+            tracing::debug!(adaptor = %w.adaptor, event = %identity, attempts = item.state.attempts, retry_in = ?delay, error = %reason, "Transient target error.");
+            item.state.next_attempt_ms = next;
+            item.state.last_error = Some(reason);
             save(&w, &item);
             Outcome::Again(Box::new(item), delay)
         }
@@ -275,7 +284,7 @@ async fn park(w: &Worker, mut item: StoredItem, reason: String) -> Outcome {
     headers.insert("x-provring-id".into(), text(&item.id));
     headers.insert(
         "x-provring-attempts".into(),
-        AMQPValue::LongUInt(item.attempts),
+        AMQPValue::LongUInt(item.state.attempts),
     );
     match w
         .parking
@@ -291,8 +300,8 @@ async fn park(w: &Worker, mut item: StoredItem, reason: String) -> Outcome {
         Err(e) => {
             let delay = Duration::from_secs(2);
             tracing::warn!(adaptor = %w.adaptor, event = %item.identity(), error = %e, retry_in = ?delay, "Cannot park the event yet; it stays in the repository.");
-            item.next_attempt_ms = now_ms() + delay.as_millis() as u64;
-            item.park_reason = Some(reason);
+            item.state.next_attempt_ms = now_ms() + delay.as_millis() as u64;
+            item.state.park_reason = Some(reason);
             save(w, &item);
             Outcome::Again(Box::new(item), delay)
         }

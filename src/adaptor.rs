@@ -206,7 +206,11 @@ impl Adaptor {
                 Err(e) => Err(AdaptorError::Writer(e.to_string())),
             },
         };
-        let _ = channel.close(200, "consumer stopped".into()).await;
+        if !shutdown.is_cancelled() {
+            // At shutdown the connection's close takes the channel with it;
+            // closing it here as well makes lapin log a spurious error.
+            let _ = channel.close(200, "consumer stopped".into()).await;
+        }
         result.and(writer_result)
     }
 }

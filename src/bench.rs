@@ -180,6 +180,12 @@ async fn consume_raw(broker: &Broker, cfg: &BrokerConfig, n: u64) -> Result<f64,
             .map_err(BrokerError::op("basic.ack"))?;
     }
     let secs = started.map(|s| s.elapsed().as_secs_f64()).unwrap_or(1e-9);
+    let _ = channel
+        .basic_cancel(
+            "bench-raw".into(),
+            lapin::options::BasicCancelOptions::default(),
+        )
+        .await;
     let _ = channel.close(200, "done".into()).await;
     Ok(secs)
 }

@@ -10,7 +10,12 @@ use std::path::PathBuf;
 /// been delivered to its target (SCIM 2.0 or webhook), and ack the broker
 /// only once the event is durable.
 #[derive(Debug, Parser)]
-#[command(name = "provring", version, propagate_version = true)]
+#[command(
+    name = "provring",
+    version,
+    propagate_version = true,
+    after_help = "Examples:\n  provring ring --config config/cluster.toml\n  provring check-config --config config/cluster.toml\n  provring publish --config config/cluster.toml --adaptor hr --generate 1000\n  provring server --config config/cluster.toml --config config/node-a.toml --node a"
+)]
 pub struct Cli {
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "PROVRING_LOG_FORMAT")]
@@ -65,7 +70,8 @@ pub enum Command {
         /// Adaptor whose queue receives the events.
         #[arg(long)]
         adaptor: String,
-        /// File with one event (CloudEvents JSON) per line.
+        /// File with one event (CloudEvents JSON), a JSON array of events,
+        /// or one event per line.
         #[arg(
             long,
             conflicts_with = "generate",

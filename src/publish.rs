@@ -9,7 +9,6 @@ use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Confirmation};
-use std::io::BufRead;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -31,7 +30,9 @@ pub enum PublishCmdError {
 
 /// Where events come from.
 pub enum Source {
-    /// One event per line; empty lines are skipped.
+    /// One JSON event, a JSON array of events, or one event per line
+    /// (empty lines skipped; a line that is not valid JSON is published as
+    /// it is, and the server parks it with the reason).
     File(PathBuf),
     /// N synthetic events cycling through the adaptor's event types.
     Generate(u64),
@@ -49,8 +50,9 @@ impl std::fmt::Display for Summary {
         let secs = self.elapsed.as_secs_f64().max(1e-9);
         write!(
             f,
-            "published {} events to {} in {:.2} s ({:.0} msg/s), all confirmed",
+            "published {} event{} to {} in {:.2} s ({:.0} msg/s), all confirmed",
             self.published,
+            if self.published == 1 { "" } else { "s" },
             self.queue,
             secs,
             self.published as f64 / secs
@@ -70,6 +72,23 @@ pub fn types_for(kind: AdaptorKind) -> Vec<EventType> {
 pub fn generated(kind: AdaptorKind, run: String, n: u64) -> impl Iterator<Item = Vec<u8>> {
     let types = types_for(kind);
     (0..n).map(move |i| synthetic(types[(i as usize) % types.len()], &run, i).into_bytes())
+}
+
+/// The message bodies in a file: a single JSON value is one event, a JSON
+/// array is one event per element, anything else is one event per line.
+pub fn split_events(content: &[u8]) -> Vec<Vec<u8>> {
+    match serde_json::from_slice::<serde_json::Value>(content) {
+        Ok(serde_json::Value::Array(items)) => items
+            .iter()
+            .map(|v| serde_json::to_vec(v).unwrap_or_default())
+            .collect(),
+        Ok(_) => vec![content.trim_ascii().to_vec()],
+        Err(_) => content
+            .split(|b| *b == b'\n')
+            .filter(|line| !line.iter().all(u8::is_ascii_whitespace))
+            .map(|line| line.strip_suffix(b"\r").unwrap_or(line).to_vec())
+            .collect(),
+    }
 }
 
 /// `provring publish`.
@@ -96,19 +115,17 @@ pub async fn run(
             publish_bodies(&config.broker, &a.queue, generated(a.kind, run, n), true).await
         }
         Source::File(path) => {
-            let read_err = |e: std::io::Error| PublishCmdError::Read {
+            let content = std::fs::read(&path).map_err(|e| PublishCmdError::Read {
                 path: path.clone(),
                 reason: e.to_string(),
-            };
-            let file = std::fs::File::open(&path).map_err(read_err)?;
-            let mut lines = Vec::new();
-            for line in std::io::BufReader::new(file).split(b'\n') {
-                let line = line.map_err(read_err)?;
-                if !line.iter().all(u8::is_ascii_whitespace) {
-                    lines.push(line);
-                }
-            }
-            publish_bodies(&config.broker, &a.queue, lines.into_iter(), true).await
+            })?;
+            publish_bodies(
+                &config.broker,
+                &a.queue,
+                split_events(&content).into_iter(),
+                true,
+            )
+            .await
         }
     }
 }
@@ -197,4 +214,24 @@ pub async fn publish_bodies(
         queue: full,
         elapsed,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_events;
+
+    #[test]
+    fn files_hold_one_event_an_array_or_lines() {
+        assert_eq!(split_events(b"{\n \"a\": 1\n}\n").len(), 1);
+        assert_eq!(split_events(b"[{\"a\":1},{\"a\":2}]").len(), 2);
+        let lines = split_events(b"{\"a\":1}\n\n{\"a\":2}\r\n{broken\n");
+        assert_eq!(
+            lines,
+            vec![
+                b"{\"a\":1}".to_vec(),
+                b"{\"a\":2}".to_vec(),
+                b"{broken".to_vec()
+            ]
+        );
+    }
 }

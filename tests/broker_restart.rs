@@ -23,6 +23,7 @@ async fn reconnects_after_a_broker_restart_and_loses_nothing() {
     setup.concurrency = 4;
     let cfg_path = setup.write(dir.path());
     let cfg = load(&cfg_path);
+    let _cleanup = Cleanup::new(&cfg.broker, &["hr"]);
     let mut server = ServerProc::start(&cfg_path, "a", dir.path().join("a.log"));
 
     publish(&cfg.broker, "hr", events("before", 5000)).await;
@@ -59,5 +60,4 @@ async fn reconnects_after_a_broker_restart_and_loses_nothing() {
         rec.duplicate_deliveries()
     );
     assert_eq!(repository_items(&dir.path().join("data-a")).await, 0);
-    cleanup(&cfg.broker, &["hr"]).await;
 }

@@ -15,6 +15,7 @@ async fn delivers_ten_thousand_events_once_each() {
     let setup = Setup::new("10k", &rec.start().await);
     let cfg_path = setup.write(dir.path());
     let cfg = load(&cfg_path);
+    let _cleanup = Cleanup::new(&cfg.broker, &["hr"]);
     let mut server = ServerProc::start(&cfg_path, "a", dir.path().join("a.log"));
 
     publish(&cfg.broker, "hr", events("run10k", 10_000)).await;
@@ -45,7 +46,6 @@ async fn delivers_ten_thousand_events_once_each() {
         drain_parking(&cfg.broker).await.is_empty(),
         "nothing should be parked"
     );
-    cleanup(&cfg.broker, &["hr"]).await;
 }
 
 /// kill -9 the server at random moments while 10,000 events flow,
@@ -57,6 +57,7 @@ async fn survives_repeated_kill_9() {
     let setup = Setup::new("kill9", &rec.start().await);
     let cfg_path = setup.write(dir.path());
     let cfg = load(&cfg_path);
+    let _cleanup = Cleanup::new(&cfg.broker, &["hr"]);
     let log = dir.path().join("a.log");
     let mut server = ServerProc::start(&cfg_path, "a", log.clone());
 
@@ -99,7 +100,6 @@ async fn survives_repeated_kill_9() {
         rec.duplicate_deliveries()
     );
     assert_eq!(repository_items(&dir.path().join("data-a")).await, 0);
-    cleanup(&cfg.broker, &["hr"]).await;
 }
 
 /// 503 for a while, then recovery: everything delivered. 400 for one
@@ -116,6 +116,7 @@ async fn retries_transient_errors_and_parks_permanent_ones() {
     let setup = Setup::new("errors", &rec.start().await);
     let cfg_path = setup.write(dir.path());
     let cfg = load(&cfg_path);
+    let _cleanup = Cleanup::new(&cfg.broker, &["hr"]);
     let mut server = ServerProc::start(&cfg_path, "a", dir.path().join("a.log"));
 
     publish(&cfg.broker, "hr", events("errs", 300)).await;
@@ -147,7 +148,6 @@ async fn retries_transient_errors_and_parks_permanent_ones() {
     }
     assert!(server.stop(Duration::from_secs(30)).success());
     assert_eq!(repository_items(&dir.path().join("data-a")).await, 0);
-    cleanup(&cfg.broker, &["hr"]).await;
 }
 
 /// Malformed JSON, missing id, unknown type, oversized body, non-UTF-8:
@@ -160,6 +160,7 @@ async fn parks_bad_input_and_keeps_running() {
     setup.max_message_size = 4096;
     let cfg_path = setup.write(dir.path());
     let cfg = load(&cfg_path);
+    let _cleanup = Cleanup::new(&cfg.broker, &["hr"]);
     let mut server = ServerProc::start(&cfg_path, "a", dir.path().join("a.log"));
 
     let mut bodies = events("good1", 50);
@@ -205,7 +206,6 @@ async fn parks_bad_input_and_keeps_running() {
     );
     assert_eq!(rec.distinct_effects(), 100);
     assert!(server.stop(Duration::from_secs(30)).success());
-    cleanup(&cfg.broker, &["hr"]).await;
 }
 
 /// SIGTERM while work is in flight: exit 0, nothing lost, the rest is
@@ -219,6 +219,7 @@ async fn graceful_shutdown_keeps_the_backlog() {
     let setup = Setup::new("sigterm", &rec.start().await);
     let cfg_path = setup.write(dir.path());
     let cfg = load(&cfg_path);
+    let _cleanup = Cleanup::new(&cfg.broker, &["hr"]);
     let log = dir.path().join("a.log");
     let mut server = ServerProc::start(&cfg_path, "a", log.clone());
     publish(&cfg.broker, "hr", events("term", 500)).await;
@@ -236,5 +237,36 @@ async fn graceful_shutdown_keeps_the_backlog() {
     rec.wait_for(500, Duration::from_secs(60), "after restart")
         .await;
     assert!(server.stop(Duration::from_secs(30)).success());
-    cleanup(&cfg.broker, &["hr"]).await;
+}
+
+/// When in-flight work outlasts the grace period, the server says which
+/// components were still running, exits 1, and loses nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_what_outlasted_the_grace_period() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rec = Recorder::default();
+    rec.behaviour.lock().expect("lock").delay = Some(Duration::from_millis(1500));
+    let mut setup = Setup::new("grace", &rec.start().await);
+    setup.grace = "300ms";
+    let cfg_path = setup.write(dir.path());
+    let cfg = load(&cfg_path);
+    let _cleanup = Cleanup::new(&cfg.broker, &["hr"]);
+    let mut server = ServerProc::start(&cfg_path, "a", dir.path().join("a.log"));
+    publish(&cfg.broker, "hr", events("grace", 50)).await;
+    eventually(Duration::from_secs(30), "deliveries in flight", || {
+        server.log_text().contains("Server started.")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let status = server.stop(Duration::from_secs(15));
+    let log = server.log_text();
+    assert_eq!(status.code(), Some(1), "log:\n{log}");
+    assert!(log.contains("Grace period expired"), "log:\n{log}");
+    assert!(log.contains("executor hr"), "names the executor:\n{log}");
+
+    rec.behaviour.lock().expect("lock").delay = None;
+    let mut server = ServerProc::start(&cfg_path, "a", dir.path().join("a2.log"));
+    rec.wait_for(50, Duration::from_secs(60), "after restart")
+        .await;
+    assert!(server.stop(Duration::from_secs(30)).success());
 }

@@ -130,8 +130,12 @@ struct Inner {
     db: sled::Db,
     hash_key: (u64, u64),
     index: Mutex<Index>,
-    flush_tx: mpsc::UnboundedSender<oneshot::Sender<Result<(), String>>>,
+    flush_tx: mpsc::UnboundedSender<FlushRequest>,
 }
+
+/// A flush request carries the database handle, so that the flusher task
+/// holds none of its own and the file lock goes with the last handle.
+type FlushRequest = (sled::Db, oneshot::Sender<Result<(), String>>);
 
 /// In-memory state rebuilt at open.
 #[derive(Default)]
@@ -196,7 +200,7 @@ impl Repository {
         let hash_key = load_hash_key(&db).map_err(|e| open_err(e.to_string()))?;
         let index = rebuild_index(&db, hash_key).map_err(|e| open_err(e.to_string()))?;
         let (flush_tx, flush_rx) = mpsc::unbounded_channel();
-        tokio::spawn(run_flusher(db.clone(), flush_rx));
+        tokio::spawn(run_flusher(flush_rx));
         Ok(Repository {
             inner: Arc::new(Inner {
                 db,
@@ -221,7 +225,7 @@ impl Repository {
         let (tx, rx) = oneshot::channel();
         self.inner
             .flush_tx
-            .send(tx)
+            .send((self.inner.db.clone(), tx))
             .map_err(|_| RepositoryError::FlusherGone)?;
         match rx.await {
             Ok(Ok(())) => Ok(()),
@@ -643,16 +647,12 @@ fn done_hashes(v: &[u8]) -> Vec<u128> {
         .collect()
 }
 
-async fn run_flusher(
-    db: sled::Db,
-    mut rx: mpsc::UnboundedReceiver<oneshot::Sender<Result<(), String>>>,
-) {
-    while let Some(first) = rx.recv().await {
+async fn run_flusher(mut rx: mpsc::UnboundedReceiver<FlushRequest>) {
+    while let Some((db, first)) = rx.recv().await {
         let mut waiters = vec![first];
-        while let Ok(more) = rx.try_recv() {
+        while let Ok((_, more)) = rx.try_recv() {
             waiters.push(more);
         }
-        let db = db.clone();
         let result = match tokio::task::spawn_blocking(move || db.flush()).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(e.to_string()),
@@ -795,8 +795,6 @@ mod tests {
             repo.complete(&done[0]).expect("complete");
             repo.flush_blocking().expect("flush");
         }
-        // Let the flusher task see that every handle is gone and release the db.
-        tokio::time::sleep(Duration::from_millis(50)).await;
         let repo = Repository::open(dir.path()).expect("reopen");
         assert_eq!(repo.count_all(), 4);
         let pending = repo.pending("a", 0, 100).expect("pending");

@@ -79,6 +79,7 @@ pub struct Setup {
     pub webhook: String,
     pub max_message_size: usize,
     pub concurrency: usize,
+    pub grace: &'static str,
     pub extra: String,
 }
 
@@ -90,6 +91,7 @@ impl Setup {
             webhook: webhook.to_owned(),
             max_message_size: 1024 * 1024,
             concurrency: 16,
+            grace: "5s",
             extra: String::new(),
         }
     }
@@ -132,7 +134,7 @@ deadline = "10m"
 max_message_size = {max}
 
 [shutdown]
-grace = "5s"
+grace = {grace:?}
 {extra}
 "#,
             uri = self.uri,
@@ -141,6 +143,7 @@ grace = "5s"
             concurrency = self.concurrency,
             hook = self.webhook,
             max = self.max_message_size,
+            grace = self.grace,
             extra = self.extra,
         );
         let path = dir.join("cluster.toml");
@@ -264,6 +267,8 @@ pub struct Behaviour {
     pub unavailable_until: Option<Instant>,
     /// Event ids answered with 400.
     pub reject_ids: HashSet<String>,
+    /// Wait this long before answering.
+    pub delay: Option<Duration>,
 }
 
 #[derive(Clone, Default)]
@@ -313,6 +318,23 @@ impl Recorder {
         }
     }
 
+    /// Wait until no request has arrived for `quiet` (re-deliveries of
+    /// items whose completion a kill lost come after the first effects).
+    pub async fn wait_quiet(&self, quiet: Duration, within: Duration) {
+        let deadline = Instant::now() + within;
+        let mut last = (usize::MAX, Instant::now());
+        loop {
+            let n = self.record.lock().expect("lock").requests.len();
+            if n != last.0 {
+                last = (n, Instant::now());
+            } else if last.1.elapsed() >= quiet {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the target never went quiet");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Requests whose Idempotency-Key had been seen before.
     pub fn duplicate_deliveries(&self) -> u64 {
         let r = self.record.lock().expect("lock");
@@ -333,6 +355,10 @@ async fn receive(State(rec): State<Recorder>, headers: HeaderMap, body: String) 
     let json: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
     let id = json["id"].as_str().unwrap_or("").to_owned();
     let identity = format!("{}|{}", json["source"].as_str().unwrap_or(""), id);
+    let delay = rec.behaviour.lock().expect("lock").delay;
+    if let Some(d) = delay {
+        tokio::time::sleep(d).await;
+    }
     {
         let b = rec.behaviour.lock().expect("lock");
         let unavailable = b.unavailable_until.is_some_and(|t| Instant::now() < t);
@@ -422,10 +448,73 @@ pub async fn cleanup(broker: &BrokerConfig, queues: &[&str]) {
     b.close().await;
 }
 
-/// Items left in a stopped server's repository.
+/// Deletes the namespace's queues when dropped, also when a test panics,
+/// so that failed runs leave nothing on a shared broker.
+pub struct Cleanup {
+    broker: BrokerConfig,
+    queues: Vec<String>,
+}
+
+impl Cleanup {
+    pub fn new(broker: &BrokerConfig, queues: &[&str]) -> Cleanup {
+        Cleanup {
+            broker: broker.clone(),
+            queues: queues.iter().map(|q| q.to_string()).collect(),
+        }
+    }
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let broker = self.broker.clone();
+        let queues = std::mem::take(&mut self.queues);
+        // Drop may run inside the test's runtime: clean up on a thread of its own.
+        let _ = std::thread::spawn(move || {
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                let names: Vec<&str> = queues.iter().map(String::as_str).collect();
+                rt.block_on(cleanup(&broker, &names));
+            }
+        })
+        .join();
+    }
+}
+
+/// Items left in a stopped server's repository. Opened on a thread with a
+/// runtime of its own, shut down before returning, so that the sled file
+/// lock is released before a server is started on the same directory.
 pub async fn repository_items(data_dir: &Path) -> usize {
-    let repo = provring::repository::Repository::open(data_dir).expect("open repository");
-    repo.count_all()
+    let dir = data_dir.to_owned();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let n = rt.block_on(async {
+            let repo = provring::repository::Repository::open(&dir).expect("open repository");
+            let n = repo.count_all();
+            if n > 0 {
+                let left = repo.pending("hr", 0, 20).unwrap_or_default();
+                let ids: Vec<String> = left
+                    .iter()
+                    .map(|i| {
+                        format!(
+                            "{} (batch {} #{}, attempts {})",
+                            i.id, i.seq, i.idx, i.state.attempts
+                        )
+                    })
+                    .collect();
+                println!("{n} items left in {}, first: {ids:?}", dir.display());
+            }
+            n
+        });
+        rt.shutdown_timeout(Duration::from_secs(5));
+        n
+    })
+    .join()
+    .expect("repository thread")
 }
 
 /// Poll `f` until it is true or `within` passes.

@@ -112,6 +112,9 @@ impl std::fmt::Display for Identity {
 pub struct Event {
     pub identity: Identity,
     pub event_type: EventType,
+    /// The account the event is about (`data.userName`): events with the
+    /// same subject are delivered in arrival order.
+    pub subject: String,
     pub body: String,
 }
 
@@ -214,12 +217,12 @@ pub fn decode(body: &[u8], kind: AdaptorKind, max_size: usize) -> Result<Event, 
         .ok_or_else(|| Invalid("missing attribute \"data\"".into()))?;
     let data: AccountData<'_> = serde_json::from_str(data.get())
         .map_err(|_| Invalid("data must be an object with a string \"userName\"".into()))?;
-    match data.user_name.as_deref() {
-        Some(u) if !u.trim().is_empty() => {}
+    let subject = match data.user_name {
+        Some(u) if !u.trim().is_empty() => u.into_owned(),
         _ => {
             return Err(Invalid("data.userName is missing or empty".into()));
         }
-    }
+    };
     if event_type == EventType::PasswordChange {
         let ok = data
             .password
@@ -235,6 +238,7 @@ pub fn decode(body: &[u8], kind: AdaptorKind, max_size: usize) -> Result<Event, 
     Ok(Event {
         identity: Identity { source, id },
         event_type,
+        subject,
         body: text.to_owned(),
     })
 }

@@ -270,3 +270,58 @@ async fn names_what_outlasted_the_grace_period() {
         .await;
     assert!(server.stop(Duration::from_secs(30)).success());
 }
+
+/// Events about one account reach the target in arrival order, although
+/// the adaptor runs many target calls at once and creates need a retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivers_each_accounts_events_in_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rec = Recorder::default();
+    {
+        let mut b = rec.behaviour.lock().expect("lock");
+        b.jitter = Some(Duration::from_millis(30));
+        b.fail_first_type = Some("io.provring.account.create".into());
+    }
+    let mut setup = Setup::new("order", &rec.start().await);
+    setup.concurrency = 32;
+    let cfg_path = setup.write(dir.path());
+    let cfg = load(&cfg_path);
+    let _cleanup = Cleanup::new(&cfg.broker, &["hr"]);
+    let mut server = ServerProc::start(&cfg_path, "a", dir.path().join("a.log"));
+
+    let steps = ["create", "update", "disable", "enable", "delete"];
+    let users = 40;
+    let mut bodies = Vec::new();
+    for (n, step) in steps.iter().enumerate() {
+        for u in 0..users {
+            let body = serde_json::json!({
+                "specversion": "1.0", "id": format!("ord-{u}-{n}"), "source": "/hr/test",
+                "type": format!("io.provring.account.{step}"),
+                "data": {"userName": format!("user{u}"), "displayName": format!("step {n}")}
+            });
+            bodies.push(body.to_string().into_bytes());
+        }
+    }
+    publish(&cfg.broker, "hr", bodies).await;
+    rec.wait_for(
+        users * steps.len(),
+        Duration::from_secs(120),
+        "ordered events",
+    )
+    .await;
+    assert!(server.stop(Duration::from_secs(30)).success());
+
+    let r = rec.record.lock().expect("lock");
+    let expected: Vec<String> = steps
+        .iter()
+        .map(|s| format!("io.provring.account.{s}"))
+        .collect();
+    for u in 0..users {
+        assert_eq!(
+            r.by_user[&format!("user{u}")],
+            expected,
+            "order for user{u}"
+        );
+    }
+    assert!(r.failed >= users as u64, "every create failed once first");
+}

@@ -654,6 +654,18 @@ async fn provisions_users_at_a_scim_service() {
                 "account.update",
                 json!({"userName": "nobody", "title": "Nobody"}),
             ),
+            // An AD-style name: the lookup filter must escape the backslash.
+            event(
+                "domain-create",
+                "account.create",
+                json!({"userName": "CORP\\jdoe", "displayName": "J. Doe"}),
+            ),
+            // Published with its create: per-account ordering runs it after.
+            event(
+                "domain-disable",
+                "account.disable",
+                json!({"userName": "CORP\\jdoe"}),
+            ),
         ],
     )
     .await;
@@ -701,6 +713,10 @@ async fn provisions_users_at_a_scim_service() {
     }
 
     eventually(WAIT, "ghost looked up", || scim.looked_up("ghost")).await;
+    eventually(WAIT, "CORP\\jdoe created, then disabled", || {
+        scim.attr("CORP\\jdoe", "active") == Some(json!(false))
+    })
+    .await;
 
     wait_parked(
         &cfg.broker,

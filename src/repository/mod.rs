@@ -90,6 +90,8 @@ pub struct StoredItem {
     pub source: String,
     pub id: String,
     pub event_type: String,
+    /// The account the event is about; see [`Event::subject`].
+    pub subject: String,
     /// The event JSON as received.
     pub body: String,
     /// Receipt time, ms since the Unix epoch.
@@ -291,6 +293,7 @@ impl Repository {
                     &event.identity.source,
                     &event.identity.id,
                     event.event_type.as_str(),
+                    &event.subject,
                     &event.body,
                 );
                 hashes.push(h);
@@ -301,6 +304,7 @@ impl Repository {
                     source: event.identity.source,
                     id: event.identity.id,
                     event_type: event.event_type.as_str().to_owned(),
+                    subject: event.subject,
                     body: event.body,
                     received_ms: now,
                     state: ItemState {
@@ -451,6 +455,7 @@ impl Repository {
                     source: e.source,
                     id: e.id,
                     event_type: e.event_type,
+                    subject: e.subject,
                     body: e.body,
                     received_ms: rec.received_ms,
                     state: states.get(&idx).cloned().unwrap_or(ItemState {
@@ -723,6 +728,7 @@ mod tests {
                 id: id.into(),
             },
             event_type: EventType::AccountCreate,
+            subject: format!("user{id}"),
             body: format!("{{\"id\":\"{id}\"}}"),
         }
     }

@@ -1,7 +1,7 @@
 //! Binary encoding of a batch record (`B` value):
 //!
 //! ```text
-//! version u8 = 1 | received_ms u64 | count u32 | count × (source, id, type, body)
+//! version u8 = 1 | received_ms u64 | count u32 | count × (source, id, type, subject, body)
 //! ```
 //! Each string is a `u32` big-endian length and UTF-8 bytes. Decoding
 //! checks every length, so a damaged record is reported, never a panic.
@@ -22,8 +22,8 @@ impl Writer {
         Writer { buf, count: 0 }
     }
 
-    pub fn push(&mut self, source: &str, id: &str, event_type: &str, body: &str) {
-        for s in [source, id, event_type, body] {
+    pub fn push(&mut self, source: &str, id: &str, event_type: &str, subject: &str, body: &str) {
+        for s in [source, id, event_type, subject, body] {
             super::push_str(&mut self.buf, s);
         }
         self.count += 1;
@@ -48,6 +48,7 @@ pub struct RecordItem {
     pub source: String,
     pub id: String,
     pub event_type: String,
+    pub subject: String,
     pub body: String,
 }
 
@@ -73,6 +74,7 @@ pub fn read(v: &[u8]) -> Result<Record, String> {
             source: next()?,
             id: next()?,
             event_type: next()?,
+            subject: next()?,
             body: next()?,
         });
     }
@@ -96,8 +98,8 @@ mod tests {
     #[test]
     fn round_trip_and_damage() {
         let mut w = Writer::new(7);
-        w.push("/s", "1", "t", "{}");
-        w.push("/s", "2", "t", "é");
+        w.push("/s", "1", "t", "u", "{}");
+        w.push("/s", "2", "t", "u", "é");
         let bytes = w.finish();
         let r = read(&bytes).expect("read");
         assert_eq!(r.received_ms, 7);

@@ -24,7 +24,7 @@ use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use lapin::types::{AMQPValue, FieldTable};
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
@@ -53,7 +53,8 @@ pub fn retry_delay(cfg: &RetryConfig, attempts: u32, random: f64) -> Duration {
 }
 
 enum Outcome {
-    Finished,
+    /// Delivered or parked; carries the item's subject.
+    Finished(String),
     /// Try again after the delay (the item's schedule is already saved).
     Again(Box<StoredItem>, Duration),
 }
@@ -114,6 +115,7 @@ impl Executor {
     /// Run until `shutdown`; then finish the target calls in flight.
     pub async fn run(mut self, shutdown: CancellationToken) {
         let mut ready: VecDeque<StoredItem> = VecDeque::new();
+        let mut subjects = Subjects::default();
         let mut waiting: DelayQueue<StoredItem> = DelayQueue::new();
         let mut in_flight: FuturesUnordered<BoxFuture<'static, Outcome>> = FuturesUnordered::new();
         // Batches below `reloaded_to` were loaded from the repository; the
@@ -128,9 +130,12 @@ impl Executor {
         loop {
             while in_flight.len() < self.concurrency {
                 let Some(item) = ready.pop_front() else { break };
-                in_flight.push(Box::pin(attempt(self.worker.clone(), item)));
+                if let Some(item) = subjects.admit(item) {
+                    in_flight.push(Box::pin(attempt(self.worker.clone(), item)));
+                }
             }
-            if overflow && ready.len() + waiting.len() < MEMORY_CAP / 2 {
+            let in_memory = ready.len() + waiting.len() + subjects.queued;
+            if overflow && in_memory < MEMORY_CAP / 2 {
                 if let Some(seq) = accepted {
                     reloaded_to = reloaded_to.max(seq + 1);
                 }
@@ -140,11 +145,16 @@ impl Executor {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
-                Some(outcome) = in_flight.next(), if !in_flight.is_empty() => {
-                    if let Outcome::Again(item, delay) = outcome {
+                Some(outcome) = in_flight.next(), if !in_flight.is_empty() => match outcome {
+                    Outcome::Again(item, delay) => {
                         waiting.insert(*item, delay);
                     }
-                }
+                    Outcome::Finished(subject) => {
+                        if let Some(next) = subjects.release(&subject) {
+                            ready.push_front(next);
+                        }
+                    }
+                },
                 Some(expired) = waiting.next(), if !waiting.is_empty() => {
                     ready.push_back(expired.into_inner());
                 }
@@ -156,7 +166,7 @@ impl Executor {
                     // A batch is taken whole or not at all, so that a
                     // reload never brings back part of a batch in memory.
                     let same_batch = accepted == Some(item.seq);
-                    if !same_batch && (overflow || ready.len() + waiting.len() >= MEMORY_CAP) {
+                    if !same_batch && (overflow || in_memory >= MEMORY_CAP) {
                         overflow = true; // it is in the repository; reload later
                         continue;
                     }
@@ -207,6 +217,62 @@ impl Executor {
     }
 }
 
+/// Per-subject ordering: one item per subject is its owner (in flight or
+/// waiting for a retry); later items of the subject wait behind it in
+/// arrival order until it has finished (delivered or parked). Without this,
+/// concurrency lets an update overtake its create.
+#[derive(Default)]
+struct Subjects {
+    owners: HashMap<String, (u64, u32)>,
+    behind: HashMap<String, VecDeque<StoredItem>>,
+    /// Items waiting behind an owner.
+    queued: usize,
+}
+
+impl Subjects {
+    /// The item if it may start now; otherwise it is kept behind its
+    /// subject's owner.
+    fn admit(&mut self, item: StoredItem) -> Option<StoredItem> {
+        let key = (item.seq, item.idx);
+        match self.owners.get(&item.subject) {
+            None => {
+                self.owners.insert(item.subject.clone(), key);
+                Some(item)
+            }
+            Some(owner) if *owner == key => Some(item),
+            Some(_) => {
+                self.behind
+                    .entry(item.subject.clone())
+                    .or_default()
+                    .push_back(item);
+                self.queued += 1;
+                None
+            }
+        }
+    }
+
+    /// The owner of `subject` has finished: the next item of the subject,
+    /// which becomes its owner.
+    fn release(&mut self, subject: &str) -> Option<StoredItem> {
+        let next = self.behind.get_mut(subject).and_then(VecDeque::pop_front);
+        match next {
+            Some(item) => {
+                self.queued -= 1;
+                if self.behind.get(subject).is_some_and(VecDeque::is_empty) {
+                    self.behind.remove(subject);
+                }
+                self.owners
+                    .insert(item.subject.clone(), (item.seq, item.idx));
+                Some(item)
+            }
+            None => {
+                self.owners.remove(subject);
+                None
+            }
+        }
+    }
+}
+
 async fn attempt(w: Arc<Worker>, mut item: StoredItem) -> Outcome {
     if let Some(reason) = item.state.park_reason.clone() {
         return park(&w, item, reason).await;
@@ -241,7 +307,7 @@ async fn attempt(w: Arc<Worker>, mut item: StoredItem) -> Outcome {
         Ok(()) => {
             w.stats.delivered.fetch_add(1, Relaxed);
             finish(&w, &item);
-            Outcome::Finished
+            Outcome::Finished(item.subject.clone())
         }
         Err(TargetError::Permanent(reason)) => {
             park(&w, item, format!("target refused the event: {reason}")).await
@@ -295,7 +361,7 @@ async fn park(w: &Worker, mut item: StoredItem, reason: String) -> Outcome {
             tracing::warn!(adaptor = %w.adaptor, event = %item.identity(), %reason, "Event parked.");
             w.stats.parked.fetch_add(1, Relaxed);
             finish(w, &item);
-            Outcome::Finished
+            Outcome::Finished(item.subject.clone())
         }
         Err(e) => {
             let delay = Duration::from_secs(2);
@@ -324,6 +390,43 @@ fn save(w: &Worker, item: &StoredItem) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::repository::ItemState;
+
+    fn item(seq: u64, subject: &str) -> StoredItem {
+        StoredItem {
+            seq,
+            idx: 0,
+            adaptor: Arc::from("a"),
+            source: "/s".into(),
+            id: seq.to_string(),
+            event_type: "t".into(),
+            subject: subject.into(),
+            body: String::new(),
+            received_ms: 0,
+            state: ItemState::default(),
+        }
+    }
+
+    #[test]
+    fn one_item_per_subject_at_a_time_in_arrival_order() {
+        let mut s = Subjects::default();
+        assert!(s.admit(item(1, "ann")).is_some());
+        assert!(s.admit(item(2, "bob")).is_some());
+        assert!(s.admit(item(3, "ann")).is_none());
+        assert!(s.admit(item(4, "ann")).is_none());
+        assert_eq!(s.queued, 2);
+        // The owner comes back from a retry: it may start again.
+        assert!(s.admit(item(1, "ann")).is_some());
+        assert_eq!(s.release("ann").map(|i| i.seq), Some(3));
+        assert!(
+            s.admit(item(3, "ann")).is_some(),
+            "the released item owns the subject"
+        );
+        assert_eq!(s.release("ann").map(|i| i.seq), Some(4));
+        assert!(s.release("ann").is_none());
+        assert_eq!(s.queued, 0);
+        assert!(s.admit(item(5, "ann")).is_some());
+    }
 
     #[test]
     fn delays_grow_cap_and_jitter_down() {

@@ -258,6 +258,8 @@ pub struct Record {
     pub keys: HashSet<String>,
     /// Requests answered with a failure.
     pub failed: u64,
+    /// Event types applied per `data.userName`, in order.
+    pub by_user: HashMap<String, Vec<String>>,
 }
 
 /// Behaviour of the recording webhook.
@@ -269,6 +271,12 @@ pub struct Behaviour {
     pub reject_ids: HashSet<String>,
     /// Wait this long before answering.
     pub delay: Option<Duration>,
+    /// Wait a random time up to this long before answering.
+    pub jitter: Option<Duration>,
+    /// Event types answered with 503 the first time each event is seen.
+    pub fail_first_type: Option<String>,
+    /// Events already failed once.
+    pub failed_once: HashSet<String>,
 }
 
 #[derive(Clone, Default)]
@@ -355,12 +363,25 @@ async fn receive(State(rec): State<Recorder>, headers: HeaderMap, body: String) 
     let json: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
     let id = json["id"].as_str().unwrap_or("").to_owned();
     let identity = format!("{}|{}", json["source"].as_str().unwrap_or(""), id);
-    let delay = rec.behaviour.lock().expect("lock").delay;
+    let (delay, jitter) = {
+        let b = rec.behaviour.lock().expect("lock");
+        (b.delay, b.jitter)
+    };
     if let Some(d) = delay {
         tokio::time::sleep(d).await;
     }
+    if let Some(j) = jitter {
+        tokio::time::sleep(j.mul_f64(rand::random::<f64>())).await;
+    }
     {
-        let b = rec.behaviour.lock().expect("lock");
+        let mut b = rec.behaviour.lock().expect("lock");
+        let event_type = json["type"].as_str().unwrap_or("").to_owned();
+        if b.fail_first_type.as_deref() == Some(event_type.as_str())
+            && b.failed_once.insert(identity.clone())
+        {
+            rec.record.lock().expect("lock").failed += 1;
+            return StatusCode::SERVICE_UNAVAILABLE;
+        }
         let unavailable = b.unavailable_until.is_some_and(|t| Instant::now() < t);
         if unavailable || b.reject_ids.contains(&id) {
             rec.record.lock().expect("lock").failed += 1;
@@ -375,6 +396,9 @@ async fn receive(State(rec): State<Recorder>, headers: HeaderMap, body: String) 
     r.requests.push((key.clone(), identity.clone()));
     if r.keys.insert(key) {
         *r.effects.entry(identity).or_default() += 1;
+        let user = json["data"]["userName"].as_str().unwrap_or("").to_owned();
+        let event_type = json["type"].as_str().unwrap_or("").to_owned();
+        r.by_user.entry(user).or_default().push(event_type);
     }
     StatusCode::OK
 }

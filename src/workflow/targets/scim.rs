@@ -18,6 +18,8 @@ use serde_json::{Map, Value, json};
 
 const USER_SCHEMA: &str = "urn:ietf:params:scim:schemas:core:2.0:User";
 const PATCH_SCHEMA: &str = "urn:ietf:params:scim:api:messages:2.0:PatchOp";
+/// Media type of SCIM request bodies (RFC 7644 §3.1).
+const SCIM_JSON: &str = "application/scim+json";
 
 pub struct ScimTarget {
     base: String,
@@ -38,13 +40,26 @@ impl ScimTarget {
         format!("{}/Users", self.base)
     }
 
+    /// `…/Users/{id}`, with the service's id percent-encoded.
+    fn user(&self, id: &str) -> Result<url::Url, TargetError> {
+        let mut url = url::Url::parse(&self.users()).map_err(|e| {
+            TargetError::Permanent(format!("SCIM base URL {:?} is unusable: {e}", self.base))
+        })?;
+        url.path_segments_mut()
+            .map_err(|_| {
+                TargetError::Permanent(format!("SCIM base URL {:?} cannot have a path", self.base))
+            })?
+            .push(id);
+        Ok(url)
+    }
+
     async fn send(
         &self,
         request: reqwest::RequestBuilder,
         what: &str,
     ) -> Result<reqwest::Response, TargetError> {
         self.auth
-            .apply(request.header("accept", "application/scim+json"))
+            .apply(request.header("accept", SCIM_JSON))
             .send()
             .await
             .map_err(|e| classify_transport(&e, what))
@@ -52,7 +67,10 @@ impl ScimTarget {
 
     /// The service's id of `user_name`, if it has that user.
     async fn lookup(&self, user_name: &str) -> Result<Option<String>, TargetError> {
-        let filter = format!("userName eq \"{}\"", user_name.replace('"', "\\\""));
+        // The filter value is a JSON string (RFC 7644 §3.4.2.2): escape it
+        // as one, so that `DOMAIN\\jdoe` or quotes survive.
+        let value = serde_json::to_string(user_name).unwrap_or_default();
+        let filter = format!("userName eq {value}");
         let mut url = url::Url::parse(&self.users()).map_err(|e| {
             TargetError::Permanent(format!("SCIM base URL {:?} is unusable: {e}", self.base))
         })?;
@@ -64,10 +82,19 @@ impl ScimTarget {
         let body: Value = response.json().await.map_err(|e| {
             TargetError::Transient(format!("SCIM user lookup returned unreadable JSON: {e}"))
         })?;
+        // Take only a resource whose userName matches (case-insensitively,
+        // as SCIM compares userName): a service that ignores the filter must
+        // not make us patch or delete someone else.
         Ok(body
             .get("Resources")
             .and_then(Value::as_array)
-            .and_then(|r| r.first())
+            .into_iter()
+            .flatten()
+            .find(|u| {
+                u.get("userName")
+                    .and_then(Value::as_str)
+                    .is_some_and(|n| n.to_lowercase() == user_name.to_lowercase())
+            })
             .and_then(|u| u.get("id"))
             .and_then(Value::as_str)
             .map(str::to_owned))
@@ -95,8 +122,9 @@ impl ScimTarget {
         let body = json!({"schemas": [PATCH_SCHEMA], "Operations": ops});
         self.expect_ok(
             self.client
-                .patch(format!("{}/{id}", self.users()))
+                .patch(self.user(id)?)
                 .header("idempotency-key", key)
+                .header("content-type", SCIM_JSON)
                 .json(&body),
             "SCIM PATCH",
         )
@@ -135,6 +163,7 @@ impl Target for ScimTarget {
                             self.client
                                 .post(self.users())
                                 .header("idempotency-key", &key)
+                                .header("content-type", SCIM_JSON)
                                 .json(&user_resource(data)),
                             "SCIM POST",
                         )
@@ -144,8 +173,9 @@ impl Target for ScimTarget {
                         let id = self.require(user_name).await?;
                         self.expect_ok(
                             self.client
-                                .put(format!("{}/{id}", self.users()))
+                                .put(self.user(&id)?)
                                 .header("idempotency-key", &key)
+                                .header("content-type", SCIM_JSON)
                                 .json(&user_resource(data)),
                             "SCIM PUT",
                         )
@@ -191,7 +221,7 @@ impl Target for ScimTarget {
                     let status = self
                         .send(
                             self.client
-                                .delete(format!("{}/{id}", self.users()))
+                                .delete(self.user(&id)?)
                                 .header("idempotency-key", &key),
                             "SCIM DELETE",
                         )

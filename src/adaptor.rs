@@ -258,7 +258,7 @@ async fn write_loop(
                     p.stats.stored.fetch_add(1, Relaxed);
                     // If the executor has stopped (shutdown), the item waits
                     // in the repository for the next start.
-                    let _ = p.items_tx.send(item);
+                    let _ = p.items_tx.send(*item);
                 }
                 Stored::Duplicate => {
                     p.stats.duplicates.fetch_add(1, Relaxed);

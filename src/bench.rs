@@ -38,6 +38,8 @@ pub enum BenchError {
 /// Result of `bench pipeline`.
 pub struct PipelineReport {
     pub messages: u64,
+    /// Rounds measured; the rates are medians over them.
+    pub rounds: u32,
     pub queue_type: &'static str,
     pub raw_msgs_per_s: f64,
     pub provring_msgs_per_s: f64,
@@ -55,14 +57,16 @@ impl PipelineReport {
                 "provring_msgs_per_s": self.provring_msgs_per_s.round(),
                 "ratio": (self.ratio() * 1000.0).round() / 1000.0,
                 "messages": self.messages,
+                "rounds": self.rounds,
                 "queue_type": self.queue_type,
             })
             .to_string()
         } else {
             format!(
-                "bench pipeline: {} messages, {} queues\n  raw consume+ack     {:>10.0} msg/s\n  provring pipeline   {:>10.0} msg/s (durable, null target)\n  ratio               {:>10.3}",
+                "bench pipeline: {} messages, {} queues, median of {} rounds\n  raw consume+ack     {:>10.0} msg/s\n  provring pipeline   {:>10.0} msg/s (durable, null target)\n  ratio               {:>10.3}",
                 self.messages,
                 self.queue_type,
+                self.rounds,
                 self.raw_msgs_per_s,
                 self.provring_msgs_per_s,
                 self.ratio()
@@ -96,42 +100,85 @@ pub async fn pipeline(args: &BenchArgs) -> Result<PipelineReport, BenchError> {
             eprintln!("{s}");
         }
     };
-    let run = format!("{:08x}", rand::random::<u32>());
     let broker = Broker::new(broker_config.clone(), "provring bench");
+    let rounds = args.rounds.max(1);
+    let mut raw_rates = Vec::new();
+    let mut pipeline_rates = Vec::new();
+    let mut failure = None;
+    for round in 1..=rounds {
+        match one_round(&broker, &broker_config, n, round, &say).await {
+            Ok((raw, pipeline)) => {
+                say(&format!(
+                    "round {round}/{rounds}: raw {:.0} msg/s, provring {:.0} msg/s",
+                    n as f64 / raw,
+                    n as f64 / pipeline
+                ));
+                raw_rates.push(n as f64 / raw);
+                pipeline_rates.push(n as f64 / pipeline);
+            }
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        }
+    }
+    cleanup(&broker, &namespace).await;
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    Ok(PipelineReport {
+        messages: n,
+        queue_type: broker_config.queue_type.as_str(),
+        rounds,
+        raw_msgs_per_s: median(&mut raw_rates),
+        provring_msgs_per_s: median(&mut pipeline_rates),
+    })
+}
 
-    say(&format!("filling {namespace}.raw with {n} events..."));
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
+/// One raw measurement then one pipeline measurement, each on a queue
+/// filled with the same `n` events; returns their durations in seconds.
+async fn one_round(
+    broker: &Broker,
+    cfg: &BrokerConfig,
+    n: u64,
+    round: u32,
+    say: &impl Fn(&str),
+) -> Result<(f64, f64), BenchError> {
+    let run = format!("r{round}-{:08x}", rand::random::<u32>());
+    say(&format!(
+        "round {round}: filling {}.raw with {n} events...",
+        cfg.namespace
+    ));
     publish_bodies(
-        &broker_config,
+        cfg,
         "raw",
         generated(AdaptorKind::Provisioning, run.clone(), n),
         false,
     )
     .await?;
-    let raw = consume_raw(&broker, &broker_config, n).await;
-    say(&format!("filling {namespace}.bench with {n} events..."));
-    let filled = publish_bodies(
-        &broker_config,
+    let raw = consume_raw(broker, cfg, n).await?;
+    say(&format!(
+        "round {round}: filling {}.bench with {n} events...",
+        cfg.namespace
+    ));
+    publish_bodies(
+        cfg,
         "bench",
         generated(AdaptorKind::Provisioning, run, n),
         false,
     )
-    .await;
-    let result = match (raw, filled) {
-        (Ok(raw), Ok(_)) => {
-            say("running the provring pipeline...");
-            run_pipeline(&broker_config, n).await.map(|p| (raw, p))
-        }
-        (Err(e), _) => Err(e),
-        (_, Err(e)) => Err(e.into()),
-    };
-    cleanup(&broker, &namespace).await;
-    let (raw_secs, pipeline_secs) = result?;
-    Ok(PipelineReport {
-        messages: n,
-        queue_type: broker_config.queue_type.as_str(),
-        raw_msgs_per_s: n as f64 / raw_secs,
-        provring_msgs_per_s: n as f64 / pipeline_secs,
-    })
+    .await?;
+    let pipeline = run_pipeline(cfg, n).await?;
+    Ok((raw, pipeline))
 }
 
 /// Seconds to consume and ack `n` messages from `ns.raw`.

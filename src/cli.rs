@@ -116,6 +116,9 @@ pub struct BenchArgs {
     /// Messages per measurement.
     #[arg(long, default_value_t = 50_000)]
     pub messages: u64,
+    /// Rounds (raw, then provring, each round); rates are medians.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: u32,
     /// Print one JSON line instead of a table.
     #[arg(long)]
     pub json: bool,

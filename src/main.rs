@@ -15,7 +15,13 @@ const EXIT_FAILURE: u8 = 1;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.log_format);
+    // A benchmark runs a server in-process: its progress lines would bury
+    // the figures, so only warnings are shown unless RUST_LOG says otherwise.
+    let default_filter = match cli.command {
+        Command::Bench { .. } => "warn,lapin=off",
+        _ => "info,lapin=off",
+    };
+    init_tracing(cli.log_format, default_filter);
     provring::install_crypto_provider();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -30,9 +36,9 @@ fn main() -> ExitCode {
     runtime.block_on(run(cli.command))
 }
 
-fn init_tracing(format: LogFormat) {
+fn init_tracing(format: LogFormat, default_filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,lapin=off"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -115,7 +115,7 @@ impl StoredItem {
 #[derive(Debug)]
 pub enum Stored {
     /// New: written (durable after the next flush).
-    New(StoredItem),
+    New(Box<StoredItem>),
     /// Already in the repository (a redelivery of an unfinished item).
     Duplicate,
     /// Already completed (found in the done ledger).
@@ -333,7 +333,9 @@ impl Repository {
             .into_iter()
             .map(|o| match o {
                 Some(s) => s,
-                None => Stored::New(new_items.next().expect("one new item per fresh event")),
+                None => Stored::New(Box::new(
+                    new_items.next().expect("one new item per fresh event"),
+                )),
             })
             .collect())
     }
@@ -736,7 +738,7 @@ mod tests {
     fn new_items(out: Vec<Stored>) -> Vec<StoredItem> {
         out.into_iter()
             .filter_map(|s| match s {
-                Stored::New(i) => Some(i),
+                Stored::New(i) => Some(*i),
                 _ => None,
             })
             .collect()

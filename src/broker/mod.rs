@@ -6,6 +6,14 @@
 //!   hold, wait, and ask for a fresh channel. Unacked deliveries come back
 //!   from the broker (`redelivered = true`), so nothing is lost across a
 //!   reconnect; storing is idempotent by event id.
+//!
+//!   lapin's own `enable_auto_recover()` is deliberately off: it replays
+//!   channels and consumers on a new connection, where delivery tags start
+//!   again at 1, so a `multiple = true` ack that the writer issues for a
+//!   batch received before the failure could acknowledge deliveries after it
+//!   that are not yet stored. Rebuilding channel, consumer and writer
+//!   together in our loop keeps "ack only what is durable" simple to check.
+//!   lapin's connect back-off still applies to each connection attempt.
 //! - [`declare`]: names and idempotent declarations (quorum queues by
 //!   default, single-active-consumer adaptor queues, the parking queue).
 //! - [`Publisher`]: publish with publisher confirm and a timeout.

@@ -62,6 +62,18 @@ struct Parts {
     max_message_size: usize,
     items_tx: ItemSender,
     stats: Arc<Stats>,
+    fatal: CancellationToken,
+}
+
+impl Parts {
+    /// A repository that cannot store or flush leaves the in-memory index
+    /// and the disk in doubt: stop the server (a restart rebuilds the index
+    /// from disk) rather than go on acking.
+    fn repository_failed(&self, e: RepositoryError) -> AdaptorError {
+        tracing::error!(adaptor = %self.name, error = %e, "Repository failed; stopping the server.");
+        self.fatal.cancel();
+        AdaptorError::Repository(e)
+    }
 }
 
 impl Adaptor {
@@ -77,6 +89,7 @@ impl Adaptor {
         max_message_size: usize,
         items_tx: ItemSender,
         stats: Arc<Stats>,
+        fatal: CancellationToken,
     ) -> Adaptor {
         Adaptor {
             parts: Arc::new(Parts {
@@ -90,6 +103,7 @@ impl Adaptor {
                 max_message_size,
                 items_tx,
                 stats,
+                fatal,
             }),
         }
     }
@@ -178,14 +192,29 @@ impl Adaptor {
                     batch.push(delivery);
                     // Take what is ready now, without waiting: the batch
                     // grows while the writer flushes (group commit).
+                    // The stream's end or an error is kept, not swallowed:
+                    // the batch goes to the writer first, then the session ends.
+                    let mut end = None;
                     while batch.len() < batch_max {
                         match consumer.next().now_or_never() {
                             Some(Some(Ok(d))) => batch.push(d),
-                            _ => break,
+                            None => break, // nothing more ready yet
+                            Some(None) => {
+                                end = Some(AdaptorError::ConsumerClosed);
+                                break;
+                            }
+                            Some(Some(Err(e))) => {
+                                end = Some(BrokerError::Op { op: "consume", source: e }.into());
+                                break;
+                            }
                         }
                     }
                     p.stats.received.fetch_add(batch.len() as u64, Relaxed);
-                    if batch_tx.send(batch).await.is_err() {
+                    let sent = batch_tx.send(batch).await.is_ok();
+                    if let Some(e) = end {
+                        break Err(e);
+                    }
+                    if !sent {
                         // The writer has stopped; its error arrives next turn.
                         continue;
                     }
@@ -242,16 +271,16 @@ async fn write_loop(
             let t0 = Instant::now();
             let stored = tokio::task::spawn_blocking(move || repo.store(&name, events))
                 .await
-                .map_err(|e| AdaptorError::Writer(e.to_string()))??;
+                .map_err(|e| AdaptorError::Writer(e.to_string()))?
+                .map_err(|e| p.repository_failed(e))?;
             let t1 = Instant::now();
-            p.repo.flush().await?;
+            p.repo.flush().await.map_err(|e| p.repository_failed(e))?;
             tracing::trace!(adaptor = %p.name, batch = n, store_us = (t1 - t0).as_micros() as u64, flush_us = t1.elapsed().as_micros() as u64, "Batch durable.");
             stored
         };
-        channel
-            .basic_ack(last_tag, BasicAckOptions { multiple: true })
-            .await
-            .map_err(BrokerError::op("basic.ack"))?;
+        // Durable now: hand the items to the executor before the ack, so
+        // that a failed ack (the broker then redelivers them, and they are
+        // recognised as duplicates) cannot strand them in the repository.
         for s in stored {
             match s {
                 Stored::New(item) => {
@@ -268,6 +297,10 @@ async fn write_loop(
                 }
             }
         }
+        channel
+            .basic_ack(last_tag, BasicAckOptions { multiple: true })
+            .await
+            .map_err(BrokerError::op("basic.ack"))?;
     }
     Ok(())
 }

@@ -64,7 +64,9 @@ async fn run(command: Command) -> ExitCode {
             };
             match server::run(config, &node).await {
                 Ok(server::Exit::Clean) => ExitCode::SUCCESS,
-                Ok(server::Exit::GraceExpired(_)) => ExitCode::from(EXIT_FAILURE),
+                Ok(server::Exit::GraceExpired(_) | server::Exit::Failed(_)) => {
+                    ExitCode::from(EXIT_FAILURE)
+                }
                 Err(e @ server::ServerError::UnknownNode { .. }) => {
                     eprintln!("provring: {e}");
                     ExitCode::from(EXIT_CONFIG)

@@ -35,6 +35,8 @@ pub enum Exit {
     Clean,
     /// The grace period ran out; the named components were still running.
     GraceExpired(Vec<String>),
+    /// A component failed in a way that made going on unsafe.
+    Failed(String),
 }
 
 /// A running server's parts, for in-process use (benchmarks).
@@ -42,6 +44,7 @@ pub struct Running {
     pub stats: Arc<Stats>,
     pub repo: Repository,
     shutdown: CancellationToken,
+    fatal: CancellationToken,
     tasks: Vec<(String, JoinHandle<()>)>,
     broker: Broker,
     grace: Duration,
@@ -66,6 +69,8 @@ pub fn start(config: &Config, node: &str) -> Result<Running, ServerError> {
     let broker = Broker::new(config.broker.clone(), format!("provring {node}"));
     let parking = Publisher::for_parking(broker.clone());
     let shutdown = CancellationToken::new();
+    // Cancelled by a component that cannot go on safely (repository failure).
+    let fatal = CancellationToken::new();
     let mut tasks = Vec::new();
 
     for (name, a) in config.adaptors.iter().filter(|(_, a)| a.server == node) {
@@ -96,6 +101,7 @@ pub fn start(config: &Config, node: &str) -> Result<Running, ServerError> {
             config.limits.max_message_size,
             items_tx,
             stats.clone(),
+            fatal.clone(),
         );
         tasks.push((
             format!("executor {name}"),
@@ -125,6 +131,7 @@ pub fn start(config: &Config, node: &str) -> Result<Running, ServerError> {
         stats,
         repo,
         shutdown,
+        fatal,
         tasks,
         broker,
         grace: config.shutdown.grace,
@@ -174,10 +181,12 @@ pub async fn run(config: Config, node: &str) -> Result<Exit, ServerError> {
     let mut progress = tokio::time::interval(Duration::from_secs(10));
     progress.tick().await;
     let mut last = String::new();
+    let fatal = running.fatal.clone();
     let signal_name = loop {
         tokio::select! {
             _ = sigterm.recv() => break "SIGTERM",
             _ = sigint.recv() => break "SIGINT",
+            _ = fatal.cancelled() => break "fatal error",
             _ = progress.tick() => {
                 let now = stats.summary();
                 if now != last {
@@ -188,9 +197,15 @@ pub async fn run(config: Config, node: &str) -> Result<Exit, ServerError> {
         }
     };
     tracing::info!(signal = signal_name, grace = ?config.shutdown.grace, "Shutting down.");
-    let exit = running.stop().await;
+    let mut exit = running.stop().await;
+    if fatal.is_cancelled() {
+        exit = Exit::Failed("a component could not go on safely; see the errors above".into());
+    }
     match &exit {
         Exit::Clean => tracing::info!(stats = %stats.summary(), "Stopped cleanly."),
+        Exit::Failed(reason) => {
+            tracing::error!(%reason, "Stopped after a failure; a restart rebuilds the repository index from disk.")
+        }
         Exit::GraceExpired(names) => tracing::warn!(
             still_running = %names.join(", "),
             "Grace period expired; unfinished items stay in the repository for the next start."

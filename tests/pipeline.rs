@@ -325,3 +325,53 @@ async fn delivers_each_accounts_events_in_order() {
     }
     assert!(r.failed >= users as u64, "every create failed once first");
 }
+
+/// Order holds across a restart: creates saved with a retry schedule come
+/// back before the updates queued behind them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keeps_each_accounts_order_across_a_restart() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rec = Recorder::default();
+    rec.behaviour.lock().expect("lock").fail_type_until = Some((
+        "io.provring.account.create".into(),
+        std::time::Instant::now() + Duration::from_secs(2),
+    ));
+    let mut setup = Setup::new("orderrestart", &rec.start().await);
+    // Long enough that the creates are still waiting for their retry when
+    // the server comes back.
+    setup.backoff = ("3s", "3s");
+    let cfg_path = setup.write(dir.path());
+    let cfg = load(&cfg_path);
+    let _cleanup = Cleanup::new(&cfg.broker, &["hr"]);
+    let mut server = ServerProc::start(&cfg_path, "a", dir.path().join("a.log"));
+    let users = 20;
+    let mut bodies = Vec::new();
+    for (n, step) in ["create", "update"].iter().enumerate() {
+        for u in 0..users {
+            let body = serde_json::json!({
+                "specversion": "1.0", "id": format!("or-{u}-{n}"), "source": "/hr/test",
+                "type": format!("io.provring.account.{step}"),
+                "data": {"userName": format!("user{u}")}
+            });
+            bodies.push(body.to_string().into_bytes());
+        }
+    }
+    publish(&cfg.broker, "hr", bodies).await;
+    eventually(Duration::from_secs(30), "creates failing", || {
+        rec.record.lock().expect("lock").failed >= users as u64
+    })
+    .await;
+    assert!(server.stop(Duration::from_secs(15)).success());
+    let mut server = ServerProc::start(&cfg_path, "a", dir.path().join("a2.log"));
+    rec.wait_for(users * 2, Duration::from_secs(60), "after restart")
+        .await;
+    assert!(server.stop(Duration::from_secs(30)).success());
+    let r = rec.record.lock().expect("lock");
+    for u in 0..users {
+        assert_eq!(
+            r.by_user[&format!("user{u}")],
+            ["io.provring.account.create", "io.provring.account.update"],
+            "order for user{u}"
+        );
+    }
+}

@@ -18,6 +18,8 @@ pub enum PublishError {
     Broker(#[from] BrokerError),
     #[error("broker refused (nack) the message for {routing_key}")]
     Nack { routing_key: String },
+    #[error("broker could not route the message for {routing_key}: {reason}")]
+    Unroutable { routing_key: String, reason: String },
 }
 
 /// Publishes with confirms; cheap to clone.
@@ -89,7 +91,12 @@ impl Publisher {
                 .basic_publish(
                     exchange.into(),
                     routing_key.into(),
-                    BasicPublishOptions::default(),
+                    // Mandatory: a message no queue takes comes back instead
+                    // of being confirmed and dropped.
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
                     body,
                     props,
                 )
@@ -98,10 +105,17 @@ impl Publisher {
                 .await
                 .map_err(BrokerError::op("publisher confirm"))?;
             match confirm {
+                Confirmation::Ack(None) => Ok(()),
+                Confirmation::Ack(Some(returned)) => Err(PublishError::Unroutable {
+                    routing_key: routing_key.to_owned(),
+                    reason: returned.reply_text.to_string(),
+                }),
                 Confirmation::Nack(_) => Err(PublishError::Nack {
                     routing_key: routing_key.to_owned(),
                 }),
-                _ => Ok(()),
+                Confirmation::NotRequested => Err(PublishError::Nack {
+                    routing_key: routing_key.to_owned(),
+                }),
             }
         })
         .await
@@ -109,7 +123,8 @@ impl Publisher {
             op: "publish",
             timeout,
         })));
-        if matches!(result, Err(PublishError::Broker(_))) {
+        if result.is_err() {
+            // A new channel re-declares what the publishes rely on.
             self.invalidate().await;
         }
         result

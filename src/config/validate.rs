@@ -245,6 +245,15 @@ pub fn validate(config: &Config) -> Vec<Problem> {
             format!("{} must be between 0 and 1", r.jitter),
         );
     }
+    if r.max_backoff > std::time::Duration::from_secs(30 * 24 * 3600) {
+        add(
+            "retry.max_backoff".into(),
+            format!(
+                "{} is longer than the 30 days allowed",
+                humantime::format_duration(r.max_backoff)
+            ),
+        );
+    }
     if r.deadline.is_zero() {
         add("retry.deadline".into(), "must be longer than 0".into());
     }

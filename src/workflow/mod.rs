@@ -122,32 +122,47 @@ impl Executor {
         // adaptor's items of batch `accepted` are in memory.
         let mut reloaded_to = 0u64;
         let mut accepted: Option<u64> = None;
-        let mut overflow = self.reload(&mut ready, &mut waiting, &mut reloaded_to);
-        let initial = ready.len() + waiting.len();
-        if initial > 0 {
-            tracing::info!(adaptor = %self.worker.adaptor, items = initial, more = overflow, "Resuming backlog.");
-        }
+        // Set after a failed reload: when to try again.
+        let mut retry_reload: Option<tokio::time::Instant> = None;
+        let mut overflow = true;
+        let mut first = true;
         loop {
+            let in_memory = ready.len() + waiting.len() + subjects.queued;
+            if overflow && in_memory < MEMORY_CAP / 2 && retry_reload.is_none() {
+                if let Some(seq) = accepted {
+                    reloaded_to = reloaded_to.max(seq + 1);
+                }
+                match self.reload(&mut ready, &mut reloaded_to) {
+                    Ok(more) => overflow = more,
+                    Err(()) => {
+                        retry_reload = Some(tokio::time::Instant::now() + RELOAD_RETRY);
+                    }
+                }
+                if first && !ready.is_empty() {
+                    tracing::info!(adaptor = %self.worker.adaptor, items = ready.len(), more = overflow, "Resuming backlog.");
+                }
+                first = false;
+            }
             while in_flight.len() < self.concurrency {
                 let Some(item) = ready.pop_front() else { break };
-                if let Some(item) = subjects.admit(item) {
+                let Some(item) = subjects.admit(item) else {
+                    continue;
+                };
+                // An owner whose retry time has not come waits for it.
+                let due_in = item.state.next_attempt_ms.saturating_sub(now_ms());
+                if due_in > 0 {
+                    waiting.insert(item, clamp(Duration::from_millis(due_in)));
+                } else {
                     in_flight.push(Box::pin(attempt(self.worker.clone(), item)));
                 }
             }
             let in_memory = ready.len() + waiting.len() + subjects.queued;
-            if overflow && in_memory < MEMORY_CAP / 2 {
-                if let Some(seq) = accepted {
-                    reloaded_to = reloaded_to.max(seq + 1);
-                }
-                overflow = self.reload(&mut ready, &mut waiting, &mut reloaded_to);
-                continue;
-            }
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
                 Some(outcome) = in_flight.next(), if !in_flight.is_empty() => match outcome {
                     Outcome::Again(item, delay) => {
-                        waiting.insert(*item, delay);
+                        waiting.insert(*item, clamp(delay));
                     }
                     Outcome::Finished(subject) => {
                         if let Some(next) = subjects.release(&subject) {
@@ -156,7 +171,13 @@ impl Executor {
                     }
                 },
                 Some(expired) = waiting.next(), if !waiting.is_empty() => {
-                    ready.push_back(expired.into_inner());
+                    let mut item = expired.into_inner();
+                    // Due now, whatever the saved time said.
+                    item.state.next_attempt_ms = 0;
+                    ready.push_front(item);
+                }
+                _ = sleep_until_some(retry_reload), if retry_reload.is_some() => {
+                    retry_reload = None;
                 }
                 item = self.items_rx.recv() => {
                     let Some(item) = item else { break };
@@ -182,15 +203,10 @@ impl Executor {
         while in_flight.next().await.is_some() {}
     }
 
-    /// Load whole batches from the repository from `reloaded_to` on; true
-    /// if more remain.
-    fn reload(
-        &self,
-        ready: &mut VecDeque<StoredItem>,
-        waiting: &mut DelayQueue<StoredItem>,
-        reloaded_to: &mut u64,
-    ) -> bool {
-        let room = MEMORY_CAP.saturating_sub(ready.len() + waiting.len());
+    /// Load whole batches from the repository from `reloaded_to` on, in
+    /// arrival order; `Ok(true)` if more remain.
+    fn reload(&self, ready: &mut VecDeque<StoredItem>, reloaded_to: &mut u64) -> Result<bool, ()> {
+        let room = MEMORY_CAP.saturating_sub(ready.len());
         let items = match self
             .worker
             .repo
@@ -198,22 +214,34 @@ impl Executor {
         {
             Ok(items) => items,
             Err(e) => {
-                tracing::error!(adaptor = %self.worker.adaptor, error = %e, "Cannot read the backlog from the repository.");
-                return true;
+                tracing::error!(adaptor = %self.worker.adaptor, error = %e, retry_in = ?RELOAD_RETRY, "Cannot read the backlog from the repository.");
+                return Err(());
             }
         };
         let full = items.len() >= room;
-        let now = now_ms();
         for item in items {
             *reloaded_to = item.seq + 1;
-            if item.state.next_attempt_ms > now {
-                let delay = Duration::from_millis(item.state.next_attempt_ms - now);
-                waiting.insert(item, delay);
-            } else {
-                ready.push_back(item);
-            }
+            ready.push_back(item);
         }
-        full
+        Ok(full)
+    }
+}
+
+/// Pause before reading the backlog again after a failed read.
+const RELOAD_RETRY: Duration = Duration::from_secs(1);
+
+/// Longest delay handed to the timer wheel (which panics beyond ~2 years);
+/// an item due later is looked at again then.
+const MAX_DELAY: Duration = Duration::from_secs(30 * 24 * 3600);
+
+fn clamp(delay: Duration) -> Duration {
+    delay.min(MAX_DELAY)
+}
+
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

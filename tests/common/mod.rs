@@ -80,6 +80,8 @@ pub struct Setup {
     pub max_message_size: usize,
     pub concurrency: usize,
     pub grace: &'static str,
+    /// `retry.initial_backoff` and `retry.max_backoff`.
+    pub backoff: (&'static str, &'static str),
     pub extra: String,
 }
 
@@ -92,6 +94,7 @@ impl Setup {
             max_message_size: 1024 * 1024,
             concurrency: 16,
             grace: "5s",
+            backoff: ("100ms", "1s"),
             extra: String::new(),
         }
     }
@@ -126,8 +129,8 @@ timeout = "2s"
 
 [retry]
 attempts = 100
-initial_backoff = "100ms"
-max_backoff = "1s"
+initial_backoff = {initial:?}
+max_backoff = {max_backoff:?}
 deadline = "10m"
 
 [limits]
@@ -144,6 +147,8 @@ grace = {grace:?}
             hook = self.webhook,
             max = self.max_message_size,
             grace = self.grace,
+            initial = self.backoff.0,
+            max_backoff = self.backoff.1,
             extra = self.extra,
         );
         let path = dir.join("cluster.toml");
@@ -277,6 +282,8 @@ pub struct Behaviour {
     pub fail_first_type: Option<String>,
     /// Events already failed once.
     pub failed_once: HashSet<String>,
+    /// Answer 503 to events of this type until then.
+    pub fail_type_until: Option<(String, Instant)>,
 }
 
 #[derive(Clone, Default)]
@@ -376,8 +383,13 @@ async fn receive(State(rec): State<Recorder>, headers: HeaderMap, body: String) 
     {
         let mut b = rec.behaviour.lock().expect("lock");
         let event_type = json["type"].as_str().unwrap_or("").to_owned();
-        if b.fail_first_type.as_deref() == Some(event_type.as_str())
-            && b.failed_once.insert(identity.clone())
+        let type_down = b
+            .fail_type_until
+            .as_ref()
+            .is_some_and(|(t, until)| *t == event_type && Instant::now() < *until);
+        if type_down
+            || (b.fail_first_type.as_deref() == Some(event_type.as_str())
+                && b.failed_once.insert(identity.clone()))
         {
             rec.record.lock().expect("lock").failed += 1;
             return StatusCode::SERVICE_UNAVAILABLE;

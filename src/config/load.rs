@@ -61,17 +61,25 @@ pub fn load(files: &[PathBuf]) -> Result<Config, ConfigError> {
             .list_separator(",")
             .with_list_parse_key("broker.uris"),
     );
-    let invalid = |problems| ConfigError::Invalid {
-        files: files.to_vec(),
-        problems,
-    };
-    let merged = builder
+    finish(builder, files.to_vec())
+}
+
+/// Merge the sources, then deserialise and validate section by section.
+fn finish(
+    builder: config::ConfigBuilder<config::builder::DefaultState>,
+    files: Vec<PathBuf>,
+) -> Result<Config, ConfigError> {
+    let parsed = builder
         .build()
-        .map_err(|e| invalid(vec![Problem::new("(file)", e.to_string())]))?;
-    let sections: BTreeMap<String, config::Value> = merged
-        .try_deserialize()
-        .map_err(|e| invalid(vec![Problem::new("(file)", e.to_string())]))?;
-    from_sections(sections).map_err(invalid)
+        .and_then(|merged| merged.try_deserialize::<BTreeMap<String, config::Value>>());
+    let problems = match parsed {
+        Ok(sections) => match from_sections(sections) {
+            Ok(config) => return Ok(config),
+            Err(problems) => problems,
+        },
+        Err(e) => vec![Problem::new("(file)", e.to_string())],
+    };
+    Err(ConfigError::Invalid { files, problems })
 }
 
 fn check_readable(path: &Path) -> Result<(), ConfigError> {
@@ -258,16 +266,7 @@ fn clean_error(e: config::ConfigError) -> String {
 
 /// Parse and validate TOML text (no files, no environment).
 pub(super) fn from_toml(toml: &str) -> Result<Config, ConfigError> {
-    let invalid = |problems| ConfigError::Invalid {
-        files: vec![PathBuf::from("(inline)")],
-        problems,
-    };
-    let merged = config::Config::builder()
-        .add_source(config::File::from_str(toml, config::FileFormat::Toml))
-        .build()
-        .map_err(|e| invalid(vec![Problem::new("(file)", e.to_string())]))?;
-    let sections: BTreeMap<String, config::Value> = merged
-        .try_deserialize()
-        .map_err(|e| invalid(vec![Problem::new("(file)", e.to_string())]))?;
-    from_sections(sections).map_err(invalid)
+    let builder = config::Config::builder()
+        .add_source(config::File::from_str(toml, config::FileFormat::Toml));
+    finish(builder, vec![PathBuf::from("(inline)")])
 }

@@ -18,6 +18,8 @@ async fn reconnects_after_a_broker_restart_and_loses_nothing() {
     });
     let dir = tempfile::tempdir().expect("tempdir");
     let rec = Recorder::default();
+    // ~800 deliveries/s, so that the restart lands inside the stream.
+    rec.behaviour.lock().expect("lock").delay = Some(Duration::from_millis(5));
     let mut setup = Setup::new("brokerrestart", &rec.start().await);
     setup.uri = uri;
     setup.concurrency = 4;
@@ -36,6 +38,10 @@ async fn reconnects_after_a_broker_restart_and_loses_nothing() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     rabbitmqctl(PORT, &["start_app"]);
     println!("broker restarted after {at_stop} of 5000 deliveries");
+    assert!(
+        at_stop < 4000,
+        "the restart should land mid-stream ({at_stop} delivered)"
+    );
     publish(&cfg.broker, "hr", events("after", 2000)).await;
 
     rec.wait_for(7000, Duration::from_secs(180), "after the broker restart")

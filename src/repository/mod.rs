@@ -35,6 +35,7 @@
 //! No sled `Batch` or transaction is used: either switches every sled
 //! operation of the process to a global lock (measured: 3× slower).
 
+mod marker;
 mod record;
 
 use crate::event::{Event, EventType, Identity};
@@ -188,7 +189,7 @@ impl Repository {
             path: path.to_owned(),
             reason,
         };
-        std::fs::create_dir_all(path).map_err(|e| open_err(e.to_string()))?;
+        let marker = marker::check(path).map_err(open_err)?;
         let db = sled::Config::new()
             .path(path)
             .mode(sled::Mode::HighThroughput)
@@ -199,7 +200,29 @@ impl Repository {
                 )),
                 other => open_err(other.to_string()),
             })?;
-        let hash_key = load_hash_key(&db).map_err(|e| open_err(e.to_string()))?;
+        let hash_key = match (
+            db.get(HASH_KEY).map_err(|e| open_err(e.to_string()))?,
+            &marker,
+        ) {
+            (Some(v), marker_found) if v.len() == 16 => {
+                if marker_found.is_none() {
+                    marker::write(path).map_err(open_err)?;
+                }
+                split_key(&v)
+            }
+            (_, Some(created)) => {
+                return Err(open_err(format!(
+                    "the directory holds a provring repository (created {created}) but its database \
+                     came up empty or unreadable; provring will not start empty in its place: restore \
+                     the directory from a backup, or move it away to start with an empty repository"
+                )));
+            }
+            (_, None) => {
+                let key = new_hash_key(&db).map_err(|e| open_err(e.to_string()))?;
+                marker::write(path).map_err(open_err)?;
+                key
+            }
+        };
         let index = rebuild_index(&db, hash_key).map_err(|e| open_err(e.to_string()))?;
         let (flush_tx, flush_rx) = mpsc::unbounded_channel();
         tokio::spawn(run_flusher(flush_rx));
@@ -548,19 +571,26 @@ impl Repository {
     }
 }
 
-fn load_hash_key(db: &sled::Db) -> Result<(u64, u64), sled::Error> {
-    let key = b"Mhashkey";
-    if let Some(v) = db.get(key)?
-        && v.len() == 16
-    {
-        let k0 = u64::from_be_bytes(v[..8].try_into().unwrap_or_default());
-        let k1 = u64::from_be_bytes(v[8..].try_into().unwrap_or_default());
-        return Ok((k0, k1));
-    }
+const HASH_KEY: &[u8] = b"Mhashkey";
+
+fn split_key(v: &[u8]) -> (u64, u64) {
+    let k0 = v
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_be_bytes);
+    let k1 = v
+        .get(8..16)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_be_bytes);
+    (k0.unwrap_or(0), k1.unwrap_or(0))
+}
+
+/// A new repository's hash key, durable before the marker is written.
+fn new_hash_key(db: &sled::Db) -> Result<(u64, u64), sled::Error> {
     let (k0, k1) = (rand::random::<u64>(), rand::random::<u64>());
     let mut v = k0.to_be_bytes().to_vec();
     v.extend_from_slice(&k1.to_be_bytes());
-    db.insert(key, v)?;
+    db.insert(HASH_KEY, v)?;
     db.flush()?;
     Ok((k0, k1))
 }
@@ -838,6 +868,22 @@ mod tests {
             "300 KB split into records of at most 48 KB"
         );
         assert_eq!(repo.pending("a", 0, 1000).expect("pending").len(), 300);
+    }
+
+    #[tokio::test]
+    async fn a_damaged_repository_is_refused_not_replaced() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let repo = Repository::open(dir.path()).expect("open");
+            repo.store("a", vec![event("1")]).expect("store");
+            repo.flush_blocking().expect("flush");
+        }
+        tokio::task::yield_now().await;
+        std::fs::write(dir.path().join("db"), vec![0x5a; 4096]).expect("damage");
+        let err = Repository::open(dir.path()).err().expect("refused");
+        let text = err.to_string();
+        assert!(text.contains(&dir.path().display().to_string()), "{text}");
+        assert!(text.contains("will not start empty"), "{text}");
     }
 
     #[tokio::test]

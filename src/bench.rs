@@ -243,7 +243,7 @@ async fn run_pipeline(broker: &BrokerConfig, n: u64) -> Result<f64, BenchError> 
     let toml = format!(
         r#"
 [servers.bench]
-admin_listen = "127.0.0.1:1"
+admin_listen = "127.0.0.1:0"
 data_dir = {dir:?}
 [adaptors.bench]
 kind = "provisioning"
@@ -260,7 +260,7 @@ kind = "null"
         Config::builder_from_toml(&format!("[broker]\nuris = [\"amqp://x\"]\n{toml}"))?;
     config.broker = broker.clone();
     let started = Instant::now();
-    let running = crate::server::start(&config, "bench")?;
+    let running = crate::server::start(&config, "bench").await?;
     let stats = running.stats.clone();
     let mut last = (0, Instant::now());
     while stats.finished() < n {

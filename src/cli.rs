@@ -82,6 +82,18 @@ pub enum Command {
         #[arg(long, value_name = "N")]
         generate: Option<u64>,
     },
+    /// Show each server's backlog (unfinished items per adaptor, age of the
+    /// oldest), asked from its admin address.
+    Backlog {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Only this server.
+        #[arg(long)]
+        node: Option<String>,
+        /// Print JSON (one array of per-server views) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the broker topology as a RabbitMQ definitions file (JSON).
     BrokerDefinitions {
         #[command(flatten)]

@@ -15,6 +15,7 @@
 //! - [`workflow`]: the executor (retry, back-off, deadline, parking) and
 //!   [`workflow::targets`] (webhook, SCIM, null).
 //! - [`server`]: wires one node's components, graceful shutdown.
+//! - [`admin`]: the admin HTTP API (`/health`, `/backlog`).
 //! - [`ring`]: `provring ring`, every server of a cluster file on one machine.
 //! - [`publish`]: `provring publish`.
 //! - [`bench`]: `provring bench`.
@@ -22,6 +23,7 @@
 #![forbid(unsafe_code)]
 
 pub mod adaptor;
+pub mod admin;
 pub mod bench;
 pub mod broker;
 pub mod cli;

@@ -105,6 +105,26 @@ async fn run(command: Command) -> ExitCode {
             }
             Err(code) => code,
         },
+        Command::Backlog { config, node, json } => {
+            let config = match load(&config.files) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match provring::admin::client::backlog(&config, node.as_deref()).await {
+                Ok(report) => {
+                    println!("{}", report.render(json));
+                    if report.all_reachable() {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::from(EXIT_FAILURE)
+                    }
+                }
+                Err(e) => {
+                    eprintln!("provring: {e}");
+                    ExitCode::from(EXIT_CONFIG)
+                }
+            }
+        }
         Command::BrokerDefinitions { config } => match load(&config.files) {
             Ok(c) => {
                 let doc = provring::broker::declare::definitions(&c);

@@ -26,6 +26,13 @@ pub enum ServerError {
     Target { name: String, reason: String },
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error("cannot listen on admin address {addr} (servers.{node}.admin_listen): {source}")]
+    Admin {
+        addr: String,
+        node: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// How the server ended.
@@ -51,7 +58,7 @@ pub struct Running {
 }
 
 /// Open the repository and start every component this node hosts.
-pub fn start(config: &Config, node: &str) -> Result<Running, ServerError> {
+pub async fn start(config: &Config, node: &str) -> Result<Running, ServerError> {
     let server = config
         .servers
         .get(node)
@@ -114,6 +121,20 @@ pub fn start(config: &Config, node: &str) -> Result<Running, ServerError> {
         tracing::info!(adaptor = %name, queue = %config.queue_name(a), target = %a.target, concurrency = a.concurrency, "Adaptor started.");
     }
 
+    let (admin_addr, admin) = crate::admin::bind(
+        &server.admin_listen,
+        node,
+        repo.clone(),
+        shutdown.child_token(),
+    )
+    .await
+    .map_err(|source| ServerError::Admin {
+        addr: server.admin_listen.clone(),
+        node: node.to_owned(),
+        source,
+    })?;
+    tracing::info!(%admin_addr, "Admin API listening.");
+    tasks.push(("admin API".into(), admin));
     tasks.push((
         "progress saver".into(),
         tokio::spawn(save_progress(repo.clone(), shutdown.child_token())),
@@ -173,7 +194,7 @@ pub async fn run(config: Config, node: &str) -> Result<Exit, ServerError> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut sigterm = signal(SignalKind::terminate()).map_err(ServerError::Signals)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(ServerError::Signals)?;
-    let running = start(&config, node)?;
+    let running = start(&config, node).await?;
     let backlog = running.repo.count_all();
     tracing::info!(%node, backlog, version = env!("CARGO_PKG_VERSION"), "Server started.");
 

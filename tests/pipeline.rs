@@ -375,3 +375,52 @@ async fn keeps_each_accounts_order_across_a_restart() {
         );
     }
 }
+
+/// `provring backlog` shows what waits in the server's repository, asked
+/// from its admin address, and says when a server cannot be reached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backlog_command_shows_what_waits() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rec = Recorder::default();
+    rec.behaviour.lock().expect("lock").unavailable_until =
+        Some(std::time::Instant::now() + Duration::from_secs(4));
+    let mut setup = Setup::new("backlog", &rec.start().await);
+    setup.admin = free_addr();
+    let cfg_path = setup.write(dir.path());
+    let cfg = load(&cfg_path);
+    let _cleanup = Cleanup::new(&cfg.broker, &["hr"]);
+    let mut server = ServerProc::start(&cfg_path, "a", dir.path().join("a.log"));
+    server.wait_started(Duration::from_secs(30));
+    publish(&cfg.broker, "hr", events("bl", 100)).await;
+
+    let backlog = |cfg_path: &std::path::Path| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_provring"))
+            .args(["backlog", "--json", "--config"])
+            .arg(cfg_path)
+            .output()
+            .expect("run provring backlog");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        (out.status.code(), v)
+    };
+    let mut seen = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while seen < 100 && std::time::Instant::now() < deadline {
+        let (_, v) = backlog(&cfg_path);
+        seen = v[0]["adaptors"][0]["items"].as_u64().unwrap_or(0);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(seen, 100, "the 100 undelivered events show in the backlog");
+
+    rec.wait_for(100, Duration::from_secs(60), "after the 503s")
+        .await;
+    eventually(Duration::from_secs(10), "an empty backlog", || {
+        let (code, v) = backlog(&cfg_path);
+        code == Some(0) && v[0]["adaptors"].as_array().is_some_and(Vec::is_empty)
+    })
+    .await;
+    assert!(server.stop(Duration::from_secs(30)).success());
+
+    let (code, v) = backlog(&cfg_path);
+    assert_eq!(code, Some(1), "a server that cannot be reached is an error");
+    assert!(v[0]["error"].is_string(), "{v}");
+}

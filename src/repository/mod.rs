@@ -157,6 +157,8 @@ struct Index {
 }
 
 struct BatchState {
+    /// Receipt time of the batch, ms since the Unix epoch.
+    received_ms: u64,
     hashes: Vec<u128>,
     finished: Vec<bool>,
     remaining: usize,
@@ -345,6 +347,7 @@ impl Repository {
             index.batches.insert(
                 (adaptor.clone(), seq),
                 BatchState {
+                    received_ms: now,
                     hashes,
                     finished: vec![false; n],
                     remaining: n,
@@ -527,6 +530,21 @@ impl Repository {
             .sum()
     }
 
+    /// Per adaptor: unfinished items and the receipt time (ms since the
+    /// Unix epoch) of the oldest.
+    pub fn backlog(&self) -> std::collections::BTreeMap<String, (usize, u64)> {
+        let mut out = std::collections::BTreeMap::new();
+        for ((adaptor, _), b) in &self.index().batches {
+            if b.remaining == 0 {
+                continue;
+            }
+            let e = out.entry(adaptor.to_string()).or_insert((0, u64::MAX));
+            e.0 += b.remaining;
+            e.1 = e.1.min(b.received_ms);
+        }
+        out
+    }
+
     /// Number of unfinished items of all adaptors.
     pub fn count_all(&self) -> usize {
         self.index().pending.len()
@@ -630,6 +648,7 @@ fn rebuild_index(db: &sled::Db, hash_key: (u64, u64)) -> Result<Index, Repositor
         })?;
         let bits = db.get(batch_key(b'X', &adaptor, seq))?;
         let mut state = BatchState {
+            received_ms: rec.received_ms,
             hashes: Vec::with_capacity(rec.items.len()),
             finished: Vec::with_capacity(rec.items.len()),
             remaining: 0,

@@ -67,6 +67,12 @@ pub fn rabbitmqctl(port: u16, args: &[&str]) {
     assert!(status.success(), "rabbitmqctl {args:?} failed");
 }
 
+/// A free local port for an admin address.
+pub fn free_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").to_string()
+}
+
 /// A fresh namespace, so that tests can share a broker.
 pub fn namespace(test: &str) -> String {
     format!("t-{test}-{:06x}", rand::random::<u32>() & 0xffffff)
@@ -80,6 +86,8 @@ pub struct Setup {
     pub max_message_size: usize,
     pub concurrency: usize,
     pub grace: &'static str,
+    /// `servers.a.admin_listen`.
+    pub admin: String,
     /// `retry.initial_backoff` and `retry.max_backoff`.
     pub backoff: (&'static str, &'static str),
     pub extra: String,
@@ -94,6 +102,7 @@ impl Setup {
             max_message_size: 1024 * 1024,
             concurrency: 16,
             grace: "5s",
+            admin: "127.0.0.1:0".into(),
             backoff: ("100ms", "1s"),
             extra: String::new(),
         }
@@ -112,7 +121,7 @@ reconnect_max = "1s"
 publish_timeout = "5s"
 
 [servers.a]
-admin_listen = "127.0.0.1:0"
+admin_listen = {admin:?}
 data_dir = {data:?}
 
 [adaptors.hr]
@@ -147,6 +156,7 @@ grace = {grace:?}
             hook = self.webhook,
             max = self.max_message_size,
             grace = self.grace,
+            admin = self.admin,
             initial = self.backoff.0,
             max_backoff = self.backoff.1,
             extra = self.extra,

@@ -1,0 +1,111 @@
+//! `provring backlog`: ask servers' admin APIs for their backlog.
+
+use super::BacklogView;
+use crate::config::Config;
+use std::time::Duration;
+
+/// One server's answer, or why there is none.
+pub struct ServerBacklog {
+    pub node: String,
+    pub address: String,
+    pub view: Result<BacklogView, String>,
+}
+
+pub struct BacklogReport {
+    pub servers: Vec<ServerBacklog>,
+}
+
+impl BacklogReport {
+    pub fn all_reachable(&self) -> bool {
+        self.servers.iter().all(|s| s.view.is_ok())
+    }
+
+    pub fn render(&self, json: bool) -> String {
+        if json {
+            let items: Vec<serde_json::Value> = self
+                .servers
+                .iter()
+                .map(|s| match &s.view {
+                    Ok(v) => serde_json::json!({"node": s.node, "address": s.address, "adaptors": v.adaptors}),
+                    Err(e) => serde_json::json!({"node": s.node, "address": s.address, "error": e}),
+                })
+                .collect();
+            return serde_json::Value::Array(items).to_string();
+        }
+        let mut out = format!(
+            "{:<12} {:<16} {:>10} {:>14}",
+            "server", "adaptor", "items", "oldest"
+        );
+        for s in &self.servers {
+            match &s.view {
+                Err(e) => out.push_str(&format!(
+                    "\n{:<12} unreachable at {}: {e}",
+                    s.node, s.address
+                )),
+                Ok(v) if v.adaptors.is_empty() => out.push_str(&format!(
+                    "\n{:<12} {:<16} {:>10} {:>14}",
+                    s.node, "-", 0, "-"
+                )),
+                Ok(v) => {
+                    for a in &v.adaptors {
+                        let age =
+                            humantime::format_duration(Duration::from_secs(a.oldest_age_ms / 1000));
+                        out.push_str(&format!(
+                            "\n{:<12} {:<16} {:>10} {:>14}",
+                            s.node,
+                            a.adaptor,
+                            a.items,
+                            age.to_string()
+                        ));
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Ask every server (or `only` one) of `config`.
+pub async fn backlog(config: &Config, only: Option<&str>) -> Result<BacklogReport, String> {
+    if let Some(node) = only
+        && !config.servers.contains_key(node)
+    {
+        return Err(format!(
+            "node {node:?} is not in the configuration; known servers: {}",
+            config
+                .servers
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(3))
+        .build()
+        .map_err(|e| format!("cannot build HTTP client: {e}"))?;
+    let mut servers = Vec::new();
+    for (node, s) in &config.servers {
+        if only.is_some_and(|o| o != node) {
+            continue;
+        }
+        let url = format!("http://{}/backlog", s.admin_listen);
+        let view = async {
+            let response = client.get(&url).send().await.map_err(|e| e.to_string())?;
+            if !response.status().is_success() {
+                return Err(format!("HTTP {}", response.status()));
+            }
+            response
+                .json::<BacklogView>()
+                .await
+                .map_err(|e| e.to_string())
+        }
+        .await;
+        servers.push(ServerBacklog {
+            node: node.clone(),
+            address: s.admin_listen.clone(),
+            view,
+        });
+    }
+    Ok(BacklogReport { servers })
+}

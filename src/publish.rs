@@ -102,12 +102,7 @@ pub async fn run(
         .get(adaptor)
         .ok_or_else(|| PublishCmdError::UnknownAdaptor {
             name: adaptor.to_owned(),
-            known: config
-                .adaptors
-                .keys()
-                .cloned()
-                .collect::<Vec<_>>()
-                .join(", "),
+            known: config.adaptor_names(),
         })?;
     match source {
         Source::Generate(n) => {

@@ -50,12 +50,7 @@ pub async fn run(config: &Config, files: &[PathBuf]) -> Result<bool, RingError> 
     println!(
         "ring: {} servers running ({}); Ctrl-C stops them",
         children.len(),
-        config
-            .servers
-            .keys()
-            .cloned()
-            .collect::<Vec<_>>()
-            .join(", ")
+        config.server_names()
     );
     let waits = children.iter_mut().map(|(_, c)| c.wait());
     let mut all = Box::pin(futures::future::join_all(waits));

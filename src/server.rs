@@ -64,12 +64,7 @@ pub async fn start(config: &Config, node: &str) -> Result<Running, ServerError> 
         .get(node)
         .ok_or_else(|| ServerError::UnknownNode {
             node: node.to_owned(),
-            known: config
-                .servers
-                .keys()
-                .cloned()
-                .collect::<Vec<_>>()
-                .join(", "),
+            known: config.server_names(),
         })?;
     let repo = Repository::open(&server.data_dir)?;
     let stats = Arc::new(Stats::default());

@@ -72,12 +72,7 @@ pub async fn backlog(config: &Config, only: Option<&str>) -> Result<BacklogRepor
     {
         return Err(format!(
             "node {node:?} is not in the configuration; known servers: {}",
-            config
-                .servers
-                .keys()
-                .cloned()
-                .collect::<Vec<_>>()
-                .join(", ")
+            config.server_names()
         ));
     }
     let client = reqwest::Client::builder()

@@ -367,6 +367,16 @@ impl Default for DoneLedgerConfig {
 }
 
 impl Config {
+    /// The node ids, comma-separated (for messages).
+    pub fn server_names(&self) -> String {
+        self.servers.keys().cloned().collect::<Vec<_>>().join(", ")
+    }
+
+    /// The adaptor names, comma-separated (for messages).
+    pub fn adaptor_names(&self) -> String {
+        self.adaptors.keys().cloned().collect::<Vec<_>>().join(", ")
+    }
+
     /// Full broker name of an adaptor's queue.
     pub fn queue_name(&self, adaptor: &AdaptorConfig) -> String {
         format!("{}.{}", self.broker.namespace, adaptor.queue)

@@ -6,11 +6,13 @@
 //! `broker.batch_max`); a writer task, one batch behind, decodes each
 //! delivery, parks invalid ones (publish with confirm), stores the valid ones
 //! (idempotent by event identity), flushes the repository (group commit), and
-//! only then acks the whole batch with one `multiple = true` ack. Durable
-//! items then go to the executor.
+//! waits for the copy on its monitor ([`crate::mirror`]), and only then acks
+//! the whole batch with one `multiple = true` ack. Durable items then go to
+//! the executor.
 //!
 //! Invariant: a delivery is acked only once it is durable in the repository
-//! or confirmed on the parking queue. Any broker error ends the session; the
+//! and its copy is confirmed for the monitor, or it is confirmed on the
+//! parking queue. Any broker error ends the session; the
 //! broker redelivers what was not acked, and the loop reconnects with
 //! back-off.
 
@@ -18,6 +20,7 @@ use crate::broker::declare::{declare_adaptor_queue, parking_queue};
 use crate::broker::{Backoff, Broker, BrokerError, PublishError, Publisher};
 use crate::config::AdaptorKind;
 use crate::event::{Invalid, decode};
+use crate::mirror::Mirror;
 use crate::repository::{Repository, RepositoryError, Stored};
 use crate::stats::Stats;
 use crate::workflow::ItemSender;
@@ -42,6 +45,8 @@ pub enum AdaptorError {
     Repository(#[from] RepositoryError),
     #[error("the broker closed the consumer")]
     ConsumerClosed,
+    #[error(transparent)]
+    Mirror(#[from] crate::mirror::MirrorError),
     #[error("the writer task stopped: {0}")]
     Writer(String),
 }
@@ -61,6 +66,7 @@ struct Parts {
     parking: Publisher,
     max_message_size: usize,
     items_tx: ItemSender,
+    mirror: Mirror,
     stats: Arc<Stats>,
     fatal: CancellationToken,
 }
@@ -88,6 +94,7 @@ impl Adaptor {
         parking: Publisher,
         max_message_size: usize,
         items_tx: ItemSender,
+        mirror: Mirror,
         stats: Arc<Stats>,
         fatal: CancellationToken,
     ) -> Adaptor {
@@ -102,6 +109,7 @@ impl Adaptor {
                 parking,
                 max_message_size,
                 items_tx,
+                mirror,
                 stats,
                 fatal,
             }),
@@ -269,13 +277,18 @@ async fn write_loop(
             let name = p.name.clone();
             let n = events.len();
             let t0 = Instant::now();
-            let stored = tokio::task::spawn_blocking(move || repo.store(&name, events))
-                .await
-                .map_err(|e| AdaptorError::Writer(e.to_string()))?
-                .map_err(|e| p.repository_failed(e))?;
+            let (stored, records) =
+                tokio::task::spawn_blocking(move || repo.store_with_records(&name, events))
+                    .await
+                    .map_err(|e| AdaptorError::Writer(e.to_string()))?
+                    .map_err(|e| p.repository_failed(e))?;
             let t1 = Instant::now();
             p.repo.flush().await.map_err(|e| p.repository_failed(e))?;
-            tracing::trace!(adaptor = %p.name, batch = n, store_us = (t1 - t0).as_micros() as u64, flush_us = t1.elapsed().as_micros() as u64, "Batch durable.");
+            let t2 = Instant::now();
+            // The copy on the monitor; also for redeliveries only (no
+            // records), whose copies may be part of a resync in progress.
+            p.mirror.copy(&p.name, records).await?;
+            tracing::trace!(adaptor = %p.name, batch = n, store_us = (t1 - t0).as_micros() as u64, flush_us = (t2 - t1).as_micros() as u64, mirror_us = t2.elapsed().as_micros() as u64, "Batch durable on both servers.");
             stored
         };
         // Durable now: hand the items to the executor before the ack, so

@@ -94,6 +94,11 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Read or change the topology log (who hosts what, who monitors whom).
+    Topology {
+        #[command(subcommand)]
+        command: TopologyCommand,
+    },
     /// Print the broker topology as a RabbitMQ definitions file (JSON).
     BrokerDefinitions {
         #[command(flatten)]
@@ -103,6 +108,38 @@ pub enum Command {
     Bench {
         #[command(subcommand)]
         bench: Bench,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TopologyCommand {
+    /// Replay the topology log from its first record and print the state.
+    Show {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Print the state as JSON (the same document as a server's
+        /// `GET /topology`).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make NODE monitor MONITORS (and whoever monitored MONITORS stop).
+    ///
+    /// The monitored server re-sends its whole backlog to its new monitor.
+    /// Exits 0 when the change was applied, 2 when the log refused it (for
+    /// instance another change won the epoch given with --expect-epoch).
+    Link {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// The server that starts monitoring.
+        #[arg(long)]
+        node: String,
+        /// The server it monitors.
+        #[arg(long)]
+        monitors: String,
+        /// Apply only if the log is at this epoch (compare-and-set);
+        /// without it, the current epoch is used and races are retried.
+        #[arg(long, value_name = "EPOCH")]
+        expect_epoch: Option<u64>,
     },
 }
 

@@ -19,6 +19,8 @@
 //! - [`ring`]: `provring ring`, every server of a cluster file on one machine.
 //! - [`publish`]: `provring publish`.
 //! - [`bench`]: `provring bench`.
+//! - [`topology`]: the replicated topology and its log on the broker.
+//! - [`mirror`]: copies of the backlog on the monitor (backup adaptor).
 //! - [`stats`]: counters for progress logs and benchmarks.
 #![forbid(unsafe_code)]
 
@@ -29,11 +31,13 @@ pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod event;
+pub mod mirror;
 pub mod publish;
 pub mod repository;
 pub mod ring;
 pub mod server;
 pub mod stats;
+pub mod topology;
 pub mod workflow;
 
 /// Install the process-wide rustls crypto provider (aws-lc-rs) once, before

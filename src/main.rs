@@ -3,7 +3,7 @@
 #![forbid(unsafe_code)]
 
 use clap::Parser;
-use provring::cli::{Bench, Cli, Command, LogFormat};
+use provring::cli::{Bench, Cli, Command, LogFormat, TopologyCommand};
 use provring::{bench, config, publish, server};
 
 use std::process::ExitCode;
@@ -125,6 +125,7 @@ async fn run(command: Command) -> ExitCode {
                 }
             }
         }
+        Command::Topology { command } => topology_command(command).await,
         Command::BrokerDefinitions { config } => match load(&config.files) {
             Ok(c) => {
                 let doc = provring::broker::declare::definitions(&c);
@@ -174,5 +175,44 @@ async fn run(command: Command) -> ExitCode {
                 ExitCode::from(EXIT_FAILURE)
             }
         },
+    }
+}
+
+async fn topology_command(command: TopologyCommand) -> ExitCode {
+    use provring::topology::tool;
+    let result = match command {
+        TopologyCommand::Show { config, json } => {
+            let config = match load(&config.files) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            tool::show(&config, json).await.map(|text| (text, true))
+        }
+        TopologyCommand::Link {
+            config,
+            node,
+            monitors,
+            expect_epoch,
+        } => {
+            let config = match load(&config.files) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            tool::link(&config, &node, &monitors, expect_epoch).await
+        }
+    };
+    match result {
+        Ok((text, true)) => {
+            println!("{text}");
+            ExitCode::SUCCESS
+        }
+        Ok((text, false)) => {
+            println!("{text}");
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!("provring: {e}");
+            ExitCode::from(EXIT_FAILURE)
+        }
     }
 }

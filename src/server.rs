@@ -8,8 +8,10 @@
 use crate::adaptor::Adaptor;
 use crate::broker::{Broker, Publisher};
 use crate::config::Config;
+use crate::mirror::Mirror;
 use crate::repository::{Repository, RepositoryError};
 use crate::stats::Stats;
+use crate::topology::{Change, Topology};
 use crate::workflow::{Executor, targets};
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,6 +24,8 @@ pub enum ServerError {
     UnknownNode { node: String, known: String },
     #[error(transparent)]
     Repository(#[from] RepositoryError),
+    #[error("topology: {0}")]
+    Topology(#[from] crate::topology::TopologyError),
     #[error("target {name}: {reason}")]
     Target { name: String, reason: String },
     #[error("cannot install signal handlers: {0}")]
@@ -55,6 +59,8 @@ pub struct Running {
     tasks: Vec<(String, JoinHandle<()>)>,
     broker: Broker,
     grace: Duration,
+    pub topology: Topology,
+    node: String,
 }
 
 /// Open the repository and start every component this node hosts.
@@ -75,7 +81,36 @@ pub async fn start(config: &Config, node: &str) -> Result<Running, ServerError> 
     let fatal = CancellationToken::new();
     let mut tasks = Vec::new();
 
-    for (name, a) in config.adaptors.iter().filter(|(_, a)| a.server == node) {
+    let topology =
+        Topology::join(broker.clone(), config, node, None, shutdown.child_token()).await?;
+    let state = topology.state();
+    tracing::info!(epoch = state.epoch, monitor = ?state.monitor_of(node), monitors = ?state.monitors.get(node), "Joined the topology.");
+    let (mirror, mirror_task) = Mirror::start(
+        broker.clone(),
+        repo.clone(),
+        node,
+        topology.subscribe(),
+        shutdown.child_token(),
+    );
+    tasks.push(("mirror".into(), mirror_task));
+    tasks.push((
+        "backup adaptor".into(),
+        tokio::spawn(crate::mirror::backup::run(
+            broker.clone(),
+            repo.clone(),
+            node.to_owned(),
+            topology.subscribe(),
+            fatal.clone(),
+            shutdown.child_token(),
+        )),
+    ));
+
+    let hosted = state.adaptors_of(node);
+    for (name, a) in config
+        .adaptors
+        .iter()
+        .filter(|(name, _)| hosted.contains(name))
+    {
         let target_config = &config.targets[&a.target];
         let target =
             targets::build(&a.target, target_config).map_err(|reason| ServerError::Target {
@@ -102,6 +137,7 @@ pub async fn start(config: &Config, node: &str) -> Result<Running, ServerError> 
             parking.clone(),
             config.limits.max_message_size,
             items_tx,
+            mirror.clone(),
             stats.clone(),
             fatal.clone(),
         );
@@ -120,6 +156,7 @@ pub async fn start(config: &Config, node: &str) -> Result<Running, ServerError> 
         &server.admin_listen,
         node,
         repo.clone(),
+        Some(topology.clone()),
         shutdown.child_token(),
     )
     .await
@@ -151,12 +188,31 @@ pub async fn start(config: &Config, node: &str) -> Result<Running, ServerError> 
         tasks,
         broker,
         grace: config.shutdown.grace,
+        topology,
+        node: node.to_owned(),
     })
 }
 
 impl Running {
     /// Stop every component (see the module doc) and flush.
     pub async fn stop(self) -> Exit {
+        // Announce the stop first, so that the monitor does not take over.
+        let node = self.node.clone();
+        let announced = tokio::time::timeout(
+            Duration::from_secs(3),
+            self.topology
+                .propose_with(|_| Some(Change::Stopping { node: node.clone() })),
+        )
+        .await;
+        match announced {
+            Ok(Ok(_)) => tracing::info!("Intentional stop announced in the topology log."),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "Cannot announce the stop in the topology log.")
+            }
+            Err(_) => {
+                tracing::warn!("Cannot announce the stop in the topology log: no answer within 3s.")
+            }
+        }
         self.shutdown.cancel();
         let deadline = tokio::time::Instant::now() + self.grace;
         let mut still_running = Vec::new();

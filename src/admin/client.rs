@@ -26,7 +26,7 @@ impl BacklogReport {
                 .servers
                 .iter()
                 .map(|s| match &s.view {
-                    Ok(v) => serde_json::json!({"node": s.node, "address": s.address, "adaptors": v.adaptors}),
+                    Ok(v) => serde_json::json!({"node": s.node, "address": s.address, "adaptors": v.adaptors, "copies": v.copies}),
                     Err(e) => serde_json::json!({"node": s.node, "address": s.address, "error": e}),
                 })
                 .collect();
@@ -42,7 +42,7 @@ impl BacklogReport {
                     "\n{:<12} unreachable at {}: {e}",
                     s.node, s.address
                 )),
-                Ok(v) if v.adaptors.is_empty() => out.push_str(&format!(
+                Ok(v) if v.adaptors.is_empty() && v.copies.is_empty() => out.push_str(&format!(
                     "\n{:<12} {:<16} {:>10} {:>14}",
                     s.node, "-", 0, "-"
                 )),
@@ -56,6 +56,21 @@ impl BacklogReport {
                             a.adaptor,
                             a.items,
                             age.to_string()
+                        ));
+                    }
+                    for c in &v.copies {
+                        let age =
+                            humantime::format_duration(Duration::from_secs(c.oldest_age_ms / 1000));
+                        out.push_str(&format!(
+                            "\n{:<12} {:<16} {:>10} {:>14}",
+                            s.node,
+                            format!("copies of {}", c.origin),
+                            c.items,
+                            if c.items == 0 {
+                                "-".to_string()
+                            } else {
+                                age.to_string()
+                            }
                         ));
                     }
                 }

@@ -8,7 +8,10 @@
 //!   one consumer at a time receive, whatever the servers believe), bound to
 //!   `ns.events` with routing key `<queue>`;
 //! - queue `ns.parking`: invalid and undeliverable messages, each with an
-//!   `x-provring-reason` header.
+//!   `x-provring-reason` header;
+//! - stream `ns.topology`: the topology log ([`crate::topology`]);
+//! - queue `ns.backup.<server>` per server: the copies of the server's
+//!   backlog, consumed by its current monitor (single active consumer).
 //!
 //! [`definitions`] renders the same topology as a RabbitMQ definitions file
 //! for operators who pre-provision; `broker/definitions.json` is generated
@@ -26,6 +29,39 @@ pub fn events_exchange(namespace: &str) -> String {
 
 pub fn parking_queue(namespace: &str) -> String {
     format!("{namespace}.parking")
+}
+
+pub fn topology_stream(namespace: &str) -> String {
+    format!("{namespace}.topology")
+}
+
+pub fn backup_queue(namespace: &str, origin: &str) -> String {
+    format!("{namespace}.backup.{origin}")
+}
+
+/// Declare the topology log: a stream queue (append-only, replicated,
+/// totally ordered).
+pub async fn declare_topology(channel: &Channel, namespace: &str) -> Result<String, BrokerError> {
+    let name = topology_stream(namespace);
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("stream".into()),
+    );
+    declare_queue(channel, &name, args).await?;
+    Ok(name)
+}
+
+/// Declare the queue that carries `origin`'s copies to its monitor.
+pub async fn declare_backup(
+    channel: &Channel,
+    namespace: &str,
+    queue_type: QueueType,
+    origin: &str,
+) -> Result<String, BrokerError> {
+    let name = backup_queue(namespace, origin);
+    declare_queue(channel, &name, queue_args(queue_type, true)).await?;
+    Ok(name)
 }
 
 fn queue_args(queue_type: QueueType, single_active: bool) -> FieldTable {
@@ -123,6 +159,16 @@ pub fn definitions(config: &Config) -> serde_json::Value {
         "name": parking_queue(ns), "vhost": "/", "durable": true, "auto_delete": false,
         "arguments": {"x-queue-type": qt}
     })];
+    queues.push(serde_json::json!({
+        "name": topology_stream(ns), "vhost": "/", "durable": true, "auto_delete": false,
+        "arguments": {"x-queue-type": "stream"}
+    }));
+    for id in config.servers.keys() {
+        queues.push(serde_json::json!({
+            "name": backup_queue(ns, id), "vhost": "/", "durable": true, "auto_delete": false,
+            "arguments": {"x-queue-type": qt, "x-single-active-consumer": true}
+        }));
+    }
     let mut bindings = Vec::new();
     for a in config.adaptors.values() {
         queues.push(serde_json::json!({

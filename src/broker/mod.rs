@@ -46,6 +46,8 @@ pub enum BrokerError {
         "queue {queue} already exists with other arguments than provring declares ({detail}); delete it or set broker.queue_type to match"
     )]
     QueueMismatch { queue: String, detail: String },
+    #[error("{0}")]
+    Closed(String),
 }
 
 impl BrokerError {

@@ -143,6 +143,15 @@ pub enum Service {
     TimeoutChecker,
 }
 
+impl Service {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Service::Scheduler => "scheduler",
+            Service::TimeoutChecker => "timeout_checker",
+        }
+    }
+}
+
 /// `[adaptors.<name>]`
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -173,6 +182,15 @@ pub enum AdaptorKind {
     Provisioning,
     /// Password change.
     Password,
+}
+
+impl AdaptorKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AdaptorKind::Provisioning => "provisioning",
+            AdaptorKind::Password => "password",
+        }
+    }
 }
 
 /// `[targets.<name>]`

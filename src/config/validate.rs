@@ -137,7 +137,9 @@ pub fn validate(config: &Config) -> Vec<Problem> {
                     a.queue
                 ),
             );
-        } else if a.queue == "parking" || a.queue == "events" {
+        } else if ["parking", "events", "topology"].contains(&a.queue.as_str())
+            || a.queue.starts_with("backup.")
+        {
             add(
                 key("queue"),
                 format!("{:?} is reserved by provring", a.queue),

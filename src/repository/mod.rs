@@ -35,8 +35,11 @@
 //! No sled `Batch` or transaction is used: either switches every sled
 //! operation of the process to a global lock (measured: 3× slower).
 
+mod backup;
 mod marker;
 mod record;
+
+pub use backup::{CopiesView, ItemKey, check_record};
 
 use crate::event::{Event, EventType, Identity};
 use serde::{Deserialize, Serialize};
@@ -134,7 +137,21 @@ struct Inner {
     hash_key: (u64, u64),
     index: Mutex<Index>,
     flush_tx: mpsc::UnboundedSender<FlushRequest>,
+    /// Copies held for other servers (see [`backup`]).
+    copies: sled::Tree,
+    copies_index: Mutex<backup::CopiesIndex>,
+    /// Told of every finished item (the mirror batches them into removals).
+    finished_sink: std::sync::OnceLock<mpsc::UnboundedSender<Finished>>,
 }
+
+/// A batch record as written: `seq` and bytes.
+pub type BatchRecord = (u64, Vec<u8>);
+
+/// An unfinished batch: adaptor, seq, finished-items bitmap, record.
+pub type UnfinishedBatch = (Arc<str>, u64, Vec<u8>, Vec<u8>);
+
+/// A finished item: adaptor, batch, position.
+pub type Finished = (Arc<str>, u64, u32);
 
 /// A flush request carries the database handle, so that the flusher task
 /// holds none of its own and the file lock goes with the last handle.
@@ -226,6 +243,10 @@ impl Repository {
             }
         };
         let index = rebuild_index(&db, hash_key).map_err(|e| open_err(e.to_string()))?;
+        let copies = db
+            .open_tree(backup::TREE)
+            .map_err(|e| open_err(e.to_string()))?;
+        let copies_index = backup::rebuild(&copies).map_err(|e| open_err(e.to_string()))?;
         let (flush_tx, flush_rx) = mpsc::unbounded_channel();
         tokio::spawn(run_flusher(flush_rx));
         Ok(Repository {
@@ -234,6 +255,9 @@ impl Repository {
                 hash_key,
                 index: Mutex::new(index),
                 flush_tx,
+                copies,
+                copies_index: Mutex::new(copies_index),
+                finished_sink: std::sync::OnceLock::new(),
             }),
         })
     }
@@ -284,6 +308,17 @@ impl Repository {
     /// Write new events for `adaptor`, skipping redeliveries and completed
     /// ones. Synchronous: call from `spawn_blocking`. One writer per adaptor.
     pub fn store(&self, adaptor: &str, events: Vec<Event>) -> Result<Vec<Stored>, RepositoryError> {
+        self.store_with_records(adaptor, events)
+            .map(|(stored, _)| stored)
+    }
+
+    /// [`Repository::store`], also returning each batch record written
+    /// (`seq`, bytes), for mirroring.
+    pub fn store_with_records(
+        &self,
+        adaptor: &str,
+        events: Vec<Event>,
+    ) -> Result<(Vec<Stored>, Vec<BatchRecord>), RepositoryError> {
         let now = now_ms();
         let adaptor: Arc<str> = Arc::from(adaptor);
         let mut out = Vec::with_capacity(events.len());
@@ -306,6 +341,7 @@ impl Repository {
         // Split into records of bounded size; one sled write each.
         let mut fresh = fresh.into_iter().peekable();
         let mut new_items = Vec::new();
+        let mut records = Vec::new();
         while fresh.peek().is_some() {
             let seq = self.inner.db.generate_id()?;
             let mut rec = record::Writer::new(now);
@@ -338,9 +374,11 @@ impl Repository {
                     },
                 });
             }
+            let rec = rec.finish();
             self.inner
                 .db
-                .insert(batch_key(b'B', &adaptor, seq), rec.finish())?;
+                .insert(batch_key(b'B', &adaptor, seq), rec.as_slice())?;
+            records.push((seq, rec));
             let mut index = self.index();
             index.pending.extend(hashes.iter().copied());
             let n = hashes.len();
@@ -355,7 +393,7 @@ impl Repository {
             );
         }
         let mut new_items = new_items.into_iter();
-        Ok(out
+        let stored = out
             .into_iter()
             .map(|o| match o {
                 Some(s) => s,
@@ -363,7 +401,8 @@ impl Repository {
                     new_items.next().expect("one new item per fresh event"),
                 )),
             })
-            .collect())
+            .collect();
+        Ok((stored, records))
     }
 
     /// Save an item's new attempt count and schedule.
@@ -391,6 +430,9 @@ impl Repository {
         batch.finished[i] = true;
         batch.remaining -= 1;
         let h = batch.hashes[i];
+        if let Some(sink) = self.inner.finished_sink.get() {
+            let _ = sink.send((item.adaptor.clone(), item.seq, item.idx));
+        }
         if batch.remaining > 0 {
             index.pending.remove(&h);
             index.done.insert(h);

@@ -1,0 +1,287 @@
+//! The backup adaptor: consumes the copies of the servers this server
+//! monitors (`ns.backup.<origin>`), stores them in the repository's copies
+//! tree, applies removals, and acks only after the repository's flush.
+//!
+//! Records are checked before anything is applied: a record that cannot be
+//! decoded, names another origin than its queue's or a server the topology
+//! does not know, or belongs to an older generation (or to a newer one whose
+//! `begin` was not seen) is ignored with a warning and acked; it is never
+//! applied and never stops the consumer.
+
+use super::wire::{self, Body, Frame};
+use crate::broker::declare::declare_backup;
+use crate::broker::{Backoff, Broker, BrokerError};
+use crate::repository::{Repository, RepositoryError, check_record};
+use crate::topology::State;
+use futures::{FutureExt, StreamExt};
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// Deliveries applied per flush.
+const BATCH_MAX: usize = 256;
+
+/// Run one backup consumer per origin this server monitors, following the
+/// topology.
+pub async fn run(
+    broker: Broker,
+    repo: Repository,
+    node: String,
+    mut topology: watch::Receiver<Arc<State>>,
+    fatal: CancellationToken,
+    shutdown: CancellationToken,
+) {
+    let mut running: HashMap<String, (CancellationToken, tokio::task::JoinHandle<()>)> =
+        HashMap::new();
+    loop {
+        let state = topology.borrow_and_update().clone();
+        let wanted = state.origins_of(&node);
+        running.retain(|origin, (stop, _)| {
+            let keep = wanted.contains(origin);
+            if !keep {
+                tracing::info!(%origin, "No longer monitoring; backup consumer stopped.");
+                stop.cancel();
+            }
+            keep
+        });
+        for origin in wanted {
+            if running.contains_key(&origin) {
+                continue;
+            }
+            tracing::info!(%origin, "Holding copies of the monitored server's backlog.");
+            let stop = shutdown.child_token();
+            let consumer = Consumer {
+                origin: origin.clone(),
+                broker: broker.clone(),
+                repo: repo.clone(),
+                topology: topology.clone(),
+                fatal: fatal.clone(),
+            };
+            let handle = tokio::spawn(consumer.run(stop.clone()));
+            running.insert(origin, (stop, handle));
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            changed = topology.changed() => if changed.is_err() { break },
+        }
+    }
+    for (_, (stop, handle)) in running {
+        stop.cancel();
+        let _ = handle.await;
+    }
+}
+
+struct Consumer {
+    origin: String,
+    broker: Broker,
+    repo: Repository,
+    topology: watch::Receiver<Arc<State>>,
+    fatal: CancellationToken,
+}
+
+/// Why records were ignored, with counts, so that a burst of stale records
+/// gives one warning per batch rather than one per record.
+#[derive(Default)]
+struct Ignored(BTreeMap<String, usize>);
+
+impl Ignored {
+    fn add(&mut self, reason: String) {
+        *self.0.entry(reason).or_default() += 1;
+    }
+}
+
+impl Consumer {
+    async fn run(self, shutdown: CancellationToken) {
+        let cfg = self.broker.config();
+        let mut backoff = Backoff::new(cfg.reconnect_min, cfg.reconnect_max);
+        loop {
+            let started = Instant::now();
+            let result = self.session(&shutdown).await;
+            if shutdown.is_cancelled() {
+                return;
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                backoff.reset();
+            }
+            let delay = backoff.next_delay();
+            if let Err(e) = result {
+                tracing::warn!(origin = %self.origin, error = %e, retry_in = ?delay, "Backup consumer stopped; reconnecting.");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    async fn session(&self, shutdown: &CancellationToken) -> Result<(), BrokerError> {
+        let cfg = self.broker.config();
+        let channel = self.broker.channel().await?;
+        let queue = declare_backup(&channel, &cfg.namespace, cfg.queue_type, &self.origin).await?;
+        channel
+            .basic_qos(cfg.prefetch, BasicQosOptions::default())
+            .await
+            .map_err(BrokerError::op("basic.qos"))?;
+        let tag = format!(
+            "provring.backup.{}.{:08x}",
+            self.origin,
+            rand::random::<u32>()
+        );
+        let mut consumer = channel
+            .basic_consume(
+                queue.as_str().into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(BrokerError::op("basic.consume"))?;
+        loop {
+            let first = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                next = consumer.next() => match next {
+                    None => return Err(BrokerError::Closed("the broker closed the backup consumer".into())),
+                    Some(Err(e)) => return Err(BrokerError::Op { op: "consume", source: e }),
+                    Some(Ok(d)) => d,
+                },
+            };
+            let mut batch = vec![first];
+            while batch.len() < BATCH_MAX {
+                match consumer.next().now_or_never() {
+                    Some(Some(Ok(d))) => batch.push(d),
+                    _ => break,
+                }
+            }
+            let last = batch.last().map(|d| d.delivery_tag).unwrap_or_default();
+            if let Err(e) = self.apply(batch).await {
+                tracing::error!(origin = %self.origin, error = %e, "Cannot store copies; stopping the server.");
+                self.fatal.cancel();
+                return Err(BrokerError::Closed(e.to_string()));
+            }
+            channel
+                .basic_ack(last, BasicAckOptions { multiple: true })
+                .await
+                .map_err(BrokerError::op("basic.ack"))?;
+        }
+    }
+
+    /// Check and apply a batch of records in order, then flush.
+    async fn apply(&self, batch: Vec<Delivery>) -> Result<(), RepositoryError> {
+        let known: Vec<String> = self.topology.borrow().servers.keys().cloned().collect();
+        let repo = self.repo.clone();
+        let origin = self.origin.clone();
+        let ignored = tokio::task::spawn_blocking(move || {
+            let mut ignored = Ignored::default();
+            let mut generation = repo.copies_generation(&origin);
+            for d in &batch {
+                let frame = match wire::decode(&d.data) {
+                    Ok(f) => f,
+                    Err(e) => {
+                        ignored.add(format!("malformed mirror record: {e}"));
+                        continue;
+                    }
+                };
+                if let Err(reason) = check(&frame, &origin, &known, generation) {
+                    ignored.add(reason);
+                    continue;
+                }
+                match frame.body {
+                    Body::Begin => {
+                        repo.copies_begin(&origin, frame.generation)?;
+                        generation = frame.generation;
+                        tracing::info!(%origin, generation, "Resync from the origin started; earlier copies replaced.");
+                    }
+                    Body::Copy {
+                        adaptor,
+                        seq,
+                        done,
+                        record,
+                    } => {
+                        if let Err(e) = check_record(&record) {
+                            ignored.add(format!("malformed copy of batch {adaptor}/{seq}: {e}"));
+                            continue;
+                        }
+                        repo.copies_store(&origin, &adaptor, seq, &done, &record)?;
+                    }
+                    Body::Remove { finished } => repo.copies_remove(&origin, &finished)?,
+                    Body::End { batches } => {
+                        tracing::info!(%origin, generation, batches, "Resync from the origin complete.");
+                    }
+                }
+            }
+            Ok::<_, RepositoryError>(ignored)
+        })
+        .await
+        .map_err(|e| RepositoryError::Flush(e.to_string()))??;
+        for (reason, count) in ignored.0 {
+            tracing::warn!(origin = %self.origin, count, %reason, "Mirror records ignored.");
+        }
+        self.repo.flush().await
+    }
+}
+
+/// Whether a decoded record may be applied to `origin`'s copies, whose
+/// current generation is `generation`.
+fn check(frame: &Frame, origin: &str, known: &[String], generation: u64) -> Result<(), String> {
+    if frame.origin != origin {
+        return Err(if known.contains(&frame.origin) {
+            format!(
+                "record from origin {:?} arrived on {origin}'s backup queue",
+                frame.origin
+            )
+        } else {
+            format!("record from unknown origin {:?}", frame.origin)
+        });
+    }
+    if !known.contains(&frame.origin) {
+        return Err(format!("record from unknown origin {:?}", frame.origin));
+    }
+    match frame.body {
+        Body::Begin if frame.generation <= generation => Err(format!(
+            "stale generation {} (holding generation {generation})",
+            frame.generation
+        )),
+        Body::Begin => Ok(()),
+        _ if frame.generation < generation => Err(format!(
+            "stale generation {} (holding generation {generation})",
+            frame.generation
+        )),
+        _ if frame.generation > generation => Err(format!(
+            "generation {} whose resync start was not received (holding generation {generation}); \
+             the origin re-sends its backlog when its monitor changes",
+            frame.generation
+        )),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(origin: &str, generation: u64, body: Body) -> Frame {
+        Frame {
+            origin: origin.into(),
+            generation,
+            body,
+        }
+    }
+
+    #[test]
+    fn only_the_current_generation_of_a_known_origin_applies() {
+        let known = vec!["a".to_string(), "b".to_string()];
+        let end = || Body::End { batches: 0 };
+        assert!(check(&frame("a", 5, end()), "a", &known, 5).is_ok());
+        assert!(check(&frame("a", 4, end()), "a", &known, 5).is_err());
+        assert!(check(&frame("a", 6, end()), "a", &known, 5).is_err());
+        assert!(check(&frame("a", 6, Body::Begin), "a", &known, 5).is_ok());
+        assert!(check(&frame("a", 5, Body::Begin), "a", &known, 5).is_err());
+        assert!(check(&frame("b", 5, end()), "a", &known, 5).is_err());
+        assert!(check(&frame("z", 5, end()), "z", &known, 5).is_err());
+    }
+}

@@ -1,0 +1,424 @@
+//! The topology log on the broker: a stream queue `ns.topology`, read from
+//! its first record by every server, written with publisher confirms.
+//!
+//! A proposal is a record with a unique id; its proposer reads the log
+//! until it finds that record and learns what every replica did with it
+//! ([`Outcome`]). A `sync` record is a read barrier: once a reader has read
+//! its own `sync`, it has read everything written before.
+
+use super::{Change, Outcome, Record, State, shape_differences};
+use crate::broker::declare::declare_topology;
+use crate::broker::{Backoff, Broker, BrokerError, PublishError, Publisher};
+use crate::config::Config;
+use futures::StreamExt;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{oneshot, watch};
+use tokio_util::sync::CancellationToken;
+
+/// How long a proposer waits to read its own record back.
+const PROPOSAL_TIMEOUT: Duration = Duration::from_secs(15);
+/// A snapshot is written after every this many epochs.
+const SNAPSHOT_EVERY: u64 = 32;
+/// Attempts of a compare-and-set that keeps losing to other changes.
+const CAS_ATTEMPTS: usize = 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TopologyError {
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error("cannot write to the topology log: {0}")]
+    Publish(#[from] PublishError),
+    #[error("the topology log did not return record {id} within {timeout:?}")]
+    Timeout { id: String, timeout: Duration },
+    #[error(
+        "this cluster file differs from the cluster in the topology log (namespace {namespace}); \
+         every server must use the same cluster file:\n  {}",
+        differences.join("\n  ")
+    )]
+    Mismatch {
+        namespace: String,
+        differences: Vec<String>,
+    },
+    #[error("server {node:?} is not in the topology log's cluster ({known})")]
+    NotInCluster { node: String, known: String },
+    #[error("the topology reader has stopped")]
+    Stopped,
+    #[error("gave up after {0} attempts: other changes kept winning")]
+    Contended(usize),
+}
+
+/// Handle to this process's replica of the topology; cheap to clone.
+#[derive(Clone)]
+pub struct Topology {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    proposer: String,
+    queue: String,
+    publisher: Publisher,
+    state: watch::Sender<Arc<State>>,
+    waiters: Mutex<HashMap<String, oneshot::Sender<Outcome>>>,
+    /// When the reader last had a working consumer (for fencing).
+    last_read: Mutex<Instant>,
+    /// The reader has a consumer on the log.
+    reading: watch::Sender<bool>,
+    shutdown: CancellationToken,
+}
+
+impl Topology {
+    /// Start reading the log from its first record. `proposer` names this
+    /// process in the records it writes.
+    pub async fn connect(
+        broker: Broker,
+        proposer: &str,
+        shutdown: CancellationToken,
+    ) -> Result<Topology, TopologyError> {
+        let ns = broker.config().namespace.clone();
+        let channel = broker.channel().await?;
+        let queue = declare_topology(&channel, &ns).await?;
+        let _ = channel.close(200, "declared".into()).await;
+        let (state, _) = watch::channel(Arc::new(State::default()));
+        let (reading, mut reading_rx) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            proposer: proposer.to_owned(),
+            queue,
+            publisher: Publisher::new(broker.clone()),
+            state,
+            waiters: Mutex::new(HashMap::new()),
+            last_read: Mutex::new(Instant::now()),
+            reading,
+            shutdown,
+        });
+        tokio::spawn(read_loop(shared.clone(), broker));
+        // A stream that was just declared can take a moment before it
+        // accepts consumers; the reader retries until then.
+        let timeout = PROPOSAL_TIMEOUT;
+        match tokio::time::timeout(timeout, reading_rx.wait_for(|r| *r)).await {
+            Ok(Ok(_)) => Ok(Topology { shared }),
+            Ok(Err(_)) => Err(TopologyError::Stopped),
+            Err(_) => Err(TopologyError::Timeout {
+                id: "(first read)".into(),
+                timeout,
+            }),
+        }
+    }
+
+    /// Connect, catch up, write the initial state if the log is empty,
+    /// refuse a cluster file that differs from the log's, and join.
+    pub async fn join(
+        broker: Broker,
+        config: &Config,
+        node: &str,
+        key_fingerprint: Option<String>,
+        shutdown: CancellationToken,
+    ) -> Result<Topology, TopologyError> {
+        let topology = Topology::connect(broker, node, shutdown).await?;
+        topology.sync().await?;
+        if !topology.state().initialised() {
+            let init = Change::Init {
+                state: State::initial(config),
+            };
+            match topology.propose(0, init).await? {
+                Outcome::Applied => {
+                    tracing::info!(
+                        "Topology log was empty; wrote the initial state from the cluster file."
+                    )
+                }
+                Outcome::Ignored(_) => {} // another server initialised it first
+            }
+        }
+        let state = topology.state();
+        let differences = shape_differences(&state.cluster, &super::cluster_shape(config));
+        if !differences.is_empty() {
+            return Err(TopologyError::Mismatch {
+                namespace: config.broker.namespace.clone(),
+                differences,
+            });
+        }
+        if !state.servers.contains_key(node) {
+            return Err(TopologyError::NotInCluster {
+                node: node.to_owned(),
+                known: state.ring.join(", "),
+            });
+        }
+        let version = env!("CARGO_PKG_VERSION").to_owned();
+        topology
+            .propose_with(|_| {
+                Some(Change::Joined {
+                    node: node.to_owned(),
+                    version: version.clone(),
+                    key_fingerprint: key_fingerprint.clone(),
+                })
+            })
+            .await?;
+        Ok(topology)
+    }
+
+    /// The current state of this replica.
+    pub fn state(&self) -> Arc<State> {
+        self.shared.state.borrow().clone()
+    }
+
+    /// Follow the state as records are applied.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<State>> {
+        self.shared.state.subscribe()
+    }
+
+    /// Time since the reader last had a working consumer on the log.
+    pub fn read_age(&self) -> Duration {
+        self.shared
+            .last_read
+            .lock()
+            .map(|t| t.elapsed())
+            .unwrap_or_default()
+    }
+
+    /// Return once every record written before this call has been read.
+    pub async fn sync(&self) -> Result<(), TopologyError> {
+        self.propose(0, Change::Sync).await.map(|_| ())
+    }
+
+    /// Write one change expecting `expected_epoch`, and return what the
+    /// replicas did with it.
+    pub async fn propose(
+        &self,
+        expected_epoch: u64,
+        change: Change,
+    ) -> Result<Outcome, TopologyError> {
+        let id = format!("{}-{:016x}", self.shared.proposer, rand::random::<u64>());
+        let record = Record {
+            id: id.clone(),
+            proposer: self.shared.proposer.clone(),
+            expected_epoch,
+            change,
+        };
+        let body = serde_json::to_vec(&record).unwrap_or_default();
+        let (tx, rx) = oneshot::channel();
+        self.waiters().insert(id.clone(), tx);
+        let mut published = Err(TopologyError::Stopped);
+        for attempt in 0..5u64 {
+            published = self
+                .shared
+                .publisher
+                .publish("", &self.shared.queue, &body, FieldTable::default())
+                .await
+                .map_err(TopologyError::from);
+            if published.is_ok() {
+                break;
+            }
+            // A new stream may refuse writes for a moment.
+            tokio::time::sleep(Duration::from_millis(100 * (attempt + 1))).await;
+        }
+        if let Err(e) = published {
+            self.waiters().remove(&id);
+            return Err(e);
+        }
+        let outcome = tokio::select! {
+            r = tokio::time::timeout(PROPOSAL_TIMEOUT, rx) => match r {
+                Ok(Ok(outcome)) => outcome,
+                Ok(Err(_)) => return Err(TopologyError::Stopped),
+                Err(_) => {
+                    self.waiters().remove(&id);
+                    return Err(TopologyError::Timeout { id, timeout: PROPOSAL_TIMEOUT });
+                }
+            },
+            _ = self.shared.shutdown.cancelled() => return Err(TopologyError::Stopped),
+        };
+        if outcome == Outcome::Applied
+            && !matches!(record.change, Change::Sync | Change::Snapshot { .. })
+        {
+            let state = self.state();
+            if state.epoch % SNAPSHOT_EVERY == 0 {
+                self.write_snapshot(&state).await;
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// Compare-and-set with retries: `make` builds the change from the
+    /// current state (or `None`: nothing to do); it is proposed at the
+    /// state's epoch and rebuilt if another change won that epoch.
+    /// Returns the outcome of the last proposal (`None` if nothing to do).
+    pub async fn propose_with(
+        &self,
+        make: impl Fn(&State) -> Option<Change>,
+    ) -> Result<Option<Outcome>, TopologyError> {
+        for _ in 0..CAS_ATTEMPTS {
+            let state = self.state();
+            let Some(change) = make(&state) else {
+                return Ok(None);
+            };
+            let outcome = self.propose(state.epoch, change).await?;
+            if outcome == Outcome::Applied || self.state().epoch == state.epoch {
+                // Applied, or refused for a reason other than a lost race.
+                return Ok(Some(outcome));
+            }
+        }
+        Err(TopologyError::Contended(CAS_ATTEMPTS))
+    }
+
+    async fn write_snapshot(&self, state: &State) {
+        let record = Record {
+            id: format!("{}-{:016x}", self.shared.proposer, rand::random::<u64>()),
+            proposer: self.shared.proposer.clone(),
+            expected_epoch: state.epoch,
+            change: Change::Snapshot {
+                state: state.clone(),
+            },
+        };
+        let body = serde_json::to_vec(&record).unwrap_or_default();
+        if let Err(e) = self
+            .shared
+            .publisher
+            .publish("", &self.shared.queue, &body, FieldTable::default())
+            .await
+        {
+            tracing::warn!(error = %e, epoch = state.epoch, "Cannot write a topology snapshot.");
+        }
+    }
+
+    fn waiters(&self) -> std::sync::MutexGuard<'_, HashMap<String, oneshot::Sender<Outcome>>> {
+        self.shared
+            .waiters
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+async fn read_loop(shared: Arc<Shared>, broker: Broker) {
+    let cfg = broker.config();
+    let mut backoff = Backoff::new(cfg.reconnect_min, cfg.reconnect_max);
+    let mut next_offset: Option<i64> = None;
+    let mut state = State::default();
+    loop {
+        let result = read_session(&shared, &broker, &mut next_offset, &mut state).await;
+        shared.reading.send_replace(false);
+        if shared.shutdown.is_cancelled() {
+            return;
+        }
+        let delay = backoff.next_delay();
+        if let Err(e) = result {
+            tracing::warn!(error = %e, retry_in = ?delay, "Topology log reader stopped; reconnecting.");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shared.shutdown.cancelled() => return,
+        }
+    }
+}
+
+async fn read_session(
+    shared: &Shared,
+    broker: &Broker,
+    next_offset: &mut Option<i64>,
+    state: &mut State,
+) -> Result<(), BrokerError> {
+    let channel = broker.channel().await?;
+    declare_topology(&channel, &broker.config().namespace).await?;
+    channel
+        .basic_qos(256, BasicQosOptions::default())
+        .await
+        .map_err(BrokerError::op("basic.qos"))?;
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-stream-offset".into(),
+        match next_offset {
+            Some(n) => AMQPValue::LongLongInt(*n),
+            None => AMQPValue::LongString("first".into()),
+        },
+    );
+    let tag = format!("provring.topology.{:08x}", rand::random::<u32>());
+    let mut consumer = channel
+        .basic_consume(
+            shared.queue.as_str().into(),
+            tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            args,
+        )
+        .await
+        .map_err(BrokerError::op("basic.consume"))?;
+    shared.reading.send_replace(true);
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        let delivery = tokio::select! {
+            _ = shared.shutdown.cancelled() => return Ok(()),
+            _ = tick.tick() => {
+                if channel.status().connected() {
+                    if let Ok(mut t) = shared.last_read.lock() {
+                        *t = Instant::now();
+                    }
+                    continue;
+                }
+                return Err(BrokerError::Closed("the topology channel closed".into()));
+            }
+            next = consumer.next() => match next {
+                None => return Err(BrokerError::Closed("the broker closed the topology consumer".into())),
+                Some(Err(e)) => return Err(BrokerError::Op { op: "consume", source: e }),
+                Some(Ok(d)) => d,
+            },
+        };
+        let offset = stream_offset(&delivery.properties);
+        channel
+            .basic_ack(delivery.delivery_tag, BasicAckOptions::default())
+            .await
+            .map_err(BrokerError::op("basic.ack"))?;
+        // A stream consumer may start at the beginning of the chunk that
+        // holds the requested offset: skip what was already read.
+        if let (Some(o), Some(next)) = (offset, *next_offset)
+            && o < next
+        {
+            continue;
+        }
+        if let Some(o) = offset {
+            *next_offset = Some(o + 1);
+        }
+        let record: Record = match serde_json::from_slice(&delivery.data) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(offset = ?offset, error = %e, "Unreadable topology record ignored.");
+                continue;
+            }
+        };
+        let before = state.epoch;
+        let outcome = state.apply(&record);
+        match (&outcome, &record.change) {
+            (Outcome::Applied, Change::Sync) => {}
+            (Outcome::Applied, _) if state.epoch != before || before == 0 => {
+                tracing::debug!(epoch = state.epoch, proposer = %record.proposer, change = ?record.change, "Topology change applied.");
+                shared.state.send_replace(Arc::new(state.clone()));
+            }
+            (Outcome::Applied, _) => {}
+            (Outcome::Ignored(reason), Change::Snapshot { .. }) => {
+                tracing::error!(%reason, "Topology replica disagrees with a snapshot in the log.");
+            }
+            (Outcome::Ignored(reason), change) => {
+                tracing::debug!(%reason, proposer = %record.proposer, ?change, "Topology change ignored.");
+            }
+        }
+        let waiter = shared
+            .waiters
+            .lock()
+            .ok()
+            .and_then(|mut w| w.remove(&record.id));
+        if let Some(tx) = waiter {
+            let _ = tx.send(outcome);
+        }
+    }
+}
+
+fn stream_offset(props: &lapin::BasicProperties) -> Option<i64> {
+    let headers = props.headers().as_ref()?;
+    match headers.inner().get("x-stream-offset")? {
+        AMQPValue::LongLongInt(n) => Some(*n),
+        AMQPValue::LongInt(n) => Some(i64::from(*n)),
+        AMQPValue::LongUInt(n) => Some(i64::from(*n)),
+        AMQPValue::ShortInt(n) => Some(i64::from(*n)),
+        AMQPValue::Timestamp(n) => i64::try_from(*n).ok(),
+        _ => None,
+    }
+}

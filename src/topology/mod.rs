@@ -1,0 +1,485 @@
+//! The topology: who hosts which adaptor and singleton service, who monitors
+//! whom, who stopped on purpose.
+//!
+//! Every change is a record in an ordered log on the broker (a RabbitMQ
+//! stream queue, see [`log`]). Every server replays the log with
+//! [`State::apply`], a pure function, so all replicas reach the same state.
+//! Each change names the epoch it expects; a change whose epoch does not
+//! match the replica's is ignored by every replica, so the log's total order
+//! settles races (compare-and-set) without any consensus of our own.
+
+pub mod log;
+pub mod tool;
+
+use crate::config::{Config, Service};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+pub use log::{Topology, TopologyError};
+
+/// The replicated state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct State {
+    /// Number of changes applied; 0 before the log was initialised.
+    pub epoch: u64,
+    /// The cluster file's shape when the log was initialised (flattened
+    /// keys); a server whose file differs does not start.
+    pub cluster: BTreeMap<String, String>,
+    /// Configured ring order: each server monitors the next.
+    pub ring: Vec<String>,
+    pub servers: BTreeMap<String, ServerState>,
+    /// Adaptor → the server hosting it.
+    pub adaptors: BTreeMap<String, String>,
+    /// Singleton service → the server running it.
+    pub singletons: BTreeMap<String, String>,
+    /// Server → the server it monitors.
+    pub monitors: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerState {
+    /// provring version of the last join.
+    pub version: Option<String>,
+    /// Fingerprint of the cluster key the server joined with.
+    pub key_fingerprint: Option<String>,
+    /// Epoch at which the server last joined.
+    pub joined_epoch: Option<u64>,
+    /// The server announced an intentional stop and has not joined since.
+    pub stopping: bool,
+    /// The server was taken over and has not joined since.
+    pub failed: bool,
+}
+
+/// One record of the log.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Record {
+    /// Unique per proposal; the proposer waits to read it back.
+    pub id: String,
+    /// Node or tool that wrote the record.
+    pub proposer: String,
+    /// The epoch the change expects; ignored for `sync` and `snapshot`.
+    pub expected_epoch: u64,
+    #[serde(flatten)]
+    pub change: Change,
+}
+
+/// A change to the topology.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "change", rename_all = "snake_case")]
+pub enum Change {
+    /// The first record: the state derived from the cluster file.
+    Init { state: State },
+    /// A server started and joined.
+    Joined {
+        node: String,
+        version: String,
+        key_fingerprint: Option<String>,
+    },
+    /// A server is stopping on purpose; it must not be taken over.
+    Stopping { node: String },
+    /// `by` takes over the failed server's adaptors, singletons and
+    /// monitoring link.
+    Takeover { failed: String, by: String },
+    /// An operator moves an adaptor or singleton service.
+    Move { what: String, to: String },
+    /// `node` now monitors `monitors`.
+    Monitoring { node: String, monitors: String },
+    /// The state at its epoch, for checking replicas (and a starting point
+    /// if the log's beginning is ever truncated). Changes nothing.
+    Snapshot { state: State },
+    /// A read barrier: a reader that reads its own `sync` has read every
+    /// record written before it. Changes nothing.
+    Sync,
+}
+
+/// What a replica did with a record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "outcome", content = "reason", rename_all = "snake_case")]
+pub enum Outcome {
+    Applied,
+    Ignored(String),
+}
+
+/// Services that are singletons, with their names in the topology.
+pub const SINGLETONS: [(Service, &str); 2] = [
+    (Service::Scheduler, "scheduler"),
+    (Service::TimeoutChecker, "timeout-checker"),
+];
+
+impl State {
+    /// The initial state of a cluster file: every adaptor on its configured
+    /// server, each singleton on the first eligible server in ring order,
+    /// each server monitoring the next one in the ring.
+    pub fn initial(config: &Config) -> State {
+        let ring: Vec<String> = config.servers.keys().cloned().collect();
+        let servers = ring
+            .iter()
+            .map(|id| (id.clone(), ServerState::default()))
+            .collect();
+        let adaptors = config
+            .adaptors
+            .iter()
+            .map(|(name, a)| (name.clone(), a.server.clone()))
+            .collect();
+        let mut singletons = BTreeMap::new();
+        for (service, name) in SINGLETONS {
+            if let Some(host) = ring
+                .iter()
+                .find(|id| config.servers[*id].services.contains(&service))
+            {
+                singletons.insert(name.to_owned(), host.clone());
+            }
+        }
+        let mut monitors = BTreeMap::new();
+        if ring.len() > 1 {
+            for (i, id) in ring.iter().enumerate() {
+                monitors.insert(id.clone(), ring[(i + 1) % ring.len()].clone());
+            }
+        }
+        State {
+            epoch: 0,
+            cluster: cluster_shape(config),
+            ring,
+            servers,
+            adaptors,
+            singletons,
+            monitors,
+        }
+    }
+
+    /// The server that monitors `node`, if any.
+    pub fn monitor_of(&self, node: &str) -> Option<&str> {
+        self.monitors
+            .iter()
+            .find(|(m, monitored)| monitored.as_str() == node && m.as_str() != node)
+            .map(|(m, _)| m.as_str())
+    }
+
+    /// The servers whose copies `node` holds (the servers it monitors).
+    pub fn origins_of(&self, node: &str) -> Vec<String> {
+        self.monitors
+            .get(node)
+            .filter(|m| m.as_str() != node)
+            .cloned()
+            .into_iter()
+            .collect()
+    }
+
+    /// Adaptors hosted by `node`.
+    pub fn adaptors_of(&self, node: &str) -> Vec<String> {
+        self.adaptors
+            .iter()
+            .filter(|(_, host)| host.as_str() == node)
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
+    pub fn initialised(&self) -> bool {
+        self.epoch > 0
+    }
+
+    /// Apply one record; the same records in the same order give every
+    /// replica the same state.
+    pub fn apply(&mut self, record: &Record) -> Outcome {
+        match &record.change {
+            Change::Sync => return Outcome::Applied,
+            Change::Snapshot { state } => {
+                if !self.initialised() {
+                    *self = state.clone();
+                    return Outcome::Applied;
+                }
+                if state.epoch == self.epoch && state != self {
+                    return Outcome::Ignored(format!(
+                        "snapshot of epoch {} differs from this replica's state",
+                        state.epoch
+                    ));
+                }
+                return Outcome::Applied;
+            }
+            _ => {}
+        }
+        if record.expected_epoch != self.epoch {
+            return Outcome::Ignored(format!(
+                "expected epoch {}, the log is at epoch {}",
+                record.expected_epoch, self.epoch
+            ));
+        }
+        if let Err(reason) = self.change(&record.change) {
+            return Outcome::Ignored(reason);
+        }
+        self.epoch += 1;
+        Outcome::Applied
+    }
+
+    fn known(&self, node: &str) -> Result<(), String> {
+        if self.servers.contains_key(node) {
+            Ok(())
+        } else {
+            Err(format!("unknown server {node:?}"))
+        }
+    }
+
+    fn change(&mut self, change: &Change) -> Result<(), String> {
+        if !self.initialised() && !matches!(change, Change::Init { .. }) {
+            return Err("the log has not been initialised".into());
+        }
+        match change {
+            Change::Init { state } => {
+                if self.initialised() {
+                    return Err("the log is already initialised".into());
+                }
+                *self = State {
+                    epoch: 0,
+                    ..state.clone()
+                };
+            }
+            Change::Joined {
+                node,
+                version,
+                key_fingerprint,
+            } => {
+                self.known(node)?;
+                let epoch = self.epoch;
+                let s = self.servers.entry(node.clone()).or_default();
+                s.version = Some(version.clone());
+                s.key_fingerprint = key_fingerprint.clone();
+                s.joined_epoch = Some(epoch);
+                s.stopping = false;
+                s.failed = false;
+            }
+            Change::Stopping { node } => {
+                self.known(node)?;
+                self.servers.entry(node.clone()).or_default().stopping = true;
+            }
+            Change::Takeover { failed, by } => {
+                self.known(failed)?;
+                self.known(by)?;
+                if failed == by {
+                    return Err("a server cannot take itself over".into());
+                }
+                if self.servers[by.as_str()].failed {
+                    return Err(format!("{by} has itself been taken over"));
+                }
+                if self.servers[failed.as_str()].failed {
+                    return Err(format!("{failed} has already been taken over"));
+                }
+                for host in self
+                    .adaptors
+                    .values_mut()
+                    .chain(self.singletons.values_mut())
+                {
+                    if host == failed {
+                        *host = by.clone();
+                    }
+                }
+                // Close the ring: the taker monitors what the failed server did.
+                if let Some(next) = self.monitors.remove(failed.as_str()) {
+                    if &next == by {
+                        self.monitors.remove(by.as_str());
+                    } else {
+                        self.monitors.insert(by.clone(), next);
+                    }
+                }
+                self.servers.entry(failed.clone()).or_default().failed = true;
+            }
+            Change::Move { what, to } => {
+                self.known(to)?;
+                if let Some(host) = self.adaptors.get_mut(what) {
+                    *host = to.clone();
+                } else if let Some(host) = self.singletons.get_mut(what) {
+                    *host = to.clone();
+                } else {
+                    return Err(format!("no adaptor or singleton named {what:?}"));
+                }
+            }
+            Change::Monitoring { node, monitors } => {
+                self.known(node)?;
+                self.known(monitors)?;
+                if node == monitors {
+                    return Err(format!("{node} cannot monitor itself"));
+                }
+                // One monitor per server: whoever monitored `monitors` stops.
+                self.monitors.retain(|_, m| m != monitors);
+                self.monitors.insert(node.clone(), monitors.clone());
+            }
+            Change::Snapshot { .. } | Change::Sync => {}
+        }
+        Ok(())
+    }
+}
+
+/// The keys of a cluster file that every server must agree on, flattened.
+pub fn cluster_shape(config: &Config) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    out.insert(
+        "servers".to_owned(),
+        config.servers.keys().cloned().collect::<Vec<_>>().join(","),
+    );
+    for (id, s) in &config.servers {
+        let services: Vec<&str> = s.services.iter().map(|s| s.as_str()).collect();
+        out.insert(format!("servers.{id}.services"), services.join(","));
+    }
+    for (name, a) in &config.adaptors {
+        out.insert(format!("adaptors.{name}.kind"), a.kind.as_str().to_owned());
+        out.insert(format!("adaptors.{name}.queue"), a.queue.clone());
+        out.insert(format!("adaptors.{name}.server"), a.server.clone());
+    }
+    out
+}
+
+/// Keys that differ between the log's cluster shape and this file's:
+/// `key: log has "x", this file has "y"`.
+pub fn shape_differences(
+    log: &BTreeMap<String, String>,
+    file: &BTreeMap<String, String>,
+) -> Vec<String> {
+    let mut keys: Vec<&String> = log.keys().chain(file.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    let show = |v: Option<&String>| match v {
+        Some(v) => format!("{v:?}"),
+        None => "nothing".to_owned(),
+    };
+    keys.into_iter()
+        .filter(|k| log.get(*k) != file.get(*k))
+        .map(|k| {
+            format!(
+                "{k}: the topology log has {}, this file has {}",
+                show(log.get(k)),
+                show(file.get(k))
+            )
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(expected_epoch: u64, change: Change) -> Record {
+        Record {
+            id: format!("{:x}", rand::random::<u64>()),
+            proposer: "test".into(),
+            expected_epoch,
+            change,
+        }
+    }
+
+    fn three() -> State {
+        let mut s = State::default();
+        let init = State {
+            ring: vec!["a".into(), "b".into(), "c".into()],
+            servers: ["a", "b", "c"]
+                .iter()
+                .map(|id| (id.to_string(), ServerState::default()))
+                .collect(),
+            adaptors: [("hr".to_string(), "a".to_string())].into(),
+            singletons: [("scheduler".to_string(), "a".to_string())].into(),
+            monitors: [("a", "b"), ("b", "c"), ("c", "a")]
+                .iter()
+                .map(|(x, y)| (x.to_string(), y.to_string()))
+                .collect(),
+            ..State::default()
+        };
+        assert_eq!(
+            s.apply(&record(0, Change::Init { state: init })),
+            Outcome::Applied
+        );
+        s
+    }
+
+    #[test]
+    fn a_change_for_another_epoch_is_ignored() {
+        let mut s = three();
+        let first = record(
+            1,
+            Change::Monitoring {
+                node: "a".into(),
+                monitors: "c".into(),
+            },
+        );
+        let second = record(
+            1,
+            Change::Monitoring {
+                node: "b".into(),
+                monitors: "a".into(),
+            },
+        );
+        assert_eq!(s.apply(&first), Outcome::Applied);
+        assert!(matches!(s.apply(&second), Outcome::Ignored(_)));
+        assert_eq!(s.epoch, 2);
+        assert_eq!(s.monitor_of("c"), Some("a"));
+    }
+
+    #[test]
+    fn takeover_moves_work_and_closes_the_ring() {
+        let mut s = three();
+        let t = record(
+            1,
+            Change::Takeover {
+                failed: "a".into(),
+                by: "c".into(),
+            },
+        );
+        assert_eq!(s.apply(&t), Outcome::Applied);
+        assert_eq!(s.adaptors["hr"], "c");
+        assert_eq!(s.singletons["scheduler"], "c");
+        assert_eq!(s.monitors.get("c").map(String::as_str), Some("b"));
+        assert_eq!(s.monitor_of("a"), None);
+        assert!(s.servers["a"].failed);
+        // A second takeover of the same server loses.
+        let again = record(
+            2,
+            Change::Takeover {
+                failed: "a".into(),
+                by: "b".into(),
+            },
+        );
+        assert!(matches!(s.apply(&again), Outcome::Ignored(_)));
+    }
+
+    #[test]
+    fn nothing_applies_before_init_and_init_applies_once() {
+        let mut s = State::default();
+        let j = record(
+            0,
+            Change::Joined {
+                node: "a".into(),
+                version: "1".into(),
+                key_fingerprint: None,
+            },
+        );
+        assert!(matches!(s.apply(&j), Outcome::Ignored(_)));
+        let mut s = three();
+        let again = record(
+            1,
+            Change::Init {
+                state: State::default(),
+            },
+        );
+        assert!(matches!(s.apply(&again), Outcome::Ignored(_)));
+    }
+
+    #[test]
+    fn a_snapshot_starts_an_empty_replica_and_checks_a_running_one() {
+        let s = three();
+        let snap = record(0, Change::Snapshot { state: s.clone() });
+        let mut fresh = State::default();
+        assert_eq!(fresh.apply(&snap), Outcome::Applied);
+        assert_eq!(fresh, s);
+        let mut other = s.clone();
+        other.adaptors.insert("hr".into(), "b".into());
+        assert!(matches!(other.apply(&snap), Outcome::Ignored(_)));
+    }
+
+    #[test]
+    fn differences_name_the_keys() {
+        let log: BTreeMap<String, String> = [("adaptors.hr.server".into(), "a".into())].into();
+        let file: BTreeMap<String, String> = [("adaptors.hr.server".into(), "b".into())].into();
+        let d = shape_differences(&log, &file);
+        assert_eq!(
+            d,
+            vec![r#"adaptors.hr.server: the topology log has "a", this file has "b""#.to_string()]
+        );
+    }
+}

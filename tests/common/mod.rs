@@ -167,6 +167,107 @@ grace = {grace:?}
     }
 }
 
+impl Setup {
+    /// Write a cluster file of servers `nodes` in one ring (each monitors
+    /// the next by id), each hosting adaptor `feed_<node>` (queue
+    /// `feed-<node>`) → webhook. Returns the file and each server's admin
+    /// address.
+    pub fn write_ring(&self, dir: &Path, nodes: &[&str]) -> (PathBuf, HashMap<String, String>) {
+        let mut admins = HashMap::new();
+        let mut servers = String::new();
+        let mut adaptors = String::new();
+        for n in nodes {
+            let admin = free_addr();
+            servers.push_str(&format!(
+                "[servers.{n}]\nadmin_listen = {admin:?}\ndata_dir = {data:?}\n\n",
+                data = dir.join(format!("data-{n}")).display().to_string(),
+            ));
+            adaptors.push_str(&format!(
+                "[adaptors.feed_{n}]\nkind = \"provisioning\"\nqueue = \"feed-{n}\"\nserver = \"{n}\"\ntarget = \"hook\"\nconcurrency = {c}\n\n",
+                c = self.concurrency,
+            ));
+            admins.insert(n.to_string(), admin);
+        }
+        let toml = format!(
+            r#"
+[broker]
+uris = [{uri:?}]
+namespace = {ns:?}
+prefetch = 500
+reconnect_min = "100ms"
+reconnect_max = "1s"
+publish_timeout = "5s"
+
+{servers}
+{adaptors}
+[targets.hook]
+kind = "webhook"
+url = {hook:?}
+timeout = "2s"
+
+[retry]
+attempts = 100
+initial_backoff = {initial:?}
+max_backoff = {max_backoff:?}
+deadline = "10m"
+
+[limits]
+max_message_size = {max}
+
+[shutdown]
+grace = {grace:?}
+{extra}
+"#,
+            uri = self.uri,
+            ns = self.namespace,
+            hook = self.webhook,
+            max = self.max_message_size,
+            grace = self.grace,
+            initial = self.backoff.0,
+            max_backoff = self.backoff.1,
+            extra = self.extra,
+        );
+        let path = dir.join("cluster.toml");
+        std::fs::write(&path, toml).expect("write cluster.toml");
+        (path, admins)
+    }
+}
+
+/// GET `path` from a server's admin API as JSON.
+pub async fn admin_get<T: serde::de::DeserializeOwned>(
+    admin: &str,
+    path: &str,
+) -> Result<T, String> {
+    let url = format!("http://{admin}{path}");
+    let response = reqwest::Client::new()
+        .get(&url)
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .map_err(|e| format!("{url}: {e}"))?;
+    if !response.status().is_success() {
+        return Err(format!("{url}: HTTP {}", response.status()));
+    }
+    response
+        .json::<T>()
+        .await
+        .map_err(|e| format!("{url}: {e}"))
+}
+
+/// Run `provring` with `args`; (exit code, stdout, stderr).
+pub fn provring(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_provring"))
+        .args(args)
+        .env("RUST_LOG", "warn,lapin=off")
+        .output()
+        .expect("run provring");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 pub fn load(path: &Path) -> Config {
     provring::config::load(&[path.to_owned()]).expect("test config is valid")
 }
@@ -476,7 +577,11 @@ pub async fn drain_parking(broker: &BrokerConfig) -> Vec<(Vec<u8>, String)> {
 pub async fn cleanup(broker: &BrokerConfig, queues: &[&str]) {
     let b = provring::broker::Broker::new(broker.clone(), "test cleanup");
     if let Ok(ch) = b.channel().await {
-        for q in queues.iter().chain(["parking"].iter()) {
+        // What every server declares besides the adaptor queues.
+        let system = [
+            "parking", "topology", "backup.a", "backup.b", "backup.c", "backup.d",
+        ];
+        for q in queues.iter().chain(system.iter()) {
             let _ = ch
                 .queue_delete(
                     format!("{}.{q}", broker.namespace).as_str().into(),

@@ -2,12 +2,15 @@
 //! broker in the same run, so that the ratio means something on a shared,
 //! noisy machine.
 //!
-//! `pipeline`: (1) fill a queue with N events and consume it as fast as the
-//! broker allows (prefetch, one `multiple` ack per ready batch, nothing
-//! stored); (2) fill an adaptor queue with the same N events and run this
-//! server's pipeline in-process on it (decode, sled, group commit, ack,
-//! executor, null target) until all N are finished. Both use a fresh
-//! namespace, the configured queue type and prefetch, and are cleaned up.
+//! `pipeline`: (1) fill S queues with N events in all and consume them at
+//! once as fast as the broker allows (prefetch, one `multiple` ack per
+//! ready batch, nothing stored); (2) fill S adaptor queues with the same
+//! events and run a ring of S servers in-process on them (decode, sled,
+//! group commit, copy to the monitor with confirm, ack, executor, null
+//! target; each monitor stores the copies and applies the removals) until
+//! all N are finished. Both are timed from the first delivery. Both use a
+//! fresh namespace, the configured queue type and prefetch, and are
+//! cleaned up. S is `--servers` (1: a single server, nothing mirrored).
 
 use crate::broker::declare::declare_adaptor_queue;
 use crate::broker::{Broker, BrokerError};
@@ -38,6 +41,7 @@ pub enum BenchError {
 /// Result of `bench pipeline`.
 pub struct PipelineReport {
     pub messages: u64,
+    pub servers: u16,
     /// Rounds measured; the rates are medians over them.
     pub rounds: u32,
     pub queue_type: &'static str,
@@ -58,17 +62,24 @@ impl PipelineReport {
                 "ratio": (self.ratio() * 1000.0).round() / 1000.0,
                 "messages": self.messages,
                 "rounds": self.rounds,
+                "servers": self.servers,
                 "queue_type": self.queue_type,
             })
             .to_string()
         } else {
             format!(
-                "bench pipeline: {} messages, {} queues, median of {} rounds\n  raw consume+ack     {:>10.0} msg/s\n  provring pipeline   {:>10.0} msg/s (durable, null target)\n  ratio               {:>10.3}",
+                "bench pipeline: {} messages, {} server(s), {} queues, median of {} rounds\n  raw consume+ack     {:>10.0} msg/s\n  provring pipeline   {:>10.0} msg/s ({}, null target)\n  ratio               {:>10.3}",
                 self.messages,
+                self.servers,
                 self.queue_type,
                 self.rounds,
                 self.raw_msgs_per_s,
                 self.provring_msgs_per_s,
+                if self.servers > 1 {
+                    "durable and mirrored"
+                } else {
+                    "durable"
+                },
                 self.ratio()
             )
         }
@@ -106,7 +117,7 @@ pub async fn pipeline(args: &BenchArgs) -> Result<PipelineReport, BenchError> {
     let mut pipeline_rates = Vec::new();
     let mut failure = None;
     for round in 1..=rounds {
-        match one_round(&broker, &broker_config, n, round, &say).await {
+        match one_round(&broker, &broker_config, n, args.servers, round, &say).await {
             Ok((raw, pipeline)) => {
                 say(&format!(
                     "round {round}/{rounds}: raw {:.0} msg/s, provring {:.0} msg/s",
@@ -122,12 +133,13 @@ pub async fn pipeline(args: &BenchArgs) -> Result<PipelineReport, BenchError> {
             }
         }
     }
-    cleanup(&broker, &namespace).await;
+    cleanup(&broker, &namespace, args.servers).await;
     if let Some(e) = failure {
         return Err(e);
     }
     Ok(PipelineReport {
         messages: n,
+        servers: args.servers,
         queue_type: broker_config.queue_type.as_str(),
         rounds,
         raw_msgs_per_s: median(&mut raw_rates),
@@ -144,47 +156,82 @@ fn median(values: &mut [f64]) -> f64 {
     }
 }
 
-/// One raw measurement then one pipeline measurement, each on a queue
+/// One raw measurement then one pipeline measurement, each on queues
 /// filled with the same `n` events; returns their durations in seconds.
 async fn one_round(
     broker: &Broker,
     cfg: &BrokerConfig,
     n: u64,
+    servers: u16,
     round: u32,
     say: &impl Fn(&str),
 ) -> Result<(f64, f64), BenchError> {
     let run = format!("r{round}-{:08x}", rand::random::<u32>());
+    let shares = shares(n, servers);
     say(&format!(
-        "round {round}: filling {}.raw with {n} events...",
-        cfg.namespace
+        "round {round}: filling {} raw queue(s) of {} with {n} events...",
+        servers, cfg.namespace
     ));
-    publish_bodies(
-        cfg,
-        "raw",
-        generated(AdaptorKind::Provisioning, run.clone(), n),
-        false,
+    for (i, share) in shares.iter().enumerate() {
+        publish_bodies(
+            cfg,
+            &format!("raw-{}", i + 1),
+            generated(AdaptorKind::Provisioning, format!("{run}-{i}"), *share),
+            false,
+        )
+        .await?;
+    }
+    let raw = futures::future::try_join_all(
+        shares
+            .iter()
+            .enumerate()
+            .map(|(i, share)| consume_raw(broker, cfg, format!("raw-{}", i + 1), *share)),
     )
     .await?;
-    let raw = consume_raw(broker, cfg, n).await?;
+    let raw = span(&raw);
     say(&format!(
-        "round {round}: filling {}.bench with {n} events...",
-        cfg.namespace
+        "round {round}: filling {} adaptor queue(s) with {n} events...",
+        servers
     ));
-    publish_bodies(
-        cfg,
-        "bench",
-        generated(AdaptorKind::Provisioning, run, n),
-        false,
-    )
-    .await?;
-    let pipeline = run_pipeline(cfg, n).await?;
+    for (i, share) in shares.iter().enumerate() {
+        publish_bodies(
+            cfg,
+            &format!("bench-{}", i + 1),
+            generated(AdaptorKind::Provisioning, format!("{run}-{i}"), *share),
+            false,
+        )
+        .await?;
+    }
+    let pipeline = run_pipeline(cfg, n, servers).await?;
     Ok((raw, pipeline))
 }
 
-/// Seconds to consume and ack `n` messages from `ns.raw`.
-async fn consume_raw(broker: &Broker, cfg: &BrokerConfig, n: u64) -> Result<f64, BenchError> {
+/// `n` split over `servers` queues.
+fn shares(n: u64, servers: u16) -> Vec<u64> {
+    let s = u64::from(servers.max(1));
+    (0..s).map(|i| n / s + u64::from(i < n % s)).collect()
+}
+
+/// Seconds from the earliest start to the latest end.
+fn span(times: &[(Instant, Instant)]) -> f64 {
+    let start = times.iter().map(|t| t.0).min();
+    let end = times.iter().map(|t| t.1).max();
+    match (start, end) {
+        (Some(s), Some(e)) => (e - s).as_secs_f64().max(1e-9),
+        _ => 1e-9,
+    }
+}
+
+/// Consume and ack `n` messages from `ns.<queue>`: (first delivery, end).
+async fn consume_raw(
+    broker: &Broker,
+    cfg: &BrokerConfig,
+    queue: String,
+    n: u64,
+) -> Result<(Instant, Instant), BenchError> {
     let channel = broker.channel().await?;
-    let queue = declare_adaptor_queue(&channel, &cfg.namespace, cfg.queue_type, "raw").await?;
+    let queue = declare_adaptor_queue(&channel, &cfg.namespace, cfg.queue_type, &queue).await?;
+    let tag = format!("bench-{queue}");
     channel
         .basic_qos(cfg.prefetch, BasicQosOptions::default())
         .await
@@ -192,7 +239,7 @@ async fn consume_raw(broker: &Broker, cfg: &BrokerConfig, n: u64) -> Result<f64,
     let mut consumer = channel
         .basic_consume(
             queue.as_str().into(),
-            "bench-raw".into(),
+            tag.as_str().into(),
             BasicConsumeOptions::default(),
             FieldTable::default(),
         )
@@ -226,57 +273,68 @@ async fn consume_raw(broker: &Broker, cfg: &BrokerConfig, n: u64) -> Result<f64,
             .await
             .map_err(BrokerError::op("basic.ack"))?;
     }
-    let secs = started.map(|s| s.elapsed().as_secs_f64()).unwrap_or(1e-9);
+    let end = Instant::now();
     let _ = channel
         .basic_cancel(
-            "bench-raw".into(),
+            tag.as_str().into(),
             lapin::options::BasicCancelOptions::default(),
         )
         .await;
     let _ = channel.close(200, "done".into()).await;
-    Ok(secs)
+    Ok((started.unwrap_or(end), end))
 }
 
-/// Seconds for this server's pipeline to finish `n` events from `ns.bench`.
-async fn run_pipeline(broker: &BrokerConfig, n: u64) -> Result<f64, BenchError> {
+/// Seconds for a ring of `servers` servers to finish `n` events from
+/// `ns.bench-<i>`, from the first delivery.
+async fn run_pipeline(broker: &BrokerConfig, n: u64, servers: u16) -> Result<f64, BenchError> {
     let dir = tempfile_dir()?;
-    let toml = format!(
-        r#"
-[servers.bench]
-admin_listen = "127.0.0.1:0"
-data_dir = {dir:?}
-[adaptors.bench]
-kind = "provisioning"
-queue = "bench"
-server = "bench"
-target = "null"
-concurrency = 64
-[targets.null]
-kind = "null"
-"#,
-        dir = dir.path().display().to_string()
-    );
-    let mut config =
-        Config::builder_from_toml(&format!("[broker]\nuris = [\"amqp://x\"]\n{toml}"))?;
+    let mut toml =
+        String::from("[broker]\nuris = [\"amqp://x\"]\n[targets.null]\nkind = \"null\"\n");
+    for i in 1..=servers {
+        toml.push_str(&format!(
+            "[servers.s{i}]\nadmin_listen = \"127.0.0.1:0\"\ndata_dir = {dir:?}\n\
+             [adaptors.bench-{i}]\nkind = \"provisioning\"\nqueue = \"bench-{i}\"\nserver = \"s{i}\"\n\
+             target = \"null\"\nconcurrency = 64\n",
+            dir = dir.path().join(format!("s{i}")).display().to_string()
+        ));
+    }
+    let mut config = Config::builder_from_toml(&toml)?;
     config.broker = broker.clone();
-    let started = Instant::now();
-    let running = crate::server::start(&config, "bench").await?;
-    let stats = running.stats.clone();
+    let nodes: Vec<String> = (1..=servers).map(|i| format!("s{i}")).collect();
+    let running =
+        futures::future::try_join_all(nodes.iter().map(|node| crate::server::start(&config, node)))
+            .await?;
+    let stats: Vec<_> = running.iter().map(|r| r.stats.clone()).collect();
+    let finished = || stats.iter().map(|s| s.finished()).sum::<u64>();
+    let received = || {
+        stats
+            .iter()
+            .map(|s| s.received.load(std::sync::atomic::Ordering::Relaxed))
+            .sum::<u64>()
+    };
+    let mut started = None;
     let mut last = (0, Instant::now());
-    while stats.finished() < n {
-        tokio::time::sleep(Duration::from_millis(2)).await;
-        let done = stats.finished();
+    while finished() < n {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        if started.is_none() && received() > 0 {
+            started = Some(Instant::now());
+        }
+        let done = finished();
         if done != last.0 {
             last = (done, Instant::now());
         } else if last.1.elapsed() > Duration::from_secs(30) {
-            running.stop().await;
+            for r in running {
+                r.stop().await;
+            }
             return Err(BenchError::Stalled(format!(
                 "pipeline stalled after {done} of {n}"
             )));
         }
     }
-    let secs = started.elapsed().as_secs_f64();
-    running.stop().await;
+    let secs = started.map_or(1e-9, |s| s.elapsed().as_secs_f64());
+    for r in running {
+        r.stop().await;
+    }
     Ok(secs)
 }
 
@@ -301,9 +359,17 @@ impl Drop for TempDir {
     }
 }
 
-async fn cleanup(broker: &Broker, namespace: &str) {
+async fn cleanup(broker: &Broker, namespace: &str, servers: u16) {
     if let Ok(channel) = broker.channel().await {
-        for q in ["raw", "bench", "parking"] {
+        let mut queues = vec!["parking".to_owned(), "topology".to_owned()];
+        for i in 1..=servers {
+            queues.extend([
+                format!("raw-{i}"),
+                format!("bench-{i}"),
+                format!("backup.s{i}"),
+            ]);
+        }
+        for q in queues {
             let _ = channel
                 .queue_delete(
                     format!("{namespace}.{q}").as_str().into(),

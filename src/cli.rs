@@ -171,4 +171,8 @@ pub struct BenchArgs {
     /// Print one JSON line instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Servers in the measured ring (each hosts one adaptor and mirrors to
+    /// the next); the raw baseline consumes as many queues at once.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=8))]
+    pub servers: u16,
 }

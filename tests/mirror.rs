@@ -27,22 +27,6 @@ async fn items(admin: &str) -> ItemsView {
         .expect("GET /backlog/items")
 }
 
-fn start_ring(
-    dir: &std::path::Path,
-    config: &std::path::Path,
-    nodes: &[&str],
-) -> HashMap<String, ServerProc> {
-    let mut servers = HashMap::new();
-    for n in nodes {
-        let p = ServerProc::start(config, n, dir.join(format!("{n}.log")));
-        servers.insert(n.to_string(), p);
-    }
-    for p in servers.values_mut() {
-        p.wait_started(Duration::from_secs(60));
-    }
-    servers
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_item_is_held_by_the_monitor_while_the_ring_works() {
     let recorder = Recorder::default();
@@ -54,7 +38,7 @@ async fn every_item_is_held_by_the_monitor_while_the_ring_works() {
     let (path, admins) = setup.write_ring(dir.path(), &["a", "b", "c"]);
     let config = load(&path);
     let _cleanup = Cleanup::new(&config.broker, &["feed-a", "feed-b", "feed-c"]);
-    let _servers = start_ring(dir.path(), &path, &["a", "b", "c"]);
+    let _servers = start_servers(&path, dir.path(), &["a", "b", "c"]);
     let monitor = HashMap::from([("a", "c"), ("b", "a"), ("c", "b")]);
 
     let total = 20_000u64;
@@ -144,7 +128,7 @@ async fn a_new_monitor_receives_the_whole_backlog_after_the_old_one_is_killed() 
     let (path, admins) = setup.write_ring(dir.path(), &["a", "b", "c"]);
     let config = load(&path);
     let _cleanup = Cleanup::new(&config.broker, &["feed-a", "feed-b", "feed-c"]);
-    let mut servers = start_ring(dir.path(), &path, &["a", "b", "c"]);
+    let mut servers = start_servers(&path, dir.path(), &["a", "b", "c"]);
 
     // b monitors c.
     publish(&config.broker, "feed-c", events("before", 1000)).await;

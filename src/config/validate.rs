@@ -95,7 +95,10 @@ pub fn validate(config: &Config) -> Vec<Problem> {
         }
         match s.admin_listen.parse::<SocketAddr>() {
             Ok(addr) => {
-                if let Some(other) = listens.insert(addr, id) {
+                // Port 0 (any free port) may repeat.
+                if addr.port() != 0
+                    && let Some(other) = listens.insert(addr, id)
+                {
                     add(
                         format!("servers.{id}.admin_listen"),
                         format!("{addr} is also the admin address of server {other}"),

@@ -123,6 +123,11 @@ impl Consumer {
         let cfg = self.broker.config();
         let channel = self.broker.channel().await?;
         let queue = declare_backup(&channel, &cfg.namespace, cfg.queue_type, &self.origin).await?;
+        // RabbitMQ 3.10 can answer a declare of a quorum queue that another
+        // connection is still creating before the queue runs; a consume
+        // then fails with INTERNAL_ERROR and closes the whole connection.
+        // The origin declares the same queue as it starts: give it a moment.
+        tokio::time::sleep(Duration::from_millis(300)).await;
         channel
             .basic_qos(cfg.prefetch, BasicQosOptions::default())
             .await

@@ -233,6 +233,22 @@ grace = {grace:?}
     }
 }
 
+/// Start one server per node of `config` (logs `<dir>/<node>.log`) and wait
+/// until each has started.
+pub fn start_servers(config: &Path, dir: &Path, nodes: &[&str]) -> HashMap<String, ServerProc> {
+    let mut servers: HashMap<String, ServerProc> = nodes
+        .iter()
+        .map(|n| {
+            let log = dir.join(format!("{n}.log"));
+            (n.to_string(), ServerProc::start(config, n, log))
+        })
+        .collect();
+    for s in servers.values_mut() {
+        s.wait_started(Duration::from_secs(60));
+    }
+    servers
+}
+
 /// GET `path` from a server's admin API as JSON.
 pub async fn admin_get<T: serde::de::DeserializeOwned>(
     admin: &str,

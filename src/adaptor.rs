@@ -287,13 +287,29 @@ async fn write_loop(
             let t2 = Instant::now();
             // The copy on the monitor; also for redeliveries only (no
             // records), whose copies may be part of a resync in progress.
-            p.mirror.copy(&p.name, records).await?;
+            if let Err(e) = p.mirror.copy(&p.name, records).await {
+                // Durable here: hand the new items to the executor anyway
+                // (their redeliveries will be duplicates), but do not ack.
+                hand_over(&p, stored);
+                return Err(e.into());
+            }
             tracing::trace!(adaptor = %p.name, batch = n, store_us = (t1 - t0).as_micros() as u64, flush_us = (t2 - t1).as_micros() as u64, mirror_us = t2.elapsed().as_micros() as u64, "Batch durable on both servers.");
             stored
         };
         // Durable now: hand the items to the executor before the ack, so
         // that a failed ack (the broker then redelivers them, and they are
         // recognised as duplicates) cannot strand them in the repository.
+        hand_over(&p, stored);
+        channel
+            .basic_ack(last_tag, BasicAckOptions { multiple: true })
+            .await
+            .map_err(BrokerError::op("basic.ack"))?;
+    }
+    Ok(())
+}
+
+fn hand_over(p: &Parts, stored: Vec<Stored>) {
+    {
         for s in stored {
             match s {
                 Stored::New(item) => {
@@ -310,12 +326,7 @@ async fn write_loop(
                 }
             }
         }
-        channel
-            .basic_ack(last_tag, BasicAckOptions { multiple: true })
-            .await
-            .map_err(BrokerError::op("basic.ack"))?;
     }
-    Ok(())
 }
 
 async fn park_invalid(

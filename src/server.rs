@@ -90,6 +90,7 @@ pub async fn start(config: &Config, node: &str) -> Result<Running, ServerError> 
         repo.clone(),
         node,
         topology.subscribe(),
+        topology.resync_requests(),
         shutdown.child_token(),
     );
     tasks.push(("mirror".into(), mirror_task));
@@ -99,7 +100,7 @@ pub async fn start(config: &Config, node: &str) -> Result<Running, ServerError> 
             broker.clone(),
             repo.clone(),
             node.to_owned(),
-            topology.subscribe(),
+            topology.clone(),
             fatal.clone(),
             shutdown.child_token(),
         )),

@@ -273,7 +273,7 @@ async fn bad_mirror_records_are_ignored_with_a_warning() {
     ch.confirm_select(ConfirmSelectOptions::default())
         .await
         .expect("confirm.select");
-    let queue = format!("{}.backup.c", cfg.broker.namespace);
+    let queue = format!("{}.backup:c:b", cfg.broker.namespace);
     for body in &bad {
         let confirm = ch
             .basic_publish(

@@ -10,8 +10,10 @@
 //! - queue `ns.parking`: invalid and undeliverable messages, each with an
 //!   `x-provring-reason` header;
 //! - stream `ns.topology`: the topology log ([`crate::topology`]);
-//! - queue `ns.backup.<server>` per server: the copies of the server's
-//!   backlog, consumed by its current monitor (single active consumer).
+//! - queue `ns.backup:<server>:<monitor>`: the copies of the server's
+//!   backlog on their way to its monitor (single active consumer);
+//! - queue `ns.alive.<server>`: exclusive to the server's connection, so
+//!   that peers can ask the broker whether the server is alive.
 //!
 //! [`definitions`] renders the same topology as a RabbitMQ definitions file
 //! for operators who pre-provision; `broker/definitions.json` is generated
@@ -35,8 +37,32 @@ pub fn topology_stream(namespace: &str) -> String {
     format!("{namespace}.topology")
 }
 
-pub fn backup_queue(namespace: &str, origin: &str) -> String {
-    format!("{namespace}.backup.{origin}")
+pub fn alive_queue(namespace: &str, node: &str) -> String {
+    format!("{namespace}.alive.{node}")
+}
+
+/// Declare this connection's exclusive liveness queue (gone with the
+/// connection).
+pub async fn declare_alive(channel: &Channel, name: &str) -> Result<(), BrokerError> {
+    channel
+        .queue_declare(
+            name.into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map(|_| ())
+        .map_err(BrokerError::op("queue.declare (alive)"))
+}
+
+/// The queue carrying `origin`'s copies to `monitor` (`:` cannot occur in
+/// node ids, so names never collide).
+pub fn backup_queue(namespace: &str, origin: &str, monitor: &str) -> String {
+    format!("{namespace}.backup:{origin}:{monitor}")
 }
 
 /// Declare the topology log: a stream queue (append-only, replicated,
@@ -52,14 +78,15 @@ pub async fn declare_topology(channel: &Channel, namespace: &str) -> Result<Stri
     Ok(name)
 }
 
-/// Declare the queue that carries `origin`'s copies to its monitor.
+/// Declare the queue that carries `origin`'s copies to `monitor`.
 pub async fn declare_backup(
     channel: &Channel,
     namespace: &str,
     queue_type: QueueType,
     origin: &str,
+    monitor: &str,
 ) -> Result<String, BrokerError> {
-    let name = backup_queue(namespace, origin);
+    let name = backup_queue(namespace, origin, monitor);
     declare_queue(channel, &name, queue_args(queue_type, true)).await?;
     Ok(name)
 }
@@ -163,9 +190,15 @@ pub fn definitions(config: &Config) -> serde_json::Value {
         "name": topology_stream(ns), "vhost": "/", "durable": true, "auto_delete": false,
         "arguments": {"x-queue-type": "stream"}
     }));
-    for id in config.servers.keys() {
+    let ring: Vec<&String> = config.servers.keys().collect();
+    for (i, id) in ring.iter().enumerate() {
+        if ring.len() < 2 {
+            break;
+        }
+        // Each server's monitor in the configured ring is the one before it.
+        let monitor = ring[(i + ring.len() - 1) % ring.len()];
         queues.push(serde_json::json!({
-            "name": backup_queue(ns, id), "vhost": "/", "durable": true, "auto_delete": false,
+            "name": backup_queue(ns, id, monitor), "vhost": "/", "durable": true, "auto_delete": false,
             "arguments": {"x-queue-type": qt, "x-single-active-consumer": true}
         }));
     }

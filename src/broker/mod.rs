@@ -66,6 +66,11 @@ struct Inner {
     config: BrokerConfig,
     name: String,
     conn: Mutex<Option<Connection>>,
+    /// An exclusive queue declared on every new connection: while it
+    /// exists, peers know this server's connection is alive.
+    alive_queue: std::sync::OnceLock<String>,
+    /// Bumped on every new connection.
+    connections: std::sync::atomic::AtomicU64,
 }
 
 impl Broker {
@@ -76,6 +81,8 @@ impl Broker {
                 config,
                 name: name.into(),
                 conn: Mutex::new(None),
+                alive_queue: std::sync::OnceLock::new(),
+                connections: std::sync::atomic::AtomicU64::new(0),
             }),
         }
     }
@@ -102,13 +109,70 @@ impl Broker {
             .create_channel()
             .await
             .map_err(BrokerError::op("channel.open"))?;
+        if let Some(queue) = self.inner.alive_queue.get() {
+            declare::declare_alive(&ch, queue).await?;
+        }
+        self.inner
+            .connections
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         *guard = Some(conn);
         Ok(ch)
+    }
+
+    /// Hold the exclusive queue `queue` on every connection from now on
+    /// (see [`Broker::peer_alive`]).
+    pub fn mark_alive(&self, queue: String) {
+        let _ = self.inner.alive_queue.set(queue);
+    }
+
+    /// How many connections were made so far (a new one means the old one,
+    /// and everything on it, was lost).
+    pub fn connections(&self) -> u64 {
+        self.inner
+            .connections
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Whether another server's connection holds its exclusive `queue`:
+    /// the broker's view of that server. `Ok(false)` once the broker has
+    /// dropped the connection (a killed process at once; a frozen one
+    /// after about two heartbeats).
+    pub async fn peer_alive(&self, queue: &str) -> Result<bool, BrokerError> {
+        let ch = self.channel().await?;
+        let result = ch
+            .queue_declare(
+                queue.into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                lapin::types::FieldTable::default(),
+            )
+            .await;
+        let alive = match result {
+            Ok(_) => Ok(true),
+            Err(e) => {
+                let text = e.to_string();
+                if text.contains("RESOURCE_LOCKED") || text.contains("RESOURCE-LOCKED") {
+                    Ok(true)
+                } else if text.contains("NOT_FOUND") || text.contains("NOT-FOUND") {
+                    Ok(false)
+                } else {
+                    Err(BrokerError::Op {
+                        op: "queue.declare (passive)",
+                        source: e,
+                    })
+                }
+            }
+        };
+        let _ = ch.close(200, "probe".into()).await;
+        alive
     }
 
     async fn connect(&self) -> Result<Connection, BrokerError> {
         let mut last = String::from("no URI configured");
         for uri in &self.inner.config.uris {
+            let uri = &with_heartbeat(uri, self.inner.config.heartbeat);
             let props = ConnectionProperties::default()
                 .with_connection_name(self.inner.name.clone().into());
             let attempt = tokio::time::timeout(
@@ -150,6 +214,15 @@ impl Broker {
             let _ = conn.close(200, "provring shutting down".into()).await;
         }
     }
+}
+
+/// `uri` with `heartbeat=<seconds>` added unless it sets one.
+fn with_heartbeat(uri: &str, heartbeat: Duration) -> String {
+    if uri.contains("heartbeat=") {
+        return uri.to_owned();
+    }
+    let sep = if uri.contains('?') { '&' } else { '?' };
+    format!("{uri}{sep}heartbeat={}", heartbeat.as_secs().max(1))
 }
 
 /// A URI with its password replaced, fit for logs.

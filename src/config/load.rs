@@ -109,6 +109,8 @@ const SECTIONS: &[&str] = &[
     "limits",
     "shutdown",
     "done_ledger",
+    "supervisor",
+    "alerts",
 ];
 
 /// Deserialise section by section, collecting every problem. A section or
@@ -147,6 +149,8 @@ fn from_sections(mut sections: BTreeMap<String, config::Value>) -> Result<Config
         limits: ctx.optional("limits", take("limits")),
         shutdown: ctx.optional("shutdown", take("shutdown")),
         done_ledger: ctx.optional("done_ledger", take("done_ledger")),
+        supervisor: ctx.optional("supervisor", take("supervisor")),
+        alerts: take("alerts").and_then(|v| ctx.section("alerts", v)),
     };
     let under_failed = |key: &str| {
         failed.iter().any(|f| {
@@ -228,6 +232,7 @@ fn placeholder_broker() -> BrokerConfig {
         reconnect_min: std::time::Duration::from_secs(1),
         reconnect_max: std::time::Duration::from_secs(1),
         batch_max: 1,
+        heartbeat: std::time::Duration::from_secs(2),
     }
 }
 

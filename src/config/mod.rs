@@ -44,6 +44,12 @@ pub struct Config {
     /// being delivered again.
     #[serde(default)]
     pub done_ledger: DoneLedgerConfig,
+    /// `[supervisor]`
+    #[serde(default)]
+    pub supervisor: SupervisorConfig,
+    /// `[alerts]`; without it alerts are only logged.
+    #[serde(default)]
+    pub alerts: Option<AlertsConfig>,
 }
 
 /// `[broker]`
@@ -74,6 +80,15 @@ pub struct BrokerConfig {
     /// Most deliveries written to the repository in one group commit.
     #[serde(default = "default_batch_max")]
     pub batch_max: usize,
+    /// AMQP heartbeat: the broker drops a connection silent for about
+    /// twice this long (a frozen server loses its broker connection, and
+    /// with it its queues, within that time).
+    #[serde(default = "default_heartbeat", with = "humantime_serde")]
+    pub heartbeat: Duration,
+}
+
+fn default_heartbeat() -> Duration {
+    Duration::from_secs(2)
 }
 
 fn default_namespace() -> String {
@@ -382,6 +397,114 @@ impl Default for DoneLedgerConfig {
             max_entries: default_done_max(),
         }
     }
+}
+
+/// `[supervisor]`: how a server watches the one it monitors.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SupervisorConfig {
+    /// Time between two probes of the monitored server's `GET /state`.
+    #[serde(default = "default_monitoring_interval", with = "humantime_serde")]
+    pub monitoring_interval: Duration,
+    /// Longest wait for one probe's answer.
+    #[serde(default = "default_request_timeout", with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Failed probes in a row before the peer is suspected.
+    #[serde(default = "default_retry_count")]
+    pub retry_count: u32,
+    /// A peer reporting a state below this (0–10) is suspected too.
+    #[serde(default = "default_state_threshold")]
+    pub state_threshold: u8,
+    /// A server that cannot read the topology log for this long pauses its
+    /// deliveries. Must be shorter than `monitoring_interval × retry_count`.
+    #[serde(default = "default_fence_after", with = "humantime_serde")]
+    pub fence_after: Duration,
+}
+
+fn default_monitoring_interval() -> Duration {
+    Duration::from_millis(250)
+}
+fn default_request_timeout() -> Duration {
+    Duration::from_millis(200)
+}
+fn default_retry_count() -> u32 {
+    4
+}
+fn default_state_threshold() -> u8 {
+    4
+}
+fn default_fence_after() -> Duration {
+    Duration::from_millis(750)
+}
+
+impl Default for SupervisorConfig {
+    fn default() -> Self {
+        SupervisorConfig {
+            monitoring_interval: default_monitoring_interval(),
+            request_timeout: default_request_timeout(),
+            retry_count: default_retry_count(),
+            state_threshold: default_state_threshold(),
+            fence_after: default_fence_after(),
+        }
+    }
+}
+
+impl SupervisorConfig {
+    /// Time from a peer's last good answer to its being suspected.
+    pub fn detection_time(&self) -> Duration {
+        self.monitoring_interval * self.retry_count
+    }
+}
+
+/// `[alerts]`: e-mail over SMTP.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlertsConfig {
+    pub smtp_host: String,
+    #[serde(default = "default_smtp_port")]
+    pub smtp_port: u16,
+    /// `none` (plain, for a local relay), `starttls` or `tls`.
+    #[serde(default)]
+    pub tls: SmtpTls,
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+    pub from: String,
+    pub to: Vec<String>,
+    /// Longest time for sending one mail.
+    #[serde(default = "default_smtp_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl std::fmt::Debug for AlertsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AlertsConfig")
+            .field("smtp_host", &self.smtp_host)
+            .field("smtp_port", &self.smtp_port)
+            .field("tls", &self.tls)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("from", &self.from)
+            .field("to", &self.to)
+            .finish()
+    }
+}
+
+fn default_smtp_port() -> u16 {
+    25
+}
+fn default_smtp_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SmtpTls {
+    #[default]
+    None,
+    Starttls,
+    Tls,
 }
 
 impl Config {

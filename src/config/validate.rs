@@ -55,6 +55,63 @@ pub fn validate(config: &Config) -> Vec<Problem> {
             ),
         );
     }
+    let sup = &config.supervisor;
+    if sup.retry_count == 0 {
+        add("supervisor.retry_count".into(), "must be at least 1".into());
+    }
+    if sup.monitoring_interval.is_zero() {
+        add(
+            "supervisor.monitoring_interval".into(),
+            "must be above 0".into(),
+        );
+    }
+    if sup.state_threshold > 10 {
+        add(
+            "supervisor.state_threshold".into(),
+            format!("{} must be between 0 and 10", sup.state_threshold),
+        );
+    }
+    if sup.detection_time() <= sup.fence_after {
+        add(
+            "supervisor.fence_after".into(),
+            format!(
+                "{} must be shorter than the detection time monitoring_interval × retry_count = {}, \
+                 or a server could be taken over before it stops delivering",
+                humantime::format_duration(sup.fence_after),
+                humantime::format_duration(sup.detection_time())
+            ),
+        );
+    }
+    if let Some(a) = &config.alerts {
+        if a.to.is_empty() {
+            add(
+                "alerts.to".into(),
+                "at least one recipient is needed".into(),
+            );
+        }
+        for (i, addr) in a.to.iter().chain(std::iter::once(&a.from)).enumerate() {
+            if !addr.contains('@') {
+                let key = if i < a.to.len() {
+                    format!("alerts.to[{i}]")
+                } else {
+                    "alerts.from".into()
+                };
+                add(key, format!("{addr:?} is not an e-mail address"));
+            }
+        }
+        if a.username.is_some() != a.password.is_some() {
+            add(
+                "alerts.password".into(),
+                "give both username and password, or neither".into(),
+            );
+        }
+    }
+    if b.heartbeat.as_secs() == 0 || b.heartbeat.as_secs() > 600 {
+        add(
+            "broker.heartbeat".into(),
+            "must be between 1s and 10m (whole seconds)".into(),
+        );
+    }
     if b.prefetch == 0 {
         add("broker.prefetch".into(), "must be at least 1".into());
     }

@@ -12,7 +12,7 @@ use super::wire::{self, Body, Frame};
 use crate::broker::declare::declare_backup;
 use crate::broker::{Backoff, Broker, BrokerError};
 use crate::repository::{Repository, RepositoryError, check_record};
-use crate::topology::State;
+use crate::topology::{State, Topology};
 use futures::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
@@ -32,23 +32,44 @@ pub async fn run(
     broker: Broker,
     repo: Repository,
     node: String,
-    mut topology: watch::Receiver<Arc<State>>,
+    log: Topology,
     fatal: CancellationToken,
     shutdown: CancellationToken,
 ) {
+    let mut topology = log.subscribe();
     let mut running: HashMap<String, (CancellationToken, tokio::task::JoinHandle<()>)> =
         HashMap::new();
     loop {
         let state = topology.borrow_and_update().clone();
         let wanted = state.origins_of(&node);
+        let mut dropped = Vec::new();
         running.retain(|origin, (stop, _)| {
             let keep = wanted.contains(origin);
             if !keep {
                 tracing::info!(%origin, "No longer monitoring; backup consumer stopped.");
                 stop.cancel();
+                dropped.push(origin.clone());
             }
             keep
         });
+        for origin in dropped {
+            // The new monitor gets the backlog from the origin itself; a
+            // failed origin's copies stay for its taker to adopt.
+            let failed = state.servers.get(&origin).is_some_and(|s| s.failed);
+            if !failed {
+                let repo = repo.clone();
+                let o = origin.clone();
+                match tokio::task::spawn_blocking(move || repo.copies_drop(&o)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        tracing::warn!(%origin, error = %e, "Cannot drop the copies of a server no longer monitored.")
+                    }
+                    Err(e) => {
+                        tracing::warn!(%origin, error = %e, "Cannot drop the copies of a server no longer monitored.")
+                    }
+                }
+            }
+        }
         for origin in wanted {
             if running.contains_key(&origin) {
                 continue;
@@ -57,10 +78,13 @@ pub async fn run(
             let stop = shutdown.child_token();
             let consumer = Consumer {
                 origin: origin.clone(),
+                node: node.clone(),
                 broker: broker.clone(),
                 repo: repo.clone(),
+                log: log.clone(),
                 topology: topology.clone(),
                 fatal: fatal.clone(),
+                requested: std::sync::Mutex::new(None),
             };
             let handle = tokio::spawn(consumer.run(stop.clone()));
             running.insert(origin, (stop, handle));
@@ -78,10 +102,14 @@ pub async fn run(
 
 struct Consumer {
     origin: String,
+    node: String,
     broker: Broker,
     repo: Repository,
+    log: Topology,
     topology: watch::Receiver<Arc<State>>,
     fatal: CancellationToken,
+    /// When a resync was last asked for, and for which generation gap.
+    requested: std::sync::Mutex<Option<(Instant, u64)>>,
 }
 
 /// Why records were ignored, with counts, so that a burst of stale records
@@ -97,6 +125,11 @@ impl Ignored {
 
 impl Consumer {
     async fn run(self, shutdown: CancellationToken) {
+        if self.repo.copies_generation(&self.origin) == 0 {
+            // Nothing held (a new link, or a lost repository): whatever the
+            // origin sent before may have gone to another monitor.
+            self.ask_resync(0).await;
+        }
         let cfg = self.broker.config();
         let mut backoff = Backoff::new(cfg.reconnect_min, cfg.reconnect_max);
         loop {
@@ -122,7 +155,14 @@ impl Consumer {
     async fn session(&self, shutdown: &CancellationToken) -> Result<(), BrokerError> {
         let cfg = self.broker.config();
         let channel = self.broker.channel().await?;
-        let queue = declare_backup(&channel, &cfg.namespace, cfg.queue_type, &self.origin).await?;
+        let queue = declare_backup(
+            &channel,
+            &cfg.namespace,
+            cfg.queue_type,
+            &self.origin,
+            &self.node,
+        )
+        .await?;
         // RabbitMQ 3.10 can answer a declare of a quorum queue that another
         // connection is still creating before the queue runs; a consume
         // then fails with INTERNAL_ERROR and closes the whole connection.
@@ -175,13 +215,59 @@ impl Consumer {
         }
     }
 
+    /// Ask the origin, through the topology log, to re-send its backlog;
+    /// at most once per generation gap and every 5 s.
+    async fn ask_resync(&self, gap: u64) {
+        {
+            let mut last = self
+                .requested
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some((at, g)) = *last
+                && (g == gap || at.elapsed() < Duration::from_secs(5))
+            {
+                return;
+            }
+            *last = Some((Instant::now(), gap));
+        }
+        tracing::info!(origin = %self.origin, "Asking the origin to re-send its backlog.");
+        if let Err(e) = self.log.request_resync(&self.origin, &self.node).await {
+            tracing::warn!(origin = %self.origin, error = %e, "Cannot ask the origin for its backlog.");
+        }
+    }
+
+    /// Delete the queues that carried the origin's copies to earlier
+    /// monitors: the resync just completed replaces what they held.
+    async fn delete_old_queues(&self) {
+        let state = self.topology.borrow().clone();
+        let cfg = self.broker.config();
+        let Ok(ch) = self.broker.channel().await else {
+            return;
+        };
+        for other in state.servers.keys() {
+            if *other == self.node || *other == self.origin {
+                continue;
+            }
+            let q = crate::broker::declare::backup_queue(&cfg.namespace, &self.origin, other);
+            let _ = ch
+                .queue_delete(
+                    q.as_str().into(),
+                    lapin::options::QueueDeleteOptions::default(),
+                )
+                .await;
+        }
+        let _ = ch.close(200, "cleaned".into()).await;
+    }
+
     /// Check and apply a batch of records in order, then flush.
     async fn apply(&self, batch: Vec<Delivery>) -> Result<(), RepositoryError> {
         let known: Vec<String> = self.topology.borrow().servers.keys().cloned().collect();
         let repo = self.repo.clone();
         let origin = self.origin.clone();
-        let ignored = tokio::task::spawn_blocking(move || {
+        let (ignored, gap, completed) = tokio::task::spawn_blocking(move || {
             let mut ignored = Ignored::default();
+            let mut gap = None;
+            let mut completed = false;
             let mut generation = repo.copies_generation(&origin);
             for d in &batch {
                 let frame = match wire::decode(&d.data) {
@@ -192,6 +278,9 @@ impl Consumer {
                     }
                 };
                 if let Err(reason) = check(&frame, &origin, &known, generation) {
+                    if frame.origin == origin && frame.generation > generation {
+                        gap = Some(frame.generation);
+                    }
                     ignored.add(reason);
                     continue;
                 }
@@ -208,7 +297,7 @@ impl Consumer {
                         record,
                     } => {
                         if let Err(e) = check_record(&record) {
-                            ignored.add(format!("malformed copy of batch {adaptor}/{seq}: {e}"));
+                            ignored.add(format!("malformed copy of a batch: {e}"));
                             continue;
                         }
                         repo.copies_store(&origin, &adaptor, seq, &done, &record)?;
@@ -216,17 +305,25 @@ impl Consumer {
                     Body::Remove { finished } => repo.copies_remove(&origin, &finished)?,
                     Body::End { batches } => {
                         tracing::info!(%origin, generation, batches, "Resync from the origin complete.");
+                        completed = true;
                     }
                 }
             }
-            Ok::<_, RepositoryError>(ignored)
+            Ok::<_, RepositoryError>((ignored, gap, completed))
         })
         .await
         .map_err(|e| RepositoryError::Flush(e.to_string()))??;
         for (reason, count) in ignored.0 {
             tracing::warn!(origin = %self.origin, count, %reason, "Mirror records ignored.");
         }
-        self.repo.flush().await
+        self.repo.flush().await?;
+        if let Some(g) = gap {
+            self.ask_resync(g).await;
+        }
+        if completed {
+            self.delete_old_queues().await;
+        }
+        Ok(())
     }
 }
 

@@ -80,6 +80,7 @@ impl Mirror {
         repo: Repository,
         node: &str,
         topology: watch::Receiver<Arc<State>>,
+        resync_requests: watch::Receiver<u64>,
         shutdown: CancellationToken,
     ) -> (Mirror, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::unbounded_channel();
@@ -94,8 +95,9 @@ impl Mirror {
             synced: false,
             monitor: None,
             removals: Vec::new(),
+            retry_at: None,
         };
-        let handle = tokio::spawn(task.run(rx, fin_rx, topology, shutdown));
+        let handle = tokio::spawn(task.run(rx, fin_rx, topology, resync_requests, shutdown));
         (Mirror { tx }, handle)
     }
 
@@ -131,6 +133,8 @@ struct MirrorTask {
     synced: bool,
     monitor: Option<String>,
     removals: Vec<(String, u64, u32)>,
+    /// After a failure, background rounds wait until then.
+    retry_at: Option<tokio::time::Instant>,
 }
 
 impl MirrorTask {
@@ -139,6 +143,7 @@ impl MirrorTask {
         mut rx: mpsc::UnboundedReceiver<CopyRequest>,
         mut fin_rx: mpsc::UnboundedReceiver<Finished>,
         mut topology: watch::Receiver<Arc<State>>,
+        mut resync_requests: watch::Receiver<u64>,
         shutdown: CancellationToken,
     ) {
         self.monitor = topology
@@ -152,8 +157,17 @@ impl MirrorTask {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => {
-                    self.round(Vec::new()).await;
+                    self.take_finished(&mut fin_rx);
+                    if self.synced {
+                        self.round(Vec::new()).await;
+                    }
                     return;
+                }
+                changed = resync_requests.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    self.synced = false;
                 }
                 changed = topology.changed() => {
                     if changed.is_err() {
@@ -177,7 +191,8 @@ impl MirrorTask {
                 }
                 _ = tick.tick() => {
                     self.take_finished(&mut fin_rx);
-                    if !self.removals.is_empty() || !self.synced {
+                    let waiting = self.retry_at.is_some_and(|t| tokio::time::Instant::now() < t);
+                    if (!self.removals.is_empty() || !self.synced) && !waiting {
                         self.round(Vec::new()).await;
                     }
                 }
@@ -207,10 +222,19 @@ impl MirrorTask {
             return;
         }
         let result = self.publish_round(&reqs).await;
-        if let Err(e) = &result {
-            tracing::warn!(error = %e, monitor = ?self.monitor, "Mirroring failed; deliveries are not acked until a resync succeeds.");
-            self.synced = false;
-            self.channel = None;
+        match &result {
+            Err(e) => {
+                let pause = self
+                    .broker
+                    .config()
+                    .reconnect_max
+                    .min(Duration::from_secs(2));
+                tracing::warn!(error = %e, monitor = ?self.monitor, retry_in = ?pause, "Mirroring failed; deliveries are not acked until a resync succeeds.");
+                self.synced = false;
+                self.channel = None;
+                self.retry_at = Some(tokio::time::Instant::now() + pause);
+            }
+            Ok(()) => self.retry_at = None,
         }
         for r in reqs {
             let _ = r.reply.send(result.clone());
@@ -223,6 +247,18 @@ impl MirrorTask {
             self.synced = true;
         }
         let mut confirms = Vec::new();
+        // Copies first, each with its batch's finished items as of now: a
+        // removal published earlier (the executor may reload a batch from
+        // the repository before its copy request is served) is then
+        // carried by the copy itself.
+        for r in reqs {
+            for (seq, record) in &r.records {
+                let Some(done) = self.repo.batch_bitmap(&r.adaptor, *seq) else {
+                    continue; // finished already: nothing to hold
+                };
+                confirms.push(self.publish_copy(&r.adaptor, *seq, &done, record).await?);
+            }
+        }
         let removals = std::mem::take(&mut self.removals);
         for chunk in removals.chunks(REMOVAL_MAX) {
             let body = Body::Remove {
@@ -230,16 +266,19 @@ impl MirrorTask {
             };
             confirms.push(self.publish(&body).await?);
         }
-        for r in reqs {
-            for (seq, record) in &r.records {
-                confirms.push(self.publish_copy(&r.adaptor, *seq, &[], record).await?);
-            }
-        }
         self.await_confirms(confirms).await
     }
 
     /// Re-send the whole unfinished backlog under a new generation.
     async fn resync(&mut self) -> Result<(), MirrorError> {
+        // The queue to the current monitor, before a generation is used.
+        let ch = self.channel().await?;
+        let cfg = self.broker.config();
+        let monitor = self.monitor.clone().unwrap_or_default();
+        let declare = declare_backup(&ch, &cfg.namespace, cfg.queue_type, &self.node, &monitor);
+        tokio::time::timeout(cfg.publish_timeout, declare)
+            .await
+            .map_err(|_| MirrorError::Failed("declaring the backup queue timed out".into()))??;
         let repo = self.repo.clone();
         self.generation = tokio::task::spawn_blocking(move || repo.next_mirror_generation())
             .await
@@ -267,12 +306,17 @@ impl MirrorTask {
         {
             return Ok(ch.clone());
         }
-        let cfg = self.broker.config();
-        let ch = self.broker.channel().await?;
-        ch.confirm_select(ConfirmSelectOptions::default())
+        let timeout = self.broker.config().publish_timeout;
+        let open = async {
+            let ch = self.broker.channel().await?;
+            ch.confirm_select(ConfirmSelectOptions::default())
+                .await
+                .map_err(BrokerError::op("confirm.select"))?;
+            Ok::<_, MirrorError>(ch)
+        };
+        let ch = tokio::time::timeout(timeout, open)
             .await
-            .map_err(BrokerError::op("confirm.select"))?;
-        declare_backup(&ch, &cfg.namespace, cfg.queue_type, &self.node).await?;
+            .map_err(|_| MirrorError::Failed(format!("no channel within {timeout:?}")))??;
         self.channel = Some(ch.clone());
         Ok(ch)
     }
@@ -307,7 +351,8 @@ impl MirrorTask {
     async fn publish_bytes(&mut self, bytes: &[u8]) -> Result<PublisherConfirm, MirrorError> {
         let ch = self.channel().await?;
         let cfg = self.broker.config();
-        let queue = crate::broker::declare::backup_queue(&cfg.namespace, &self.node);
+        let monitor = self.monitor.as_deref().unwrap_or_default();
+        let queue = crate::broker::declare::backup_queue(&cfg.namespace, &self.node, monitor);
         let publish = ch.basic_publish(
             "".into(),
             queue.as_str().into(),

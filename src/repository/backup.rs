@@ -391,6 +391,27 @@ impl Repository {
         Ok(out)
     }
 
+    /// The finished-items bitmap of an unfinished batch; `None` once the
+    /// batch has finished.
+    pub fn batch_bitmap(&self, adaptor: &str, seq: u64) -> Option<Vec<u8>> {
+        self.index()
+            .batches
+            .get(&(Arc::from(adaptor), seq))
+            .map(|b| b.bitmap())
+    }
+
+    /// Forget every copy held for `origin`. Synchronous.
+    pub fn copies_drop(&self, origin: &str) -> Result<(), RepositoryError> {
+        let tree = &self.inner.copies;
+        for tag in [b'C', b'Y', b'G'] {
+            for k in tree.scan_prefix(origin_key(tag, origin)).keys() {
+                tree.remove(k?)?;
+            }
+        }
+        self.copies_index().origins.remove(origin);
+        Ok(())
+    }
+
     /// Tell `sink` of every item finished from now on.
     pub fn set_finished_sink(&self, sink: mpsc::UnboundedSender<Finished>) {
         let _ = self.inner.finished_sink.set(sink);

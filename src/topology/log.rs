@@ -67,6 +67,8 @@ struct Shared {
     last_read: Mutex<Instant>,
     /// The reader has a consumer on the log.
     reading: watch::Sender<bool>,
+    /// Bumped when a monitor asks this server to re-send its backlog.
+    resync_requests: watch::Sender<u64>,
     shutdown: CancellationToken,
 }
 
@@ -92,6 +94,7 @@ impl Topology {
             waiters: Mutex::new(HashMap::new()),
             last_read: Mutex::new(Instant::now()),
             reading,
+            resync_requests: watch::channel(0).0,
             shutdown,
         });
         tokio::spawn(read_loop(shared.clone(), broker));
@@ -167,6 +170,20 @@ impl Topology {
     /// Follow the state as records are applied.
     pub fn subscribe(&self) -> watch::Receiver<Arc<State>> {
         self.shared.state.subscribe()
+    }
+
+    /// Bumped whenever a monitor asks this server for a resync.
+    pub fn resync_requests(&self) -> watch::Receiver<u64> {
+        self.shared.resync_requests.subscribe()
+    }
+
+    /// Ask `origin` to re-send its backlog to `monitor` (this server).
+    pub async fn request_resync(&self, origin: &str, monitor: &str) -> Result<(), TopologyError> {
+        let change = Change::ResyncRequest {
+            origin: origin.to_owned(),
+            monitor: monitor.to_owned(),
+        };
+        self.propose(0, change).await.map(|_| ())
     }
 
     /// Time since the reader last had a working consumer on the log.
@@ -342,12 +359,35 @@ async fn read_session(
         )
         .await
         .map_err(BrokerError::op("basic.consume"))?;
-    shared.reading.send_replace(true);
-    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    // A read barrier for this session: until the reader reads its own
+    // `sync`, records written before (a takeover of this server, say) may
+    // still be on their way, so the reader does not count as up to date.
+    let barrier = format!("{}-barrier-{:016x}", shared.proposer, rand::random::<u64>());
+    let sync = Record {
+        id: barrier.clone(),
+        proposer: shared.proposer.clone(),
+        expected_epoch: 0,
+        change: Change::Sync,
+    };
+    shared
+        .publisher
+        .publish(
+            "",
+            &shared.queue,
+            &serde_json::to_vec(&sync).unwrap_or_default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| BrokerError::Closed(format!("cannot write a read barrier: {e}")))?;
+    let mut caught_up = false;
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
     loop {
         let delivery = tokio::select! {
             _ = shared.shutdown.cancelled() => return Ok(()),
             _ = tick.tick() => {
+                if !caught_up {
+                    continue;
+                }
                 if channel.status().connected() {
                     if let Ok(mut t) = shared.last_read.lock() {
                         *t = Instant::now();
@@ -384,10 +424,24 @@ async fn read_session(
                 continue;
             }
         };
+        if record.id == barrier {
+            caught_up = true;
+            if let Ok(mut t) = shared.last_read.lock() {
+                *t = Instant::now();
+            }
+            shared.reading.send_replace(true);
+            continue;
+        }
         let before = state.epoch;
         let outcome = state.apply(&record);
         match (&outcome, &record.change) {
             (Outcome::Applied, Change::Sync) => {}
+            (Outcome::Applied, Change::ResyncRequest { origin, monitor }) => {
+                if *origin == shared.proposer {
+                    tracing::info!(%monitor, "The monitor asks for the backlog again.");
+                    shared.resync_requests.send_modify(|n| *n += 1);
+                }
+            }
             (Outcome::Applied, _) if state.epoch != before || before == 0 => {
                 tracing::debug!(epoch = state.epoch, proposer = %record.proposer, change = ?record.change, "Topology change applied.");
                 shared.state.send_replace(Arc::new(state.clone()));

@@ -90,6 +90,9 @@ pub enum Change {
     /// A read barrier: a reader that reads its own `sync` has read every
     /// record written before it. Changes nothing.
     Sync,
+    /// `monitor` asks `origin` to re-send its backlog under a new
+    /// generation (it found a gap). Changes nothing.
+    ResyncRequest { origin: String, monitor: String },
 }
 
 /// What a replica did with a record.
@@ -182,7 +185,7 @@ impl State {
     /// replica the same state.
     pub fn apply(&mut self, record: &Record) -> Outcome {
         match &record.change {
-            Change::Sync => return Outcome::Applied,
+            Change::Sync | Change::ResyncRequest { .. } => return Outcome::Applied,
             Change::Snapshot { state } => {
                 if !self.initialised() {
                     *self = state.clone();
@@ -302,7 +305,7 @@ impl State {
                 self.monitors.retain(|_, m| m != monitors);
                 self.monitors.insert(node.clone(), monitors.clone());
             }
-            Change::Snapshot { .. } | Change::Sync => {}
+            Change::Snapshot { .. } | Change::Sync | Change::ResyncRequest { .. } => {}
         }
         Ok(())
     }

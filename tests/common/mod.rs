@@ -594,10 +594,16 @@ pub async fn cleanup(broker: &BrokerConfig, queues: &[&str]) {
     let b = provring::broker::Broker::new(broker.clone(), "test cleanup");
     if let Ok(ch) = b.channel().await {
         // What every server declares besides the adaptor queues.
-        let system = [
-            "parking", "topology", "backup.a", "backup.b", "backup.c", "backup.d",
-        ];
-        for q in queues.iter().chain(system.iter()) {
+        let mut system = vec!["parking".to_owned(), "topology".to_owned()];
+        for o in ["a", "b", "c", "d"] {
+            for m in ["a", "b", "c", "d"] {
+                if o != m {
+                    system.push(format!("backup:{o}:{m}"));
+                }
+            }
+        }
+        let queues: Vec<String> = queues.iter().map(|q| q.to_string()).chain(system).collect();
+        for q in &queues {
             let _ = ch
                 .queue_delete(
                     format!("{}.{q}", broker.namespace).as_str().into(),

@@ -21,22 +21,28 @@
 //! - [`bench`]: `provring bench`.
 //! - [`topology`]: the replicated topology and its log on the broker.
 //! - [`mirror`]: copies of the backlog on the monitor (backup adaptor).
+//! - [`supervisor`]: watches the monitored server, takes it over when it fails.
+//! - [`hosting`]: runs the adaptors the topology gives this server; adoption; fencing.
+//! - [`alert`]: e-mail alerts.
 //! - [`stats`]: counters for progress logs and benchmarks.
 #![forbid(unsafe_code)]
 
 pub mod adaptor;
 pub mod admin;
+pub mod alert;
 pub mod bench;
 pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod event;
+pub mod hosting;
 pub mod mirror;
 pub mod publish;
 pub mod repository;
 pub mod ring;
 pub mod server;
 pub mod stats;
+pub mod supervisor;
 pub mod topology;
 pub mod workflow;
 

@@ -5,14 +5,13 @@
 //! within `shutdown.grace` → flush the repository → exit. When the grace
 //! period runs out, the components still running are named.
 
-use crate::adaptor::Adaptor;
 use crate::broker::{Broker, Publisher};
 use crate::config::Config;
 use crate::mirror::Mirror;
 use crate::repository::{Repository, RepositoryError};
 use crate::stats::Stats;
 use crate::topology::{Change, Topology};
-use crate::workflow::{Executor, targets};
+use crate::workflow::targets;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::task::JoinHandle;
@@ -61,6 +60,7 @@ pub struct Running {
     grace: Duration,
     pub topology: Topology,
     node: String,
+    stopping: CancellationToken,
 }
 
 /// Open the repository and start every component this node hosts.
@@ -81,10 +81,20 @@ pub async fn start(config: &Config, node: &str) -> Result<Running, ServerError> 
     let fatal = CancellationToken::new();
     let mut tasks = Vec::new();
 
-    let topology =
+    broker.mark_alive(crate::broker::declare::alive_queue(
+        &config.broker.namespace,
+        node,
+    ));
+    let (topology, before) =
         Topology::join(broker.clone(), config, node, None, shutdown.child_token()).await?;
     let state = topology.state();
     tracing::info!(epoch = state.epoch, monitor = ?state.monitor_of(node), monitors = ?state.monitors.get(node), "Joined the topology.");
+    let alerter = crate::alert::Alerter::new(config.alerts.clone(), node);
+    if let Some(me) = before.servers.get(node)
+        && me.failed
+    {
+        returned_after_takeover(&repo, node, me.taken_over_by.as_deref(), &state, &alerter).await?;
+    }
     let (mirror, mirror_task) = Mirror::start(
         broker.clone(),
         repo.clone(),
@@ -105,59 +115,69 @@ pub async fn start(config: &Config, node: &str) -> Result<Running, ServerError> 
             shutdown.child_token(),
         )),
     ));
-
-    let hosted = state.adaptors_of(node);
-    for (name, a) in config
-        .adaptors
-        .iter()
-        .filter(|(name, _)| hosted.contains(name))
-    {
-        let target_config = &config.targets[&a.target];
-        let target =
-            targets::build(&a.target, target_config).map_err(|reason| ServerError::Target {
-                name: a.target.clone(),
-                reason,
+    let (fence_tx, fence) = tokio::sync::watch::channel(true);
+    tasks.push((
+        "fence".into(),
+        tokio::spawn(run_fence(
+            topology.clone(),
+            config.supervisor.fence_after,
+            fence_tx,
+            shutdown.child_token(),
+        )),
+    ));
+    // Fail early on a target that cannot be built.
+    for name in state.adaptors_of(node) {
+        if let Some(a) = config.adaptors.get(&name) {
+            targets::build(&a.target, &config.targets[&a.target]).map_err(|reason| {
+                ServerError::Target {
+                    name: a.target.clone(),
+                    reason,
+                }
             })?;
-        let (executor, items_tx) = Executor::new(
-            name,
-            a.concurrency,
-            repo.clone(),
-            target,
-            parking.clone(),
-            &config.broker.namespace,
-            config.retry.clone(),
-            stats.clone(),
-        );
-        let adaptor = Adaptor::new(
-            name,
-            node,
-            a.kind,
-            &a.queue,
-            broker.clone(),
-            repo.clone(),
-            parking.clone(),
-            config.limits.max_message_size,
-            items_tx,
-            mirror.clone(),
-            stats.clone(),
-            fatal.clone(),
-        );
-        tasks.push((
-            format!("executor {name}"),
-            tokio::spawn(executor.run(shutdown.child_token())),
-        ));
-        tasks.push((
-            format!("adaptor {name}"),
-            tokio::spawn(adaptor.run(shutdown.child_token())),
-        ));
-        tracing::info!(adaptor = %name, queue = %config.queue_name(a), target = %a.target, concurrency = a.concurrency, "Adaptor started.");
+        }
     }
+    let ctx = Arc::new(crate::hosting::Ctx {
+        config: config.clone(),
+        node: node.to_owned(),
+        repo: repo.clone(),
+        broker: broker.clone(),
+        parking: parking.clone(),
+        mirror: mirror.clone(),
+        stats: stats.clone(),
+        fatal: fatal.clone(),
+        topology: topology.clone(),
+        alerter,
+        fence,
+    });
+    tasks.push((
+        "adaptors".into(),
+        tokio::spawn(crate::hosting::run(ctx, shutdown.child_token())),
+    ));
+    tasks.push((
+        "supervisor".into(),
+        tokio::spawn(crate::supervisor::run(
+            config.clone(),
+            node.to_owned(),
+            topology.clone(),
+            broker.clone(),
+            shutdown.child_token(),
+        )),
+    ));
+    let stopping = CancellationToken::new();
+    let health = crate::admin::Health {
+        fatal: fatal.clone(),
+        stopping: stopping.clone(),
+        stats: stats.clone(),
+        fence_after: config.supervisor.fence_after,
+        last: Arc::new(std::sync::Mutex::new((0, 0))),
+    };
 
     let (admin_addr, admin) = crate::admin::bind(
         &server.admin_listen,
         node,
         repo.clone(),
         Some(topology.clone()),
+        Some(health),
         shutdown.child_token(),
     )
     .await
@@ -191,13 +211,86 @@ pub async fn start(config: &Config, node: &str) -> Result<Running, ServerError> 
         grace: config.shutdown.grace,
         topology,
         node: node.to_owned(),
+        stopping,
     })
+}
+
+/// This server was taken over while it was away: its taker delivers the
+/// backlog of the adaptors it lost, so drop it here; start nothing it lost
+/// (the topology says where things run now); tell the operators.
+async fn returned_after_takeover(
+    repo: &Repository,
+    node: &str,
+    taker: Option<&str>,
+    state: &crate::topology::State,
+    alerter: &crate::alert::Alerter,
+) -> Result<(), ServerError> {
+    let mine = state.adaptors_of(node);
+    let mut dropped = 0;
+    for adaptor in repo.adaptors_with_backlog() {
+        if !mine.contains(&adaptor) {
+            let r = repo.clone();
+            let a = adaptor.clone();
+            let n = tokio::task::spawn_blocking(move || r.drop_adaptor(&a))
+                .await
+                .map_err(|e| RepositoryError::Flush(e.to_string()))??;
+            tracing::warn!(%adaptor, items = n, "Surrendered backlog dropped: the taker delivers it.");
+            dropped += n;
+        }
+    }
+    let placement: Vec<String> = state
+        .adaptors
+        .iter()
+        .chain(state.singletons.iter())
+        .map(|(name, host)| format!("  {name} on {host}"))
+        .collect();
+    let subject = format!("server {node} is back");
+    let body = format!(
+        "Server {node} is running again after it was taken over by {}.\n\
+         It dropped {dropped} surrendered items (delivered by the taker) and\n\
+         resumes monitoring. Nothing moved back; adaptors and services now run on:\n{}\n\n\
+         Move them with `provring move` if you want them back.",
+        taker.unwrap_or("another server"),
+        placement.join("\n")
+    );
+    let alerter = alerter.clone();
+    tokio::spawn(async move { alerter.send(&subject, &body).await });
+    Ok(())
+}
+
+/// Open while the topology log has been read within `fence_after`; closed
+/// (no target call starts) otherwise.
+async fn run_fence(
+    topology: Topology,
+    fence_after: Duration,
+    tx: tokio::sync::watch::Sender<bool>,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let open = topology.read_age() < fence_after;
+        if open != *tx.borrow() {
+            if open {
+                tracing::info!("Topology log readable again: deliveries resume.");
+            } else {
+                tracing::warn!(fence_after = ?fence_after, "Cannot read the topology log: deliveries paused (fenced).");
+            }
+            tx.send_replace(open);
+        }
+    }
 }
 
 impl Running {
     /// Stop every component (see the module doc) and flush.
     pub async fn stop(self) -> Exit {
-        // Announce the stop first, so that the monitor does not take over.
+        self.stop_with(true).await
+    }
+
+    async fn announce_stop(&self) {
         let node = self.node.clone();
         let announced = tokio::time::timeout(
             Duration::from_secs(3),
@@ -207,12 +300,17 @@ impl Running {
         .await;
         match announced {
             Ok(Ok(_)) => tracing::info!("Intentional stop announced in the topology log."),
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "Cannot announce the stop in the topology log.")
-            }
-            Err(_) => {
-                tracing::warn!("Cannot announce the stop in the topology log: no answer within 3s.")
-            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "Cannot announce the stop in the topology log."),
+            Err(_) => tracing::warn!("Cannot announce the stop in the topology log: no answer within 3s."),
+        }
+    }
+
+    /// Stop; `announce`: tell the topology this is an intentional stop (not
+    /// after a failure, which the monitor must take over).
+    pub async fn stop_with(self, announce: bool) -> Exit {
+        self.stopping.cancel();
+        if announce {
+            self.announce_stop().await;
         }
         self.shutdown.cancel();
         let deadline = tokio::time::Instant::now() + self.grace;
@@ -270,7 +368,7 @@ pub async fn run(config: Config, node: &str) -> Result<Exit, ServerError> {
         }
     };
     tracing::info!(signal = signal_name, grace = ?config.shutdown.grace, "Shutting down.");
-    let mut exit = running.stop().await;
+    let mut exit = running.stop_with(!fatal.is_cancelled()).await;
     if fatal.is_cancelled() {
         exit = Exit::Failed("a component could not go on safely; see the errors above".into());
     }

@@ -7,6 +7,9 @@
 //! - `GET /backlog/items`: every unfinished item and every copy, named
 //!   ([`ItemsView`]); for comparing a server with its monitor.
 //! - `GET /topology`: this server's replica of the topology.
+//! - `GET /state`: this server's state from 0 (unusable) to 10 (healthy)
+//!   with the reasons ([`StateView`]); what the supervisor of its monitor
+//!   polls.
 //!
 //! Read-only; it takes no locks that the pipeline waits on for longer than
 //! an index lookup.
@@ -64,11 +67,37 @@ pub struct AdaptorBacklog {
     pub oldest_age_ms: u64,
 }
 
+/// What `GET /state` returns.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StateView {
+    pub node: String,
+    /// 0 (unusable) to 10 (healthy).
+    pub state: u8,
+    /// Why the state is below 10.
+    pub reasons: Vec<String>,
+    pub epoch: u64,
+    pub key_fingerprint: Option<String>,
+    /// The server is stopping on purpose.
+    pub stopping: bool,
+}
+
+/// What `GET /state` looks at.
+#[derive(Clone)]
+pub struct Health {
+    pub fatal: CancellationToken,
+    pub stopping: CancellationToken,
+    pub stats: std::sync::Arc<crate::stats::Stats>,
+    pub fence_after: std::time::Duration,
+    /// (retries, delivered) at the previous probe.
+    pub last: std::sync::Arc<std::sync::Mutex<(u64, u64)>>,
+}
+
 #[derive(Clone)]
 struct AppState {
     node: String,
     repo: Repository,
     topology: Option<Topology>,
+    health: Option<Health>,
 }
 
 /// Bind `addr` now (so that a taken port stops the start with a clear
@@ -78,6 +107,7 @@ pub async fn bind(
     node: &str,
     repo: Repository,
     topology: Option<Topology>,
+    health: Option<Health>,
     shutdown: CancellationToken,
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), std::io::Error> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
@@ -87,10 +117,12 @@ pub async fn bind(
         .route("/backlog", get(backlog))
         .route("/backlog/items", get(items))
         .route("/topology", get(topology_state))
+        .route("/state", get(state))
         .with_state(AppState {
             node: node.to_owned(),
             repo,
             topology,
+            health,
         });
     let handle = tokio::spawn(async move {
         let served = axum::serve(listener, app)
@@ -172,4 +204,66 @@ async fn topology_state(
         Some(t) => Ok(Json((*t.state()).clone())),
         None => Err((StatusCode::NOT_FOUND, "no topology".into())),
     }
+}
+
+/// Oldest backlog item age above which the state drops.
+const OLD_BACKLOG_MS: u64 = 15 * 60 * 1000;
+
+async fn state(State(s): State<AppState>) -> Json<StateView> {
+    let mut score: i32 = 10;
+    let mut reasons = Vec::new();
+    let (epoch, fingerprint) = match &s.topology {
+        Some(t) => {
+            let st = t.state();
+            let fp = st.servers.get(&s.node).and_then(|x| x.key_fingerprint.clone());
+            (st.epoch, fp)
+        }
+        None => (0, None),
+    };
+    let mut stopping = false;
+    if let Some(h) = &s.health {
+        stopping = h.stopping.is_cancelled();
+        if h.fatal.is_cancelled() {
+            score = 0;
+            reasons.push("repository failed; the server is stopping".into());
+        }
+        if let Some(t) = &s.topology {
+            let age = t.read_age();
+            if age > h.fence_after {
+                score -= 6;
+                reasons.push(format!(
+                    "cannot read the topology log for {} (broker connection lost?)",
+                    humantime::format_duration(std::time::Duration::from_millis(age.as_millis() as u64))
+                ));
+            }
+        }
+        let retries = h.stats.retries.load(std::sync::atomic::Ordering::Relaxed);
+        let delivered = h.stats.delivered.load(std::sync::atomic::Ordering::Relaxed);
+        if let Ok(mut last) = h.last.lock() {
+            let (dr, dd) = (retries - last.0.min(retries), delivered - last.1.min(delivered));
+            *last = (retries, delivered);
+            if dr > 10 && dr > dd {
+                score -= 2;
+                reasons.push(format!("target errors: {dr} failed attempts, {dd} deliveries since the last probe"));
+            }
+        }
+    }
+    let now = now_ms();
+    if let Some(oldest) = s.repo.backlog().values().map(|(_, o)| *o).min()
+        && now.saturating_sub(oldest) > OLD_BACKLOG_MS
+    {
+        score -= 2;
+        reasons.push(format!(
+            "oldest backlog item waiting {}",
+            humantime::format_duration(std::time::Duration::from_secs(now.saturating_sub(oldest) / 1000))
+        ));
+    }
+    Json(StateView {
+        node: s.node,
+        state: score.clamp(0, 10) as u8,
+        reasons,
+        epoch,
+        key_fingerprint: fingerprint,
+        stopping,
+    })
 }

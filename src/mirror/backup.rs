@@ -188,7 +188,12 @@ impl Consumer {
             .map_err(BrokerError::op("basic.consume"))?;
         loop {
             let first = tokio::select! {
-                _ = shutdown.cancelled() => return Ok(()),
+                _ = shutdown.cancelled() => {
+                    // Unacked records go back to the queue for the next
+                    // consumer (a new monitor, or the taker's drain).
+                    let _ = channel.close(200, "backup consumer stopped".into()).await;
+                    return Ok(());
+                }
                 next = consumer.next() => match next {
                     None => return Err(BrokerError::Closed("the broker closed the backup consumer".into())),
                     Some(Err(e)) => return Err(BrokerError::Op { op: "consume", source: e }),
@@ -262,69 +267,91 @@ impl Consumer {
     /// Check and apply a batch of records in order, then flush.
     async fn apply(&self, batch: Vec<Delivery>) -> Result<(), RepositoryError> {
         let known: Vec<String> = self.topology.borrow().servers.keys().cloned().collect();
-        let repo = self.repo.clone();
-        let origin = self.origin.clone();
-        let (ignored, gap, completed) = tokio::task::spawn_blocking(move || {
-            let mut ignored = Ignored::default();
-            let mut gap = None;
-            let mut completed = false;
-            let mut generation = repo.copies_generation(&origin);
-            for d in &batch {
-                let frame = match wire::decode(&d.data) {
-                    Ok(f) => f,
-                    Err(e) => {
-                        ignored.add(format!("malformed mirror record: {e}"));
-                        continue;
-                    }
-                };
-                if let Err(reason) = check(&frame, &origin, &known, generation) {
-                    if frame.origin == origin && frame.generation > generation {
-                        gap = Some(frame.generation);
-                    }
-                    ignored.add(reason);
-                    continue;
-                }
-                match frame.body {
-                    Body::Begin => {
-                        repo.copies_begin(&origin, frame.generation)?;
-                        generation = frame.generation;
-                        tracing::info!(%origin, generation, "Resync from the origin started; earlier copies replaced.");
-                    }
-                    Body::Copy {
-                        adaptor,
-                        seq,
-                        done,
-                        record,
-                    } => {
-                        if let Err(e) = check_record(&record) {
-                            ignored.add(format!("malformed copy of a batch: {e}"));
-                            continue;
-                        }
-                        repo.copies_store(&origin, &adaptor, seq, &done, &record)?;
-                    }
-                    Body::Remove { finished } => repo.copies_remove(&origin, &finished)?,
-                    Body::End { batches } => {
-                        tracing::info!(%origin, generation, batches, "Resync from the origin complete.");
-                        completed = true;
-                    }
-                }
-            }
-            Ok::<_, RepositoryError>((ignored, gap, completed))
-        })
-        .await
-        .map_err(|e| RepositoryError::Flush(e.to_string()))??;
-        for (reason, count) in ignored.0 {
-            tracing::warn!(origin = %self.origin, count, %reason, "Mirror records ignored.");
-        }
-        self.repo.flush().await?;
-        if let Some(g) = gap {
+        let records = batch.into_iter().map(|d| d.data).collect();
+        let applied = apply_records(&self.repo, &self.origin, known, records).await?;
+        if let Some(g) = applied.gap {
             self.ask_resync(g).await;
         }
-        if completed {
+        if applied.completed {
             self.delete_old_queues().await;
         }
         Ok(())
     }
+}
+
+/// What [`apply_records`] saw.
+pub struct Applied {
+    /// A generation newer than the one held, whose start was not seen.
+    pub gap: Option<u64>,
+    /// A resync completed.
+    pub completed: bool,
+}
+
+/// Check and apply `records` (mirror records of `origin`) in order, then
+/// flush. `known` are the servers of the topology.
+pub async fn apply_records(
+    repo: &Repository,
+    origin: &str,
+    known: Vec<String>,
+    records: Vec<Vec<u8>>,
+) -> Result<Applied, RepositoryError> {
+    let r = repo.clone();
+    let o = origin.to_owned();
+    let (ignored, gap, completed) = tokio::task::spawn_blocking(move || {
+        let (repo, origin) = (r, o);
+        let mut ignored = Ignored::default();
+        let mut gap = None;
+        let mut completed = false;
+        let mut generation = repo.copies_generation(&origin);
+        for data in &records {
+            let frame = match wire::decode(data) {
+                Ok(f) => f,
+                Err(e) => {
+                    ignored.add(format!("malformed mirror record: {e}"));
+                    continue;
+                }
+            };
+            if let Err(reason) = check(&frame, &origin, &known, generation) {
+                if frame.origin == origin && frame.generation > generation {
+                    gap = Some(frame.generation);
+                }
+                ignored.add(reason);
+                continue;
+            }
+            match frame.body {
+                Body::Begin => {
+                    repo.copies_begin(&origin, frame.generation)?;
+                    generation = frame.generation;
+                    tracing::info!(%origin, generation, "Resync from the origin started; earlier copies replaced.");
+                }
+                Body::Copy {
+                    adaptor,
+                    seq,
+                    done,
+                    record,
+                } => {
+                    if let Err(e) = check_record(&record) {
+                        ignored.add(format!("malformed copy of a batch: {e}"));
+                        continue;
+                    }
+                    repo.copies_store(&origin, &adaptor, seq, &done, &record)?;
+                }
+                Body::Remove { finished } => repo.copies_remove(&origin, &finished)?,
+                Body::End { batches } => {
+                    tracing::info!(%origin, generation, batches, "Resync from the origin complete.");
+                    completed = true;
+                }
+            }
+        }
+        Ok::<_, RepositoryError>((ignored, gap, completed))
+    })
+    .await
+    .map_err(|e| RepositoryError::Flush(e.to_string()))??;
+    for (reason, count) in ignored.0 {
+        tracing::warn!(%origin, count, %reason, "Mirror records ignored.");
+    }
+    repo.flush().await?;
+    Ok(Applied { gap, completed })
 }
 
 /// Whether a decoded record may be applied to `origin`'s copies, whose

@@ -412,6 +412,105 @@ impl Repository {
         Ok(())
     }
 
+    /// The unfinished copies held for `origin`, as events per batch:
+    /// (adaptor, events). What a taker adopts as its own backlog.
+    pub fn copies_events(
+        &self,
+        origin: &str,
+    ) -> Result<Vec<(String, Vec<crate::event::Event>)>, RepositoryError> {
+        let batches: Vec<((String, u64), Vec<bool>)> = self
+            .copies_index()
+            .origins
+            .get(origin)
+            .map(|o| {
+                o.batches
+                    .iter()
+                    .map(|(k, b)| (k.clone(), b.finished.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut out = Vec::new();
+        for ((adaptor, seq), finished) in batches {
+            let key = copy_key(b'C', origin, &adaptor, seq);
+            let Some(v) = self.inner.copies.get(&key)? else {
+                continue;
+            };
+            let rec = record::read(&v).map_err(|reason| RepositoryError::Corrupt {
+                key: describe_key(&key),
+                reason,
+            })?;
+            let mut events = Vec::new();
+            for (i, e) in rec.items.into_iter().enumerate() {
+                if finished.get(i).copied().unwrap_or(true) {
+                    continue;
+                }
+                let Some(event_type) = crate::event::EventType::parse(&e.event_type) else {
+                    tracing::warn!(%origin, id = %e.id, event_type = %e.event_type, "Copy with an unknown event type not adopted.");
+                    continue;
+                };
+                events.push(crate::event::Event {
+                    identity: crate::event::Identity {
+                        source: e.source,
+                        id: e.id,
+                    },
+                    event_type,
+                    subject: e.subject,
+                    body: e.body,
+                });
+            }
+            if !events.is_empty() {
+                out.push((adaptor, events));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Forget every unfinished item of `adaptor` without delivering it: the
+    /// adaptor was surrendered to another server, which delivers them.
+    /// Returns how many items were dropped. Synchronous.
+    pub fn drop_adaptor(&self, adaptor: &str) -> Result<usize, RepositoryError> {
+        let db = &self.inner.db;
+        let mut dropped = 0;
+        {
+            let mut index = self.index();
+            let keys: Vec<(Arc<str>, u64)> = index
+                .batches
+                .keys()
+                .filter(|(a, _)| &**a == adaptor)
+                .cloned()
+                .collect();
+            for key in keys {
+                if let Some(b) = index.batches.remove(&key) {
+                    dropped += b.remaining;
+                    for h in &b.hashes {
+                        index.pending.remove(h);
+                    }
+                }
+                index.dirty.remove(&key);
+            }
+        }
+        for tag in [b'B', b'X', b'S'] {
+            for k in db.scan_prefix(adaptor_prefix(tag, adaptor)).keys() {
+                db.remove(k?)?;
+            }
+        }
+        db.flush()?;
+        Ok(dropped)
+    }
+
+    /// Adaptors with unfinished items in this repository.
+    pub fn adaptors_with_backlog(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .index()
+            .batches
+            .keys()
+            .map(|(a, _)| a.to_string())
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
     /// Tell `sink` of every item finished from now on.
     pub fn set_finished_sink(&self, sink: mpsc::UnboundedSender<Finished>) {
         let _ = self.inner.finished_sink.set(sink);

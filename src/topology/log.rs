@@ -113,13 +113,15 @@ impl Topology {
 
     /// Connect, catch up, write the initial state if the log is empty,
     /// refuse a cluster file that differs from the log's, and join.
+    /// Returns the handle and the state just before the join (which says
+    /// whether this server had been taken over).
     pub async fn join(
         broker: Broker,
         config: &Config,
         node: &str,
         key_fingerprint: Option<String>,
         shutdown: CancellationToken,
-    ) -> Result<Topology, TopologyError> {
+    ) -> Result<(Topology, Arc<State>), TopologyError> {
         let topology = Topology::connect(broker, node, shutdown).await?;
         topology.sync().await?;
         if !topology.state().initialised() {
@@ -150,8 +152,12 @@ impl Topology {
             });
         }
         let version = env!("CARGO_PKG_VERSION").to_owned();
+        let before = std::sync::Mutex::new(state.clone());
         topology
-            .propose_with(|_| {
+            .propose_with(|s| {
+                if let Ok(mut b) = before.lock() {
+                    *b = Arc::new(s.clone());
+                }
                 Some(Change::Joined {
                     node: node.to_owned(),
                     version: version.clone(),
@@ -159,7 +165,10 @@ impl Topology {
                 })
             })
             .await?;
-        Ok(topology)
+        let before = before
+            .into_inner()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Ok((topology, before))
     }
 
     /// The current state of this replica.

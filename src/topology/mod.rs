@@ -48,6 +48,9 @@ pub struct ServerState {
     pub stopping: bool,
     /// The server was taken over and has not joined since.
     pub failed: bool,
+    /// The server that took it over (the last time it failed).
+    #[serde(default)]
+    pub taken_over_by: Option<String>,
 }
 
 /// One record of the log.
@@ -214,6 +217,24 @@ impl State {
         Outcome::Applied
     }
 
+    /// Each server that has not failed monitors the next one in ring order
+    /// that has not failed.
+    fn restore_ring(&mut self) {
+        let live: Vec<String> = self
+            .ring
+            .iter()
+            .filter(|id| !self.servers.get(*id).is_some_and(|s| s.failed))
+            .cloned()
+            .collect();
+        self.monitors.clear();
+        if live.len() > 1 {
+            for (i, id) in live.iter().enumerate() {
+                self.monitors
+                    .insert(id.clone(), live[(i + 1) % live.len()].clone());
+            }
+        }
+    }
+
     fn known(&self, node: &str) -> Result<(), String> {
         if self.servers.contains_key(node) {
             Ok(())
@@ -248,7 +269,13 @@ impl State {
                 s.key_fingerprint = key_fingerprint.clone();
                 s.joined_epoch = Some(epoch);
                 s.stopping = false;
+                let returned = s.failed;
                 s.failed = false;
+                if returned {
+                    // Back from a takeover: the monitoring links return to
+                    // the configured ring (adaptors stay where they are).
+                    self.restore_ring();
+                }
             }
             Change::Stopping { node } => {
                 self.known(node)?;
@@ -283,7 +310,9 @@ impl State {
                         self.monitors.insert(by.clone(), next);
                     }
                 }
-                self.servers.entry(failed.clone()).or_default().failed = true;
+                let s = self.servers.entry(failed.clone()).or_default();
+                s.failed = true;
+                s.taken_over_by = Some(by.clone());
             }
             Change::Move { what, to } => {
                 self.known(to)?;

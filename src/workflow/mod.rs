@@ -68,6 +68,8 @@ struct Worker {
     parking_queue: String,
     retry: RetryConfig,
     stats: Arc<Stats>,
+    /// `false` while this server may not deliver (fenced).
+    fence: tokio::sync::watch::Receiver<bool>,
 }
 
 /// Delivers one adaptor's items; see the module doc.
@@ -91,6 +93,7 @@ impl Executor {
         namespace: &str,
         retry: RetryConfig,
         stats: Arc<Stats>,
+        fence: tokio::sync::watch::Receiver<bool>,
     ) -> (Executor, ItemSender) {
         let (tx, rx) = mpsc::unbounded_channel();
         let worker = Arc::new(Worker {
@@ -101,6 +104,7 @@ impl Executor {
             parking_queue: parking_queue(namespace),
             retry,
             stats,
+            fence,
         });
         (
             Executor {
@@ -302,6 +306,12 @@ impl Subjects {
 }
 
 async fn attempt(w: Arc<Worker>, mut item: StoredItem) -> Outcome {
+    // A fenced server (one that cannot read the topology log) waits: it may
+    // have been taken over without knowing it yet.
+    let mut fence = w.fence.clone();
+    if !*fence.borrow_and_update() {
+        let _ = fence.wait_for(|open| *open).await;
+    }
     if let Some(reason) = item.state.park_reason.clone() {
         return park(&w, item, reason).await;
     }

@@ -1,0 +1,77 @@
+//! E-mail alerts over SMTP (lettre), configured in `[alerts]`. Without
+//! that section an alert is only logged. A mail that cannot be sent is
+//! logged with the reason; it never stops the server.
+
+use crate::config::{AlertsConfig, SmtpTls};
+use lettre::message::Mailbox;
+use lettre::transport::smtp::authentication::Credentials;
+use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+
+/// Sends alerts; cheap to clone.
+#[derive(Clone)]
+pub struct Alerter {
+    config: Option<AlertsConfig>,
+    node: String,
+}
+
+impl Alerter {
+    pub fn new(config: Option<AlertsConfig>, node: &str) -> Alerter {
+        Alerter {
+            config,
+            node: node.to_owned(),
+        }
+    }
+
+    /// Log the alert and mail it to `alerts.to`.
+    pub async fn send(&self, subject: &str, body: &str) {
+        tracing::warn!(%subject, "Alert.");
+        let Some(cfg) = &self.config else {
+            tracing::warn!("No [alerts] section: the alert was only logged.");
+            return;
+        };
+        match tokio::time::timeout(cfg.timeout, self.mail(cfg, subject, body)).await {
+            Ok(Ok(())) => tracing::info!(%subject, to = %cfg.to.join(", "), "Alert mailed."),
+            Ok(Err(e)) => tracing::error!(%subject, error = %e, host = %cfg.smtp_host, "Cannot send the alert mail."),
+            Err(_) => tracing::error!(%subject, timeout = ?cfg.timeout, host = %cfg.smtp_host, "Cannot send the alert mail: no answer in time."),
+        }
+    }
+
+    async fn mail(&self, cfg: &AlertsConfig, subject: &str, body: &str) -> Result<(), String> {
+        let from: Mailbox = cfg
+            .from
+            .parse()
+            .map_err(|e| format!("alerts.from {:?}: {e}", cfg.from))?;
+        let mut builder = Message::builder()
+            .from(from)
+            .subject(format!("[provring] {subject}"));
+        for to in &cfg.to {
+            let mailbox: Mailbox = to.parse().map_err(|e| format!("alerts.to {to:?}: {e}"))?;
+            builder = builder.to(mailbox);
+        }
+        let message = builder
+            .body(format!("{body}\n\n-- \nprovring server {}\n", self.node))
+            .map_err(|e| e.to_string())?;
+        let mut transport = match cfg.tls {
+            SmtpTls::None => {
+                AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(cfg.smtp_host.as_str())
+            }
+            SmtpTls::Starttls => {
+                AsyncSmtpTransport::<Tokio1Executor>::starttls_relay(&cfg.smtp_host)
+                    .map_err(|e| e.to_string())?
+            }
+            SmtpTls::Tls => AsyncSmtpTransport::<Tokio1Executor>::relay(&cfg.smtp_host)
+                .map_err(|e| e.to_string())?,
+        }
+        .port(cfg.smtp_port)
+        .timeout(Some(cfg.timeout));
+        if let (Some(user), Some(password)) = (&cfg.username, &cfg.password) {
+            transport = transport.credentials(Credentials::new(user.clone(), password.clone()));
+        }
+        transport
+            .build()
+            .send(message)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+}

@@ -1,0 +1,348 @@
+//! Hosting: runs the adaptors the topology gives this server, follows every
+//! change, and adopts the backlog of a server it took over.
+//!
+//! - An adaptor the topology gives this server is started (its executor
+//!   first loads the adaptor's backlog from the repository).
+//! - An adaptor the topology gives another server is stopped at once: its
+//!   consumer, and its executor with the target calls in flight (fencing:
+//!   a surrendered item is never delivered from here).
+//! - When this server is named the taker of a failed server, it drains the
+//!   failed server's copies from the broker, adopts them as its own backlog
+//!   (stored, flushed, mirrored on to its own monitor), then starts the
+//!   failed server's adaptors, and sends the alert.
+//! - The fence: while the topology log cannot be read for `fence_after`,
+//!   no target call starts.
+
+use crate::adaptor::Adaptor;
+use crate::alert::Alerter;
+use crate::broker::declare::backup_queue;
+use crate::broker::{Broker, BrokerError, Publisher};
+use crate::config::Config;
+use crate::mirror::Mirror;
+use crate::repository::{Repository, Stored};
+use crate::stats::Stats;
+use crate::topology::{State, Topology};
+use crate::workflow::{Executor, targets};
+use futures::{FutureExt, StreamExt};
+use lapin::options::{BasicAckOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// What hosting needs to build adaptors.
+pub struct Ctx {
+    pub config: Config,
+    pub node: String,
+    pub repo: Repository,
+    pub broker: Broker,
+    pub parking: Publisher,
+    pub mirror: Mirror,
+    pub stats: Arc<Stats>,
+    pub fatal: CancellationToken,
+    pub topology: Topology,
+    pub alerter: Alerter,
+    pub fence: watch::Receiver<bool>,
+}
+
+struct Hosted {
+    stop: CancellationToken,
+    executor: JoinHandle<()>,
+    adaptor: JoinHandle<()>,
+}
+
+/// Follow the topology until `shutdown`; then stop every adaptor
+/// gracefully (in-flight target calls finish).
+pub async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
+    let mut rx = ctx.topology.subscribe();
+    let mut hosted: BTreeMap<String, Hosted> = BTreeMap::new();
+    let mut adopted: HashSet<String> = HashSet::new();
+    let mut previous: Option<Arc<State>> = None;
+    loop {
+        let state = rx.borrow_and_update().clone();
+        // Adopt first, so that the adaptors start with the whole backlog.
+        for (id, s) in &state.servers {
+            if !s.failed || s.taken_over_by.as_deref() != Some(ctx.node.as_str()) {
+                continue;
+            }
+            if !adopted.insert(id.clone()) {
+                continue;
+            }
+            let started = Instant::now();
+            let items = match adopt(&ctx, id).await {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::error!(failed = %id, error = %e, "Cannot adopt the failed server's backlog; stopping (a restart adopts it again).");
+                    ctx.fatal.cancel();
+                    return;
+                }
+            };
+            tracing::warn!(failed = %id, items, took = ?started.elapsed(), "Took over the failed server's backlog.");
+            // A takeover seen in the first state was handled by an earlier
+            // run of this server, which sent the mail.
+            if let Some(prev) = &previous {
+                let alerter = ctx.alerter.clone();
+                let (subject, body) = takeover_mail(&ctx.node, id, prev, &state, items);
+                tokio::spawn(async move { alerter.send(&subject, &body).await });
+            }
+        }
+        adopted.retain(|id| state.servers.get(id).is_some_and(|s| s.failed));
+
+        let wanted = state.adaptors_of(&ctx.node);
+        let surrendered: Vec<String> = hosted
+            .keys()
+            .filter(|name| !wanted.contains(name))
+            .cloned()
+            .collect();
+        for name in surrendered {
+            if let Some(h) = hosted.remove(&name) {
+                h.stop.cancel();
+                h.adaptor.abort();
+                h.executor.abort();
+                let to = state.adaptors.get(&name).cloned().unwrap_or_default();
+                tracing::warn!(adaptor = %name, now_on = %to, "Adaptor surrendered; stopped with its deliveries.");
+            }
+        }
+        for name in wanted {
+            if hosted.contains_key(&name) {
+                continue;
+            }
+            match start_adaptor(&ctx, &name, &shutdown) {
+                Ok(h) => {
+                    hosted.insert(name, h);
+                }
+                Err(e) => {
+                    tracing::error!(adaptor = %name, error = %e, "Cannot start the adaptor.");
+                }
+            }
+        }
+        previous = Some(state);
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            changed = rx.changed() => if changed.is_err() { break },
+        }
+    }
+    for (_, h) in hosted {
+        h.stop.cancel();
+        let _ = h.adaptor.await;
+        let _ = h.executor.await;
+    }
+}
+
+fn start_adaptor(ctx: &Ctx, name: &str, shutdown: &CancellationToken) -> Result<Hosted, String> {
+    let a = ctx
+        .config
+        .adaptors
+        .get(name)
+        .ok_or_else(|| format!("adaptor {name:?} is not in the cluster file"))?;
+    let target_config = ctx
+        .config
+        .targets
+        .get(&a.target)
+        .ok_or_else(|| format!("target {:?} is not in the cluster file", a.target))?;
+    let target = targets::build(&a.target, target_config)
+        .map_err(|reason| format!("target {}: {reason}", a.target))?;
+    let (executor, items_tx) = Executor::new(
+        name,
+        a.concurrency,
+        ctx.repo.clone(),
+        target,
+        ctx.parking.clone(),
+        &ctx.config.broker.namespace,
+        ctx.config.retry.clone(),
+        ctx.stats.clone(),
+        ctx.fence.clone(),
+    );
+    let adaptor = Adaptor::new(
+        name,
+        &ctx.node,
+        a.kind,
+        &a.queue,
+        ctx.broker.clone(),
+        ctx.repo.clone(),
+        ctx.parking.clone(),
+        ctx.config.limits.max_message_size,
+        items_tx,
+        ctx.mirror.clone(),
+        ctx.stats.clone(),
+        ctx.fatal.clone(),
+    );
+    let stop = shutdown.child_token();
+    let executor = tokio::spawn(executor.run(stop.clone()));
+    let adaptor = tokio::spawn(adaptor.run(stop.clone()));
+    tracing::info!(adaptor = %name, queue = %ctx.config.queue_name(a), target = %a.target, concurrency = a.concurrency, "Adaptor started.");
+    Ok(Hosted {
+        stop,
+        executor,
+        adaptor,
+    })
+}
+
+/// Drain `origin`'s copies from the broker, store them as this server's
+/// backlog, mirror them on, forget the copies. Returns the items adopted.
+async fn adopt(ctx: &Ctx, origin: &str) -> Result<usize, String> {
+    drain(ctx, origin).await.map_err(|e| e.to_string())?;
+    let repo = ctx.repo.clone();
+    let o = origin.to_owned();
+    let batches = tokio::task::spawn_blocking(move || repo.copies_events(&o))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    let mut adopted = 0;
+    for (adaptor, events) in batches {
+        let repo = ctx.repo.clone();
+        let name = adaptor.clone();
+        let (stored, records) =
+            tokio::task::spawn_blocking(move || repo.store_with_records(&name, events))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+        adopted += stored
+            .iter()
+            .filter(|s| matches!(s, Stored::New(_)))
+            .count();
+        ctx.repo.flush().await.map_err(|e| e.to_string())?;
+        ctx.mirror
+            .copy(&adaptor, records)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    let repo = ctx.repo.clone();
+    let o = origin.to_owned();
+    tokio::task::spawn_blocking(move || repo.copies_drop(&o))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    Ok(adopted)
+}
+
+/// Apply every record still on the queue of `origin`'s copies to this
+/// server, once its own backup consumer has let go of it.
+async fn drain(ctx: &Ctx, origin: &str) -> Result<(), BrokerError> {
+    let ns = &ctx.config.broker.namespace;
+    let queue = backup_queue(ns, origin, &ctx.node);
+    let ch = ctx.broker.channel().await?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let q = ch
+            .queue_declare(
+                queue.as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        match q {
+            Ok(q) if q.consumer_count() == 0 || Instant::now() > deadline => break,
+            Ok(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            Err(_) => return Ok(()), // no queue: nothing was ever sent here
+        }
+    }
+    let known: Vec<String> = ctx.topology.state().servers.keys().cloned().collect();
+    // basic.get is refused on single-active-consumer queues: consume, and
+    // stop once nothing more arrives and the queue reports empty.
+    ch.basic_qos(512, lapin::options::BasicQosOptions::default())
+        .await
+        .map_err(BrokerError::op("basic.qos"))?;
+    let mut consumer = ch
+        .basic_consume(
+            queue.as_str().into(),
+            format!("provring.drain.{}", ctx.node).as_str().into(),
+            lapin::options::BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(BrokerError::op("basic.consume"))?;
+    loop {
+        let mut records = Vec::new();
+        let mut last = None;
+        let first = tokio::time::timeout(Duration::from_millis(300), consumer.next()).await;
+        if let Ok(Some(Ok(d))) = first {
+            last = Some(d.delivery_tag);
+            records.push(d.data);
+            while records.len() < 256 {
+                match consumer.next().now_or_never() {
+                    Some(Some(Ok(d))) => {
+                        last = Some(d.delivery_tag);
+                        records.push(d.data);
+                    }
+                    _ => break,
+                }
+            }
+        }
+        let Some(tag) = last else {
+            let ready = ch
+                .queue_declare(
+                    queue.as_str().into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..QueueDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .map(|q| q.message_count())
+                .unwrap_or(0);
+            if ready == 0 {
+                break;
+            }
+            continue;
+        };
+        crate::mirror::backup::apply_records(&ctx.repo, origin, known.clone(), records)
+            .await
+            .map_err(|e| BrokerError::Closed(e.to_string()))?;
+        ch.basic_ack(tag, BasicAckOptions { multiple: true })
+            .await
+            .map_err(BrokerError::op("basic.ack"))?;
+    }
+    let _ = ch.close(200, "drained".into()).await;
+    Ok(())
+}
+
+fn takeover_mail(
+    taker: &str,
+    failed: &str,
+    before: &State,
+    after: &State,
+    items: usize,
+) -> (String, String) {
+    let moved: Vec<String> = before
+        .adaptors
+        .iter()
+        .chain(before.singletons.iter())
+        .filter(|(_, host)| host.as_str() == failed)
+        .map(|(name, _)| {
+            let now = after
+                .adaptors
+                .get(name)
+                .or_else(|| after.singletons.get(name))
+                .map_or("-", String::as_str);
+            format!("  {name} -> {now}")
+        })
+        .collect();
+    let when = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
+    let subject = format!("server {failed} failed; {taker} took over");
+    let body = format!(
+        "Server {failed} stopped answering and its broker connection is gone.\n\
+         Server {taker} took it over at {when} (topology epoch {epoch}).\n\n\
+         Moved:\n{moved}\n\n\
+         Backlog adopted from {failed}'s copies: {items} items.\n\
+         Monitoring now: {links}\n\n\
+         Nothing moves back by itself: when {failed} is back, move what you want with\n\
+         `provring move`.",
+        epoch = after.epoch,
+        moved = if moved.is_empty() { "  (nothing)".to_owned() } else { moved.join("\n") },
+        links = after
+            .monitors
+            .iter()
+            .map(|(a, b)| format!("{a}→{b}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+    );
+    (subject, body)
+}

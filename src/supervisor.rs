@@ -1,0 +1,149 @@
+//! The supervisor: watches the server this one monitors and takes it over
+//! when it has failed.
+//!
+//! Every `monitoring_interval` it asks the monitored server's `GET /state`
+//! (bounded by `request_timeout`). After `retry_count` failed probes in a
+//! row, or a state below `state_threshold`, it confirms through a second
+//! path, the broker: a live server's connection holds its exclusive queue
+//! `ns.alive.<id>`. Only a server that is gone from the broker too, and did
+//! not announce an intentional stop, is taken over, by compare-and-set in
+//! the topology log; the winner's hosting then adopts the backlog
+//! ([`crate::hosting`]).
+//!
+//! A server whose broker connection is gone cannot act on the broker any
+//! more, and it cannot deliver until it has read the log again (fencing),
+//! where it finds its takeover.
+
+use crate::admin::StateView;
+use crate::broker::Broker;
+use crate::broker::declare::alive_queue;
+use crate::config::{Config, SupervisorConfig};
+use crate::topology::{Change, Outcome, Topology};
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+pub async fn run(
+    config: Config,
+    node: String,
+    topology: Topology,
+    broker: Broker,
+    shutdown: CancellationToken,
+) {
+    let sup: SupervisorConfig = config.supervisor.clone();
+    let client = match reqwest::Client::builder()
+        .timeout(sup.request_timeout)
+        .connect_timeout(sup.request_timeout)
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "Cannot build the supervisor's HTTP client; not monitoring.");
+            return;
+        }
+    };
+    let mut tick = tokio::time::interval(sup.monitoring_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut watched: Option<String> = None;
+    let mut failures = 0u32;
+    let mut last_warning: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let state = topology.state();
+        let peer = state.monitors.get(&node).cloned();
+        if peer != watched {
+            if let Some(p) = &peer {
+                tracing::info!(monitored = %p, "Monitoring.");
+            }
+            watched = peer.clone();
+            failures = 0;
+        }
+        let Some(peer) = peer else { continue };
+        let Some(server) = config.servers.get(&peer) else {
+            continue;
+        };
+        let url = format!("http://{}/state", server.admin_listen);
+        let problem = match probe(&client, &url).await {
+            Ok(view) if view.state >= sup.state_threshold => {
+                failures = 0;
+                continue;
+            }
+            Ok(view) => format!(
+                "state {} below {} ({})",
+                view.state,
+                sup.state_threshold,
+                view.reasons.join("; ")
+            ),
+            Err(e) => e,
+        };
+        failures += 1;
+        if failures < sup.retry_count {
+            tracing::debug!(monitored = %peer, failures, %problem, "Probe failed.");
+            continue;
+        }
+        let peer_state = state.servers.get(&peer).cloned().unwrap_or_default();
+        if peer_state.stopping || peer_state.failed {
+            continue; // stopped on purpose, or already taken over
+        }
+        // Second path: the broker's view.
+        match broker.peer_alive(&alive_queue(&config.broker.namespace, &peer)).await {
+            Ok(true) => {
+                if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(30)) {
+                    tracing::warn!(monitored = %peer, admin = %server.admin_listen, %problem, "Cannot reach the monitored server's admin API, but its broker connection is alive: no takeover.");
+                    last_warning = Some(Instant::now());
+                }
+                continue;
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(monitored = %peer, error = %e, "Cannot ask the broker about the monitored server; no takeover for now.");
+                continue;
+            }
+        }
+        tracing::warn!(monitored = %peer, failures, %problem, "Monitored server failed: no answer and no broker connection. Taking over.");
+        let me = node.clone();
+        let failed = peer.clone();
+        let outcome = topology
+            .propose_with(|s| {
+                let p = s.servers.get(&failed)?;
+                let still_mine = s.monitors.get(&me) == Some(&failed);
+                (still_mine && !p.failed && !p.stopping).then(|| Change::Takeover {
+                    failed: failed.clone(),
+                    by: me.clone(),
+                })
+            })
+            .await;
+        match outcome {
+            Ok(Some(Outcome::Applied)) => {
+                tracing::warn!(failed = %peer, epoch = topology.state().epoch, "Takeover recorded in the topology log.")
+            }
+            Ok(Some(Outcome::Ignored(reason))) => {
+                tracing::info!(failed = %peer, %reason, "Takeover not applied.")
+            }
+            Ok(None) => tracing::info!(failed = %peer, "Takeover no longer needed."),
+            Err(e) => tracing::warn!(failed = %peer, error = %e, "Cannot write the takeover; will retry."),
+        }
+        failures = 0;
+    }
+}
+
+async fn probe(client: &reqwest::Client, url: &str) -> Result<StateView, String> {
+    let response = client.get(url).send().await.map_err(|e| {
+        if e.is_timeout() {
+            "no answer in time".to_owned()
+        } else if e.is_connect() {
+            "connection refused".to_owned()
+        } else {
+            e.to_string()
+        }
+    })?;
+    if !response.status().is_success() {
+        return Err(format!("HTTP {}", response.status()));
+    }
+    response
+        .json::<StateView>()
+        .await
+        .map_err(|e| format!("unreadable state: {e}"))
+}

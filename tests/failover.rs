@@ -1,0 +1,280 @@
+//! The supervisor ring with real processes: `kill -9` each server of a
+//! 3-server ring in turn under load, and an intentional stop.
+
+mod common;
+
+use common::*;
+use provring::topology::State;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+/// A minimal SMTP server that keeps every message it receives.
+#[derive(Clone, Default)]
+struct SmtpSink {
+    messages: Arc<Mutex<Vec<String>>>,
+}
+
+impl SmtpSink {
+    async fn start(&self) -> u16 {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind smtp");
+        let port = listener.local_addr().expect("addr").port();
+        let messages = self.messages.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let messages = messages.clone();
+                tokio::spawn(async move {
+                    let (read, mut write) = stream.into_split();
+                    let mut lines = BufReader::new(read).lines();
+                    let _ = write.write_all(b"220 sink ESMTP\r\n").await;
+                    let mut data: Option<String> = None;
+                    while let Ok(Some(line)) = lines.next_line().await {
+                        if let Some(body) = data.as_mut() {
+                            if line == "." {
+                                messages
+                                    .lock()
+                                    .expect("lock")
+                                    .push(data.take().unwrap_or_default());
+                                let _ = write.write_all(b"250 queued\r\n").await;
+                            } else {
+                                body.push_str(&line);
+                                body.push('\n');
+                            }
+                            continue;
+                        }
+                        let verb = line.split_whitespace().next().unwrap_or("").to_uppercase();
+                        let reply: &[u8] = match verb.as_str() {
+                            "DATA" => {
+                                data = Some(String::new());
+                                b"354 go on\r\n"
+                            }
+                            "QUIT" => {
+                                let _ = write.write_all(b"221 bye\r\n").await;
+                                break;
+                            }
+                            _ => b"250 ok\r\n",
+                        };
+                        let _ = write.write_all(reply).await;
+                    }
+                });
+            }
+        });
+        port
+    }
+
+    fn count(&self, needle: &str) -> usize {
+        self.messages
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|m| m.contains(needle))
+            .count()
+    }
+}
+
+fn alerts(port: u16) -> String {
+    format!(
+        "[alerts]\nsmtp_host = \"127.0.0.1\"\nsmtp_port = {port}\nfrom = \"provring@example.test\"\nto = [\"ops@example.test\"]\ntimeout = \"5s\"\n"
+    )
+}
+
+async fn topology_of(admin: &str) -> Option<State> {
+    admin_get::<State>(admin, "/topology").await.ok()
+}
+
+/// Wait until a live server reports a state for which `ok` holds.
+async fn wait_state(
+    admins: &[&String],
+    within: Duration,
+    what: &str,
+    ok: impl Fn(&State) -> bool,
+) -> State {
+    let deadline = Instant::now() + within;
+    loop {
+        for a in admins {
+            if let Some(s) = topology_of(a).await
+                && ok(&s)
+            {
+                return s;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_each_server_in_turn_under_load() {
+    let recorder = Recorder::default();
+    recorder.behaviour.lock().expect("lock").delay = Some(Duration::from_millis(2));
+    let hook = recorder.start().await;
+    let smtp = SmtpSink::default();
+    let port = smtp.start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut setup = Setup::new("failover_kill", &hook);
+    setup.concurrency = 8;
+    setup.extra = alerts(port);
+    let nodes = ["a", "b", "c"];
+    let (path, admins) = setup.write_ring(dir.path(), &nodes);
+    let config = load(&path);
+    let _cleanup = Cleanup::new(&config.broker, &["feed-a", "feed-b", "feed-c"]);
+    let mut servers = start_servers(&path, dir.path(), &nodes);
+
+    let mut total = 0u64;
+    for (round, victim) in nodes.iter().enumerate() {
+        for feed in nodes {
+            publish(
+                &config.broker,
+                &format!("feed-{feed}"),
+                events(&format!("r{round}-{feed}"), 1500),
+            )
+            .await;
+            total += 1500;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let killed_at = Instant::now();
+        servers.get_mut(*victim).expect("victim").kill9();
+        let live: Vec<&String> = nodes
+            .iter()
+            .filter(|n| *n != victim)
+            .map(|n| &admins[*n])
+            .collect();
+        let v = victim.to_string();
+        let state = wait_state(
+            &live,
+            Duration::from_secs(20),
+            &format!("the takeover of {victim}"),
+            |s| s.servers.get(&v).is_some_and(|x| x.failed),
+        )
+        .await;
+        println!(
+            "{victim} taken over by {:?} after {:?}",
+            state.servers[*victim].taken_over_by,
+            killed_at.elapsed()
+        );
+        // The ring is closed around the failed server.
+        assert!(
+            !state.monitors.contains_key(*victim),
+            "{victim} still monitors: {:?}",
+            state.monitors
+        );
+        assert!(
+            !state.monitors.values().any(|m| m == victim),
+            "{victim} still monitored: {:?}",
+            state.monitors
+        );
+        assert_eq!(state.monitors.len(), 2, "links: {:?}", state.monitors);
+        assert!(
+            state.adaptors.values().all(|h| h != victim),
+            "adaptors left on {victim}: {:?}",
+            state.adaptors
+        );
+        // Exactly one mail for this failure.
+        let subject = format!("server {victim} failed");
+        eventually(Duration::from_secs(10), "the takeover mail", || {
+            smtp.count(&subject) >= 1
+        })
+        .await;
+        // More load while it is down.
+        for feed in nodes {
+            publish(
+                &config.broker,
+                &format!("feed-{feed}"),
+                events(&format!("r{round}-down-{feed}"), 500),
+            )
+            .await;
+            total += 500;
+        }
+        // Back again.
+        let log = dir.path().join(format!("{victim}-{round}.log"));
+        let mut p = ServerProc::start(&path, victim, log);
+        p.wait_started(Duration::from_secs(60));
+        servers.insert(victim.to_string(), p);
+        wait_state(
+            &live,
+            Duration::from_secs(20),
+            &format!("{victim} back"),
+            |s| s.servers.get(&v).is_some_and(|x| !x.failed) && s.monitors.len() == 3,
+        )
+        .await;
+    }
+    recorder
+        .wait_for(
+            total as usize,
+            Duration::from_secs(180),
+            "every event after three failures",
+        )
+        .await;
+    recorder
+        .wait_quiet(Duration::from_secs(2), Duration::from_secs(30))
+        .await;
+    {
+        let r = recorder.record.lock().expect("lock");
+        assert_eq!(r.effects.len() as u64, total, "lost events");
+        let twice: Vec<_> = r.effects.iter().filter(|(_, n)| **n > 1).take(5).collect();
+        assert!(twice.is_empty(), "effects applied twice: {twice:?}");
+    }
+    for victim in nodes {
+        assert_eq!(
+            smtp.count(&format!("server {victim} failed")),
+            1,
+            "takeover mails for {victim}"
+        );
+    }
+    println!(
+        "{total} events, {} duplicate deliveries, {} mails",
+        recorder.duplicate_deliveries(),
+        smtp.messages.lock().expect("lock").len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_intentional_stop_is_not_taken_over() {
+    let recorder = Recorder::default();
+    let hook = recorder.start().await;
+    let smtp = SmtpSink::default();
+    let port = smtp.start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut setup = Setup::new("failover_stop", &hook);
+    setup.extra = alerts(port);
+    let nodes = ["a", "b", "c"];
+    let (path, admins) = setup.write_ring(dir.path(), &nodes);
+    let config = load(&path);
+    let _cleanup = Cleanup::new(&config.broker, &["feed-a", "feed-b", "feed-c"]);
+    let mut servers = start_servers(&path, dir.path(), &nodes);
+
+    let status = servers
+        .get_mut("b")
+        .expect("b")
+        .stop(Duration::from_secs(30));
+    assert!(status.success(), "b did not stop cleanly");
+    // Well past the detection time (1 s by default).
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let state = topology_of(&admins["a"]).await.expect("a's topology");
+    assert!(state.servers["b"].stopping, "b's stop was not announced");
+    assert!(
+        !state.servers["b"].failed,
+        "b was taken over after an intentional stop"
+    );
+    assert_eq!(state.adaptors["feed_b"], "b");
+    assert_eq!(smtp.count("failed"), 0, "a failure mail was sent");
+
+    // Events for b wait on the broker; restarted, b resumes its own adaptor.
+    publish(&config.broker, "feed-b", events("stop", 300)).await;
+    let mut b = ServerProc::start(&path, "b", dir.path().join("b-2.log"));
+    b.wait_started(Duration::from_secs(60));
+    servers.insert("b".into(), b);
+    recorder
+        .wait_for(300, Duration::from_secs(60), "b's events after its restart")
+        .await;
+    let state = topology_of(&admins["b"]).await.expect("b's topology");
+    assert!(!state.servers["b"].stopping);
+    assert_eq!(state.adaptors["feed_b"], "b");
+    assert_eq!(smtp.count("failed"), 0, "a failure mail was sent");
+}

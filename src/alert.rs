@@ -31,8 +31,12 @@ impl Alerter {
         };
         match tokio::time::timeout(cfg.timeout, self.mail(cfg, subject, body)).await {
             Ok(Ok(())) => tracing::info!(%subject, to = %cfg.to.join(", "), "Alert mailed."),
-            Ok(Err(e)) => tracing::error!(%subject, error = %e, host = %cfg.smtp_host, "Cannot send the alert mail."),
-            Err(_) => tracing::error!(%subject, timeout = ?cfg.timeout, host = %cfg.smtp_host, "Cannot send the alert mail: no answer in time."),
+            Ok(Err(e)) => {
+                tracing::error!(%subject, error = %e, host = %cfg.smtp_host, "Cannot send the alert mail.")
+            }
+            Err(_) => {
+                tracing::error!(%subject, timeout = ?cfg.timeout, host = %cfg.smtp_host, "Cannot send the alert mail: no answer in time.")
+            }
         }
     }
 

@@ -336,7 +336,11 @@ fn takeover_mail(
          Nothing moves back by itself: when {failed} is back, move what you want with\n\
          `provring move`.",
         epoch = after.epoch,
-        moved = if moved.is_empty() { "  (nothing)".to_owned() } else { moved.join("\n") },
+        moved = if moved.is_empty() {
+            "  (nothing)".to_owned()
+        } else {
+            moved.join("\n")
+        },
         links = after
             .monitors
             .iter()

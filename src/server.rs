@@ -300,8 +300,12 @@ impl Running {
         .await;
         match announced {
             Ok(Ok(_)) => tracing::info!("Intentional stop announced in the topology log."),
-            Ok(Err(e)) => tracing::warn!(error = %e, "Cannot announce the stop in the topology log."),
-            Err(_) => tracing::warn!("Cannot announce the stop in the topology log: no answer within 3s."),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "Cannot announce the stop in the topology log.")
+            }
+            Err(_) => {
+                tracing::warn!("Cannot announce the stop in the topology log: no answer within 3s.")
+            }
         }
     }
 

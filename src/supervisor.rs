@@ -88,7 +88,10 @@ pub async fn run(
             continue; // stopped on purpose, or already taken over
         }
         // Second path: the broker's view.
-        match broker.peer_alive(&alive_queue(&config.broker.namespace, &peer)).await {
+        match broker
+            .peer_alive(&alive_queue(&config.broker.namespace, &peer))
+            .await
+        {
             Ok(true) => {
                 if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(30)) {
                     tracing::warn!(monitored = %peer, admin = %server.admin_listen, %problem, "Cannot reach the monitored server's admin API, but its broker connection is alive: no takeover.");
@@ -123,7 +126,9 @@ pub async fn run(
                 tracing::info!(failed = %peer, %reason, "Takeover not applied.")
             }
             Ok(None) => tracing::info!(failed = %peer, "Takeover no longer needed."),
-            Err(e) => tracing::warn!(failed = %peer, error = %e, "Cannot write the takeover; will retry."),
+            Err(e) => {
+                tracing::warn!(failed = %peer, error = %e, "Cannot write the takeover; will retry.")
+            }
         }
         failures = 0;
     }

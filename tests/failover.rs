@@ -5,7 +5,6 @@ mod common;
 
 use common::*;
 use provring::topology::State;
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};

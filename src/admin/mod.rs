@@ -215,7 +215,10 @@ async fn state(State(s): State<AppState>) -> Json<StateView> {
     let (epoch, fingerprint) = match &s.topology {
         Some(t) => {
             let st = t.state();
-            let fp = st.servers.get(&s.node).and_then(|x| x.key_fingerprint.clone());
+            let fp = st
+                .servers
+                .get(&s.node)
+                .and_then(|x| x.key_fingerprint.clone());
             (st.epoch, fp)
         }
         None => (0, None),
@@ -233,18 +236,25 @@ async fn state(State(s): State<AppState>) -> Json<StateView> {
                 score -= 6;
                 reasons.push(format!(
                     "cannot read the topology log for {} (broker connection lost?)",
-                    humantime::format_duration(std::time::Duration::from_millis(age.as_millis() as u64))
+                    humantime::format_duration(std::time::Duration::from_millis(
+                        age.as_millis() as u64
+                    ))
                 ));
             }
         }
         let retries = h.stats.retries.load(std::sync::atomic::Ordering::Relaxed);
         let delivered = h.stats.delivered.load(std::sync::atomic::Ordering::Relaxed);
         if let Ok(mut last) = h.last.lock() {
-            let (dr, dd) = (retries - last.0.min(retries), delivered - last.1.min(delivered));
+            let (dr, dd) = (
+                retries - last.0.min(retries),
+                delivered - last.1.min(delivered),
+            );
             *last = (retries, delivered);
             if dr > 10 && dr > dd {
                 score -= 2;
-                reasons.push(format!("target errors: {dr} failed attempts, {dd} deliveries since the last probe"));
+                reasons.push(format!(
+                    "target errors: {dr} failed attempts, {dd} deliveries since the last probe"
+                ));
             }
         }
     }
@@ -255,7 +265,9 @@ async fn state(State(s): State<AppState>) -> Json<StateView> {
         score -= 2;
         reasons.push(format!(
             "oldest backlog item waiting {}",
-            humantime::format_duration(std::time::Duration::from_secs(now.saturating_sub(oldest) / 1000))
+            humantime::format_duration(std::time::Duration::from_secs(
+                now.saturating_sub(oldest) / 1000
+            ))
         ));
     }
     Json(StateView {

@@ -29,7 +29,6 @@ use lapin::types::FieldTable;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -45,7 +44,7 @@ pub struct Ctx {
     pub fatal: CancellationToken,
     pub topology: Topology,
     pub alerter: Alerter,
-    pub fence: watch::Receiver<bool>,
+    pub fence: crate::topology::Fence,
 }
 
 struct Hosted {
@@ -63,6 +62,27 @@ pub async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
     let mut previous: Option<Arc<State>> = None;
     loop {
         let state = rx.borrow_and_update().clone();
+        if state.servers.get(&ctx.node).is_some_and(|me| me.failed) {
+            // Taken over while running (frozen, or cut off from the broker
+            // for longer than the detection time): surrender everything at
+            // once, drop what the taker adopted, and join again.
+            for (name, h) in std::mem::take(&mut hosted) {
+                h.stop.cancel();
+                h.adaptor.abort();
+                h.executor.abort();
+                tracing::error!(adaptor = %name, "This server was taken over: adaptor surrendered.");
+            }
+            if let Err(e) = rejoin(&ctx, &state).await {
+                tracing::error!(error = %e, "Cannot rejoin after being taken over; stopping.");
+                ctx.fatal.cancel();
+                return;
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                changed = rx.changed() => if changed.is_err() { break },
+            }
+            continue;
+        }
         // Adopt first, so that the adaptors start with the whole backlog.
         for (id, s) in &state.servers {
             if !s.failed || s.taken_over_by.as_deref() != Some(ctx.node.as_str()) {
@@ -132,6 +152,36 @@ pub async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
     }
 }
 
+/// After a takeover of this running server: drop the surrendered backlog,
+/// tell the operators, and join the topology again.
+async fn rejoin(ctx: &Ctx, state: &State) -> Result<(), String> {
+    let me = state.servers.get(&ctx.node).cloned().unwrap_or_default();
+    crate::server::returned_after_takeover(
+        &ctx.repo,
+        &ctx.node,
+        me.taken_over_by.as_deref(),
+        state,
+        &ctx.alerter,
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    let node = ctx.node.clone();
+    ctx.topology
+        .propose_with(|s| {
+            s.servers.get(&node).is_some_and(|x| x.failed).then(|| {
+                crate::topology::Change::Joined {
+                    node: node.clone(),
+                    version: env!("CARGO_PKG_VERSION").to_owned(),
+                    key_fingerprint: None,
+                }
+            })
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    tracing::warn!("Joined the topology again after being taken over.");
+    Ok(())
+}
+
 fn start_adaptor(ctx: &Ctx, name: &str, shutdown: &CancellationToken) -> Result<Hosted, String> {
     let a = ctx
         .config
@@ -155,6 +205,7 @@ fn start_adaptor(ctx: &Ctx, name: &str, shutdown: &CancellationToken) -> Result<
         ctx.config.retry.clone(),
         ctx.stats.clone(),
         ctx.fence.clone(),
+        &ctx.node,
     );
     let adaptor = Adaptor::new(
         name,

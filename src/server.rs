@@ -115,15 +115,10 @@ pub async fn start(config: &Config, node: &str) -> Result<Running, ServerError> 
             shutdown.child_token(),
         )),
     ));
-    let (fence_tx, fence) = tokio::sync::watch::channel(true);
+    let fence = crate::topology::Fence::new(topology.clone(), config.supervisor.fence_after);
     tasks.push((
         "fence".into(),
-        tokio::spawn(run_fence(
-            topology.clone(),
-            config.supervisor.fence_after,
-            fence_tx,
-            shutdown.child_token(),
-        )),
+        tokio::spawn(log_fence(fence.clone(), shutdown.child_token())),
     ));
     // Fail early on a target that cannot be built.
     for name in state.adaptors_of(node) {
@@ -218,7 +213,7 @@ pub async fn start(config: &Config, node: &str) -> Result<Running, ServerError> 
 /// This server was taken over while it was away: its taker delivers the
 /// backlog of the adaptors it lost, so drop it here; start nothing it lost
 /// (the topology says where things run now); tell the operators.
-async fn returned_after_takeover(
+pub(crate) async fn returned_after_takeover(
     repo: &Repository,
     node: &str,
     taker: Option<&str>,
@@ -258,28 +253,22 @@ async fn returned_after_takeover(
     Ok(())
 }
 
-/// Open while the topology log has been read within `fence_after`; closed
-/// (no target call starts) otherwise.
-async fn run_fence(
-    topology: Topology,
-    fence_after: Duration,
-    tx: tokio::sync::watch::Sender<bool>,
-    shutdown: CancellationToken,
-) {
+/// Log when the fence closes and opens again.
+async fn log_fence(fence: crate::topology::Fence, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_millis(50));
+    let mut open = true;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let open = topology.read_age() < fence_after;
-        if open != *tx.borrow() {
+        if fence.is_open() != open {
+            open = !open;
             if open {
                 tracing::info!("Topology log readable again: deliveries resume.");
             } else {
-                tracing::warn!(fence_after = ?fence_after, "Cannot read the topology log: deliveries paused (fenced).");
+                tracing::warn!("Cannot read the topology log: deliveries paused (fenced).");
             }
-            tx.send_replace(open);
         }
     }
 }

@@ -277,3 +277,193 @@ async fn an_intentional_stop_is_not_taken_over() {
     assert_eq!(state.adaptors["feed_b"], "b");
     assert_eq!(smtp.count("failed"), 0, "a failure mail was sent");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_frozen_server_is_taken_over_and_delivers_nothing_it_surrendered() {
+    let recorder = Recorder::default();
+    recorder.behaviour.lock().expect("lock").delay = Some(Duration::from_millis(3));
+    let hook = recorder.start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut setup = Setup::new("failover_freeze", &hook);
+    setup.concurrency = 4;
+    let nodes = ["a", "b", "c"];
+    let (path, admins) = setup.write_ring(dir.path(), &nodes);
+    let config = load(&path);
+    let _cleanup = Cleanup::new(&config.broker, &["feed-a", "feed-b", "feed-c"]);
+    let mut servers = start_servers(&path, dir.path(), &nodes);
+
+    let total = 4000u64;
+    publish(&config.broker, "feed-b", events("freeze", total)).await;
+    recorder
+        .wait_for(300, Duration::from_secs(60), "b delivering")
+        .await;
+    let b = servers.get_mut("b").expect("b");
+    b.signal(nix::sys::signal::Signal::SIGSTOP);
+    let frozen_at = Instant::now();
+    let live = [&admins["a"], &admins["c"]];
+    let state = wait_state(&live, Duration::from_secs(30), "the takeover of b", |s| {
+        s.servers["b"].failed
+    })
+    .await;
+    let taker = state.servers["b"].taken_over_by.clone().expect("taker");
+    println!(
+        "b taken over by {taker} {:?} after the freeze",
+        frozen_at.elapsed()
+    );
+    // Frozen for at least three times the detection time (1 s).
+    let detection = Duration::from_secs(1);
+    if frozen_at.elapsed() < detection * 3 {
+        tokio::time::sleep(detection * 3 - frozen_at.elapsed()).await;
+    }
+    let resumed_at = Instant::now();
+    b.signal(nix::sys::signal::Signal::SIGCONT);
+
+    recorder
+        .wait_for(
+            total as usize,
+            Duration::from_secs(120),
+            "every event after the takeover",
+        )
+        .await;
+    // b learns it was taken over and joins again, hosting nothing.
+    let state = wait_state(&live, Duration::from_secs(30), "b back in the ring", |s| {
+        !s.servers["b"].failed && s.monitors.len() == 3
+    })
+    .await;
+    assert_eq!(state.adaptors["feed_b"], taker);
+    recorder
+        .wait_quiet(Duration::from_secs(2), Duration::from_secs(30))
+        .await;
+    let r = recorder.record.lock().expect("lock");
+    assert_eq!(r.effects.len() as u64, total, "lost events");
+    let twice: Vec<_> = r.effects.iter().filter(|(_, n)| **n > 1).take(5).collect();
+    assert!(twice.is_empty(), "effects applied twice: {twice:?}");
+    let from_b_after: Vec<_> = r
+        .arrivals
+        .iter()
+        .filter(|(t, node, _)| *t >= resumed_at && node == "b")
+        .take(5)
+        .collect();
+    assert!(
+        from_b_after.is_empty(),
+        "b delivered after it resumed, having been taken over: {from_b_after:?}"
+    );
+    let by_taker = r.arrivals.iter().filter(|(_, n, _)| *n == taker).count();
+    println!("{total} events; {by_taker} requests from the taker; none from b after it resumed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_non_adjacent_servers_killed_together_lose_nothing() {
+    let recorder = Recorder::default();
+    recorder.behaviour.lock().expect("lock").delay = Some(Duration::from_millis(2));
+    let hook = recorder.start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut setup = Setup::new("failover_two", &hook);
+    setup.concurrency = 4;
+    let nodes = ["a", "b", "c", "d"];
+    let (path, admins) = setup.write_ring(dir.path(), &nodes);
+    let config = load(&path);
+    let feeds = ["feed-a", "feed-b", "feed-c", "feed-d"];
+    let _cleanup = Cleanup::new(&config.broker, &feeds);
+    let mut servers = start_servers(&path, dir.path(), &nodes);
+
+    let per_feed = 1500u64;
+    for feed in feeds {
+        publish(
+            &config.broker,
+            feed,
+            events(&format!("two-{feed}"), per_feed),
+        )
+        .await;
+    }
+    recorder
+        .wait_for(500, Duration::from_secs(60), "deliveries under way")
+        .await;
+    servers.get_mut("a").expect("a").kill9();
+    servers.get_mut("c").expect("c").kill9();
+    let live = [&admins["b"], &admins["d"]];
+    let state = wait_state(&live, Duration::from_secs(30), "both takeovers", |s| {
+        s.servers["a"].failed && s.servers["c"].failed
+    })
+    .await;
+    println!(
+        "a taken over by {:?}, c by {:?}; links {:?}",
+        state.servers["a"].taken_over_by, state.servers["c"].taken_over_by, state.monitors
+    );
+    for feed in feeds {
+        publish(
+            &config.broker,
+            feed,
+            events(&format!("two-after-{feed}"), 200),
+        )
+        .await;
+    }
+    let total = (per_feed + 200) * feeds.len() as u64;
+    recorder
+        .wait_for(
+            total as usize,
+            Duration::from_secs(180),
+            "every event with two servers down",
+        )
+        .await;
+    recorder
+        .wait_quiet(Duration::from_secs(2), Duration::from_secs(30))
+        .await;
+    let r = recorder.record.lock().expect("lock");
+    assert_eq!(r.effects.len() as u64, total, "lost events");
+    let twice: Vec<_> = r.effects.iter().filter(|(_, n)| **n > 1).take(5).collect();
+    assert!(twice.is_empty(), "effects applied twice: {twice:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_peer_unreachable_only_over_http_is_not_taken_over() {
+    let recorder = Recorder::default();
+    let hook = recorder.start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let setup = Setup::new("failover_unreachable", &hook);
+    let nodes = ["a", "b", "c"];
+    let (path, admins) = setup.write_ring(dir.path(), &nodes);
+    let config = load(&path);
+    let _cleanup = Cleanup::new(&config.broker, &["feed-a", "feed-b", "feed-c"]);
+    // b listens elsewhere than the cluster file says: its monitor a cannot
+    // reach it, while b is healthy on the broker.
+    let node_file = dir.path().join("node-b.toml");
+    std::fs::write(
+        &node_file,
+        format!("[servers.b]\nadmin_listen = {:?}\n", free_addr()),
+    )
+    .expect("node file");
+    let mut a = ServerProc::start(&path, "a", dir.path().join("a.log"));
+    let mut c = ServerProc::start(&path, "c", dir.path().join("c.log"));
+    let b_log = dir.path().join("b.log");
+    let b_file = std::fs::File::create(&b_log).expect("b log");
+    let mut b = std::process::Command::new(env!("CARGO_BIN_EXE_provring"))
+        .args(["server", "--config"])
+        .arg(&path)
+        .arg("--config")
+        .arg(&node_file)
+        .args(["--node", "b"])
+        .env("RUST_LOG", "info,lapin=off")
+        .stderr(b_file)
+        .spawn()
+        .expect("spawn b");
+    a.wait_started(Duration::from_secs(60));
+    c.wait_started(Duration::from_secs(60));
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let state = topology_of(&admins["a"]).await.expect("a's topology");
+    assert!(!state.servers["b"].failed, "b was taken over: {state:?}");
+    assert_eq!(state.adaptors["feed_b"], "b");
+    let log = a.log_text();
+    assert!(
+        log.lines().any(|l| l.contains(
+            "Cannot reach the monitored server's admin API, but its broker connection is alive: no takeover."
+        ) && l.contains("monitored=b")),
+        "no warning naming b in a's log:\n{log}"
+    );
+    publish(&config.broker, "feed-b", events("unreachable", 100)).await;
+    recorder
+        .wait_for(100, Duration::from_secs(60), "b still delivering")
+        .await;
+    let _ = b.kill();
+    let _ = b.wait();
+}

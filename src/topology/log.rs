@@ -371,29 +371,24 @@ async fn read_session(
     // A read barrier for this session: until the reader reads its own
     // `sync`, records written before (a takeover of this server, say) may
     // still be on their way, so the reader does not count as up to date.
-    let barrier = format!("{}-barrier-{:016x}", shared.proposer, rand::random::<u64>());
-    let sync = Record {
-        id: barrier.clone(),
-        proposer: shared.proposer.clone(),
-        expected_epoch: 0,
-        change: Change::Sync,
-    };
-    shared
-        .publisher
-        .publish(
-            "",
-            &shared.queue,
-            &serde_json::to_vec(&sync).unwrap_or_default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(|e| BrokerError::Closed(format!("cannot write a read barrier: {e}")))?;
+    let barrier = write_barrier(shared).await?;
+    let mut barrier = barrier;
     let mut caught_up = false;
+    let mut last_tick = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     loop {
         let delivery = tokio::select! {
             _ = shared.shutdown.cancelled() => return Ok(()),
             _ = tick.tick() => {
+                // A late tick means this process was frozen or starved:
+                // records (a takeover of this server) may have been written
+                // meanwhile. Up to date again only after a new barrier.
+                if last_tick.elapsed() > LATE_TICK && caught_up {
+                    tracing::warn!(late = ?last_tick.elapsed(), "Topology reader was held up; reading up to a new barrier before delivering again.");
+                    caught_up = false;
+                    barrier = write_barrier(shared).await?;
+                }
+                last_tick = Instant::now();
                 if !caught_up {
                     continue;
                 }
@@ -472,6 +467,64 @@ async fn read_session(
             let _ = tx.send(outcome);
         }
     }
+}
+
+/// Whether this server may deliver: it has read the topology log within
+/// `after`. Checked live (not cached), so that a process resuming from a
+/// freeze sees the time it lost before anything else.
+#[derive(Clone)]
+pub struct Fence {
+    topology: Topology,
+    after: Duration,
+}
+
+impl Fence {
+    pub fn new(topology: Topology, after: Duration) -> Fence {
+        Fence { topology, after }
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.topology.read_age() < self.after
+    }
+
+    /// Return once the fence is open.
+    pub async fn wait_open(&self) {
+        while !self.is_open() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Return once the fence is closed.
+    pub async fn closed(&self) {
+        while self.is_open() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// A tick of the reader's 100 ms clock this late means the process was held up.
+const LATE_TICK: Duration = Duration::from_millis(300);
+
+/// Write a `sync` record only this reader waits for; returns its id.
+async fn write_barrier(shared: &Shared) -> Result<String, BrokerError> {
+    let barrier = format!("{}-barrier-{:016x}", shared.proposer, rand::random::<u64>());
+    let sync = Record {
+        id: barrier.clone(),
+        proposer: shared.proposer.clone(),
+        expected_epoch: 0,
+        change: Change::Sync,
+    };
+    shared
+        .publisher
+        .publish(
+            "",
+            &shared.queue,
+            &serde_json::to_vec(&sync).unwrap_or_default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| BrokerError::Closed(format!("cannot write a read barrier: {e}")))?;
+    Ok(barrier)
 }
 
 fn stream_offset(props: &lapin::BasicProperties) -> Option<i64> {

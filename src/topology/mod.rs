@@ -15,7 +15,7 @@ use crate::config::{Config, Service};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
-pub use log::{Topology, TopologyError};
+pub use log::{Fence, Topology, TopologyError};
 
 /// The replicated state.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -20,6 +20,7 @@ use crate::broker::{Publisher, declare::parking_queue};
 use crate::config::RetryConfig;
 use crate::repository::{Repository, StoredItem, now_ms};
 use crate::stats::Stats;
+use crate::topology::Fence;
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
@@ -68,8 +69,10 @@ struct Worker {
     parking_queue: String,
     retry: RetryConfig,
     stats: Arc<Stats>,
-    /// `false` while this server may not deliver (fenced).
-    fence: tokio::sync::watch::Receiver<bool>,
+    /// Closed while this server may not deliver.
+    fence: Fence,
+    /// This server, named to the target.
+    node: String,
 }
 
 /// Delivers one adaptor's items; see the module doc.
@@ -93,7 +96,8 @@ impl Executor {
         namespace: &str,
         retry: RetryConfig,
         stats: Arc<Stats>,
-        fence: tokio::sync::watch::Receiver<bool>,
+        fence: Fence,
+        node: &str,
     ) -> (Executor, ItemSender) {
         let (tx, rx) = mpsc::unbounded_channel();
         let worker = Arc::new(Worker {
@@ -105,6 +109,7 @@ impl Executor {
             retry,
             stats,
             fence,
+            node: node.to_owned(),
         });
         (
             Executor {
@@ -308,10 +313,7 @@ impl Subjects {
 async fn attempt(w: Arc<Worker>, mut item: StoredItem) -> Outcome {
     // A fenced server (one that cannot read the topology log) waits: it may
     // have been taken over without knowing it yet.
-    let mut fence = w.fence.clone();
-    if !*fence.borrow_and_update() {
-        let _ = fence.wait_for(|open| *open).await;
-    }
+    w.fence.wait_open().await;
     if let Some(reason) = item.state.park_reason.clone() {
         return park(&w, item, reason).await;
     }
@@ -332,14 +334,22 @@ async fn attempt(w: Arc<Worker>, mut item: StoredItem) -> Outcome {
         return park(&w, item, reason).await;
     };
     let identity = item.identity();
-    let result = w
-        .target
-        .deliver(Delivery {
-            identity: &identity,
-            event_type,
-            body: &item.body,
-        })
-        .await;
+    let delivery = w.target.deliver(Delivery {
+        identity: &identity,
+        event_type,
+        body: &item.body,
+        node: &w.node,
+    });
+    // Fenced during the call: give it up (the request may or may not have
+    // reached the target; the item is tried again, same key, once the
+    // fence opens, unless this server was taken over meanwhile).
+    let result = tokio::select! {
+        r = delivery => r,
+        _ = w.fence.closed() => {
+            drop(identity);
+            return Outcome::Again(Box::new(item), Duration::from_millis(100));
+        }
+    };
     item.state.attempts += 1;
     match result {
         Ok(()) => {

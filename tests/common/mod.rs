@@ -392,6 +392,8 @@ pub struct Record {
     pub failed: u64,
     /// Event types applied per `data.userName`, in order.
     pub by_user: HashMap<String, Vec<String>>,
+    /// Every request as it arrived: (time, `X-Provring-Node`, identity).
+    pub arrivals: Vec<(Instant, String, String)>,
 }
 
 /// Behaviour of the recording webhook.
@@ -497,6 +499,16 @@ async fn receive(State(rec): State<Recorder>, headers: HeaderMap, body: String) 
     let json: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
     let id = json["id"].as_str().unwrap_or("").to_owned();
     let identity = format!("{}|{}", json["source"].as_str().unwrap_or(""), id);
+    let node = headers
+        .get("x-provring-node")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    rec.record
+        .lock()
+        .expect("lock")
+        .arrivals
+        .push((Instant::now(), node, identity.clone()));
     let (delay, jitter) = {
         let b = rec.behaviour.lock().expect("lock");
         (b.delay, b.jitter)

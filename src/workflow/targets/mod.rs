@@ -20,6 +20,8 @@ pub struct Delivery<'a> {
     pub event_type: EventType,
     /// The event JSON as received.
     pub body: &'a str,
+    /// The delivering server (sent as `X-Provring-Node`).
+    pub node: &'a str,
 }
 
 /// A failed delivery.

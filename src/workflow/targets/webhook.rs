@@ -26,6 +26,7 @@ impl Target for WebhookTarget {
                 .header("content-type", "application/cloudevents+json")
                 .header("idempotency-key", d.identity.idempotency_key())
                 .header("ce-type", d.event_type.as_str())
+                .header("x-provring-node", d.node)
                 .body(d.body.to_owned());
             let response = self
                 .auth

@@ -94,6 +94,15 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Stop one server on purpose (as SIGTERM does): it announces the stop
+    /// in the topology log, so its monitor does not take it over.
+    Stop {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// The server to stop.
+        #[arg(long)]
+        node: String,
+    },
     /// Read or change the topology log (who hosts what, who monitors whom).
     Topology {
         #[command(subcommand)]

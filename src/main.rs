@@ -128,6 +128,22 @@ async fn run(command: Command) -> ExitCode {
             }
         }
         Command::Topology { command } => topology_command(command).await,
+        Command::Stop { config, node } => {
+            let config = match load(&config.files) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match provring::admin::client::stop(&config, &node).await {
+                Ok(text) => {
+                    println!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("provring: {e}");
+                    ExitCode::from(EXIT_FAILURE)
+                }
+            }
+        }
         Command::BrokerDefinitions { config } => match load(&config.files) {
             Ok(c) => {
                 let doc = provring::broker::declare::definitions(&c);

@@ -61,6 +61,8 @@ pub struct Running {
     pub topology: Topology,
     node: String,
     stopping: CancellationToken,
+    /// Cancelled by `POST /stop`.
+    pub stop_requested: CancellationToken,
 }
 
 /// Open the repository and start every component this node hosts.
@@ -159,12 +161,14 @@ pub async fn start(config: &Config, node: &str) -> Result<Running, ServerError> 
         )),
     ));
     let stopping = CancellationToken::new();
+    let stop_requested = CancellationToken::new();
     let health = crate::admin::Health {
         fatal: fatal.clone(),
         stopping: stopping.clone(),
         stats: stats.clone(),
         fence_after: config.supervisor.fence_after,
         last: Arc::new(std::sync::Mutex::new((0, 0))),
+        stop_requested: stop_requested.clone(),
     };
 
     let (admin_addr, admin) = crate::admin::bind(
@@ -207,6 +211,7 @@ pub async fn start(config: &Config, node: &str) -> Result<Running, ServerError> 
         topology,
         node: node.to_owned(),
         stopping,
+        stop_requested,
     })
 }
 
@@ -346,8 +351,10 @@ pub async fn run(config: Config, node: &str) -> Result<Exit, ServerError> {
     progress.tick().await;
     let mut last = String::new();
     let fatal = running.fatal.clone();
+    let stop_requested = running.stop_requested.clone();
     let signal_name = loop {
         tokio::select! {
+            _ = stop_requested.cancelled() => break "provring stop",
             _ = sigterm.recv() => break "SIGTERM",
             _ = sigint.recv() => break "SIGINT",
             _ = fatal.cancelled() => break "fatal error",

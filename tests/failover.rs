@@ -276,6 +276,25 @@ async fn an_intentional_stop_is_not_taken_over() {
     assert!(!state.servers["b"].stopping);
     assert_eq!(state.adaptors["feed_b"], "b");
     assert_eq!(smtp.count("failed"), 0, "a failure mail was sent");
+
+    // `provring stop` does the same through the admin API.
+    let (code, out, err) = provring(&[
+        "stop",
+        "--config",
+        path.to_str().expect("path"),
+        "--node",
+        "c",
+    ]);
+    assert_eq!(code, 0, "provring stop failed: {out}{err}");
+    let status = servers
+        .get_mut("c")
+        .expect("c")
+        .wait(Duration::from_secs(30));
+    assert!(status.success(), "c did not stop cleanly");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let state = topology_of(&admins["a"]).await.expect("a's topology");
+    assert!(state.servers["c"].stopping && !state.servers["c"].failed);
+    assert_eq!(smtp.count("failed"), 0, "a failure mail was sent");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

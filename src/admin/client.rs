@@ -119,3 +119,26 @@ pub async fn backlog(config: &Config, only: Option<&str>) -> Result<BacklogRepor
     }
     Ok(BacklogReport { servers })
 }
+
+/// Ask server `node` to stop (`POST /stop`).
+pub async fn stop(config: &Config, node: &str) -> Result<String, String> {
+    let Some(server) = config.servers.get(node) else {
+        return Err(format!(
+            "node {node:?} is not in the configuration; known servers: {}",
+            config.server_names()
+        ));
+    };
+    let url = format!("http://{}/stop", server.admin_listen);
+    let response = reqwest::Client::new()
+        .post(&url)
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .map_err(|e| format!("cannot reach {node} at {}: {e}", server.admin_listen))?;
+    if !response.status().is_success() {
+        return Err(format!("{node} answered HTTP {}", response.status()));
+    }
+    Ok(format!(
+        "{node} is stopping: it announces the stop in the topology log (no takeover) and exits once its in-flight work is done"
+    ))
+}

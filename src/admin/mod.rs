@@ -10,6 +10,8 @@
 //! - `GET /state`: this server's state from 0 (unusable) to 10 (healthy)
 //!   with the reasons ([`StateView`]); what the supervisor of its monitor
 //!   polls.
+//! - `POST /stop`: stop this server as SIGTERM does (the stop is announced
+//!   in the topology log, so it is not taken over).
 //!
 //! Read-only; it takes no locks that the pipeline waits on for longer than
 //! an index lookup.
@@ -90,6 +92,8 @@ pub struct Health {
     pub fence_after: std::time::Duration,
     /// (retries, delivered) at the previous probe.
     pub last: std::sync::Arc<std::sync::Mutex<(u64, u64)>>,
+    /// Cancelled by `POST /stop` (`provring stop`).
+    pub stop_requested: CancellationToken,
 }
 
 #[derive(Clone)]
@@ -118,6 +122,7 @@ pub async fn bind(
         .route("/backlog/items", get(items))
         .route("/topology", get(topology_state))
         .route("/state", get(state))
+        .route("/stop", axum::routing::post(stop))
         .with_state(AppState {
             node: node.to_owned(),
             repo,
@@ -278,4 +283,15 @@ async fn state(State(s): State<AppState>) -> Json<StateView> {
         key_fingerprint: fingerprint,
         stopping,
     })
+}
+
+async fn stop(State(s): State<AppState>) -> (StatusCode, String) {
+    match &s.health {
+        Some(h) => {
+            tracing::info!("Stop requested through the admin API.");
+            h.stop_requested.cancel();
+            (StatusCode::ACCEPTED, format!("{} is stopping\n", s.node))
+        }
+        None => (StatusCode::NOT_FOUND, "no stop here\n".into()),
+    }
 }

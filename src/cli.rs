@@ -157,6 +157,47 @@ pub enum Bench {
     /// Raw consume+ack throughput vs. this server's durable pipeline
     /// (repository, group commit, null target) on the same broker.
     Pipeline(BenchArgs),
+    /// kill -9 a random server of a 3-server ring under steady load, N
+    /// times; time until the taker consumes the failed server's queue and
+    /// until the first of its events is delivered by the taker.
+    Failover(FailoverArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct FailoverArgs {
+    /// Take the broker (URIs, queue type) from this cluster file.
+    #[arg(long = "config", short = 'c', value_name = "FILE")]
+    pub config: Vec<PathBuf>,
+    /// Broker URI when no --config is given.
+    #[arg(
+        long,
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        env = "PROVRING_BENCH_AMQP"
+    )]
+    pub amqp: String,
+    /// Kills (the killed server is restarted between runs).
+    #[arg(long, default_value_t = 10)]
+    pub runs: usize,
+    /// Events per second published to each server's feed during the run.
+    #[arg(long, default_value_t = 100)]
+    pub rate: u64,
+    /// Print one JSON line instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl FailoverArgs {
+    /// The broker part, as the pipeline bench takes it.
+    pub fn common(&self) -> BenchArgs {
+        BenchArgs {
+            config: self.config.clone(),
+            amqp: self.amqp.clone(),
+            messages: 0,
+            rounds: 1,
+            json: self.json,
+            servers: 1,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Args)]

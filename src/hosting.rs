@@ -45,6 +45,9 @@ pub struct Ctx {
     pub topology: Topology,
     pub alerter: Alerter,
     pub fence: crate::topology::Fence,
+    /// During shutdown: the components not finished yet (named when the
+    /// grace period runs out).
+    pub finishing: Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
 }
 
 struct Hosted {
@@ -145,10 +148,25 @@ pub async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
             changed = rx.changed() => if changed.is_err() { break },
         }
     }
-    for (_, h) in hosted {
+    let mark = |name: String, on: bool| {
+        if let Ok(mut f) = ctx.finishing.lock() {
+            if on {
+                f.insert(name);
+            } else {
+                f.remove(&name);
+            }
+        }
+    };
+    for (name, h) in &hosted {
         h.stop.cancel();
+        mark(format!("adaptor {name}"), true);
+        mark(format!("executor {name}"), true);
+    }
+    for (name, h) in hosted {
         let _ = h.adaptor.await;
+        mark(format!("adaptor {name}"), false);
         let _ = h.executor.await;
+        mark(format!("executor {name}"), false);
     }
 }
 

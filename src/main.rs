@@ -182,6 +182,18 @@ async fn run(command: Command) -> ExitCode {
             }
         }
         Command::Bench {
+            bench: Bench::Failover(args),
+        } => match provring::bench::failover::failover(&args).await {
+            Ok(report) => {
+                println!("{}", report.render(args.json));
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("provring: bench failed: {e}");
+                ExitCode::from(EXIT_FAILURE)
+            }
+        },
+        Command::Bench {
             bench: Bench::Pipeline(args),
         } => match bench::pipeline(&args).await {
             Ok(report) => {

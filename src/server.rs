@@ -63,6 +63,8 @@ pub struct Running {
     stopping: CancellationToken,
     /// Cancelled by `POST /stop`.
     pub stop_requested: CancellationToken,
+    /// Adaptors and executors still finishing during shutdown.
+    finishing: Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
 }
 
 /// Open the repository and start every component this node hosts.
@@ -133,6 +135,7 @@ pub async fn start(config: &Config, node: &str) -> Result<Running, ServerError> 
             })?;
         }
     }
+    let finishing: Arc<std::sync::Mutex<std::collections::BTreeSet<String>>> = Arc::default();
     let ctx = Arc::new(crate::hosting::Ctx {
         config: config.clone(),
         node: node.to_owned(),
@@ -145,6 +148,7 @@ pub async fn start(config: &Config, node: &str) -> Result<Running, ServerError> 
         topology: topology.clone(),
         alerter,
         fence,
+        finishing: finishing.clone(),
     });
     tasks.push((
         "adaptors".into(),
@@ -212,6 +216,7 @@ pub async fn start(config: &Config, node: &str) -> Result<Running, ServerError> 
         node: node.to_owned(),
         stopping,
         stop_requested,
+        finishing,
     })
 }
 
@@ -319,7 +324,12 @@ impl Running {
                 .is_err()
             {
                 handle.abort();
-                still_running.push(name);
+                match self.finishing.lock() {
+                    Ok(f) if name == "adaptors" && !f.is_empty() => {
+                        still_running.extend(f.iter().cloned())
+                    }
+                    _ => still_running.push(name),
+                }
             }
         }
         let repo = self.repo.clone();

@@ -12,6 +12,8 @@
 //! fresh namespace, the configured queue type and prefetch, and are
 //! cleaned up. S is `--servers` (1: a single server, nothing mirrored).
 
+pub mod failover;
+
 use crate::broker::declare::declare_adaptor_queue;
 use crate::broker::{Broker, BrokerError};
 use crate::cli::BenchArgs;
@@ -86,7 +88,7 @@ impl PipelineReport {
     }
 }
 
-fn bench_broker(args: &BenchArgs, namespace: &str) -> Result<BrokerConfig, BenchError> {
+pub(crate) fn bench_broker(args: &BenchArgs, namespace: &str) -> Result<BrokerConfig, BenchError> {
     let mut broker = if args.config.is_empty() {
         let toml = format!(
             "[broker]\nuris = [{:?}]\n[servers.x]\nadmin_listen = \"127.0.0.1:1\"\ndata_dir = \"x\"\n",
@@ -338,17 +340,17 @@ async fn run_pipeline(broker: &BrokerConfig, n: u64, servers: u16) -> Result<f64
     Ok(secs)
 }
 
-fn tempfile_dir() -> Result<TempDir, BenchError> {
+pub(crate) fn tempfile_dir() -> Result<TempDir, BenchError> {
     let path = std::env::temp_dir().join(format!("provring-bench-{:08x}", rand::random::<u32>()));
     std::fs::create_dir_all(&path).map_err(BenchError::Temp)?;
     Ok(TempDir(path))
 }
 
 /// A directory removed on drop.
-struct TempDir(std::path::PathBuf);
+pub(crate) struct TempDir(std::path::PathBuf);
 
 impl TempDir {
-    fn path(&self) -> &std::path::Path {
+    pub(crate) fn path(&self) -> &std::path::Path {
         &self.0
     }
 }

@@ -1,0 +1,496 @@
+//! `provring bench failover`: a 3-server ring of real `provring server`
+//! processes under steady load; each run `kill -9`s a random server and
+//! measures
+//!
+//! - kill → the taker consuming the failed server's queue (the takeover is
+//!   in the topology and the queue has a consumer again), and
+//! - kill → the first event of the failed server's feed, published before
+//!   the kill, delivered by the taker (adopted backlog, or queued events).
+//!
+//! The failed server is restarted between runs. At the end every published
+//! event must have reached the in-process webhook target: `lost` counts the
+//! ones that did not; `double_effects` counts events applied under two
+//! different idempotency keys.
+
+use super::BenchError;
+use crate::broker::{Broker, Publisher};
+use crate::cli::FailoverArgs;
+use crate::event::{EventType, synthetic};
+use crate::topology::State;
+use axum::extract::State as AxState;
+use axum::http::{HeaderMap, StatusCode};
+use std::collections::{HashMap, HashSet};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const NODES: [&str; 3] = ["s1", "s2", "s3"];
+
+/// Result of `bench failover`.
+pub struct FailoverReport {
+    pub runs: usize,
+    /// kill → taker consuming, ms per run.
+    pub consuming_ms: Vec<f64>,
+    /// kill → first adopted item delivered, ms per run.
+    pub first_item_ms: Vec<f64>,
+    pub lost: usize,
+    pub double_effects: usize,
+    pub published: usize,
+}
+
+fn percentile(values: &[f64], p: f64) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        return 0.0;
+    }
+    let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
+    v[rank.clamp(1, v.len()) - 1]
+}
+
+impl FailoverReport {
+    pub fn render(&self, json: bool) -> String {
+        let c50 = percentile(&self.consuming_ms, 50.0).round();
+        let c99 = percentile(&self.consuming_ms, 99.0).round();
+        let f50 = percentile(&self.first_item_ms, 50.0).round();
+        let f99 = percentile(&self.first_item_ms, 99.0).round();
+        if json {
+            return serde_json::json!({
+                "runs": self.runs,
+                "consuming_p50_ms": c50,
+                "consuming_p99_ms": c99,
+                "first_adopted_p50_ms": f50,
+                "first_adopted_p99_ms": f99,
+                "lost": self.lost,
+                "double_effects": self.double_effects,
+                "published": self.published,
+            })
+            .to_string();
+        }
+        format!(
+            "bench failover: {} runs, {} events published\n  kill → taker consuming          p50 {:>6} ms   p99 {:>6} ms\n  kill → first adopted delivered  p50 {:>6} ms   p99 {:>6} ms\n  lost {}, double effects {}",
+            self.runs, self.published, c50, c99, f50, f99, self.lost, self.double_effects
+        )
+    }
+}
+
+#[derive(Default)]
+struct Seen {
+    /// identity → (first arrival, node)
+    first: HashMap<String, (Instant, String)>,
+    /// identity → idempotency keys applied
+    keys: HashMap<String, HashSet<String>>,
+}
+
+async fn receive(
+    AxState(seen): AxState<Arc<Mutex<Seen>>>,
+    headers: HeaderMap,
+    body: String,
+) -> StatusCode {
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    let identity = format!(
+        "{}|{}",
+        json["source"].as_str().unwrap_or(""),
+        json["id"].as_str().unwrap_or("")
+    );
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned()
+    };
+    // A target with some latency, so that servers hold a backlog.
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    if let Ok(mut s) = seen.lock() {
+        s.first
+            .entry(identity.clone())
+            .or_insert((Instant::now(), header("x-provring-node")));
+        s.keys
+            .entry(identity)
+            .or_default()
+            .insert(header("idempotency-key"));
+    }
+    StatusCode::OK
+}
+
+struct Ring {
+    config_path: std::path::PathBuf,
+    dir: std::path::PathBuf,
+    children: HashMap<String, Child>,
+}
+
+impl Ring {
+    fn start(&mut self, node: &str) -> Result<(), BenchError> {
+        let exe = std::env::current_exe().map_err(BenchError::Temp)?;
+        let log = std::fs::File::create(self.dir.join(format!("{node}.log")))
+            .map_err(BenchError::Temp)?;
+        let child = Command::new(exe)
+            .args(["server", "--config"])
+            .arg(&self.config_path)
+            .args(["--node", node])
+            .env("RUST_LOG", "info,lapin=off")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(BenchError::Temp)?;
+        self.children.insert(node.to_owned(), child);
+        Ok(())
+    }
+
+    fn kill(&mut self, node: &str) {
+        if let Some(mut c) = self.children.remove(node) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Ring {
+    fn drop(&mut self) {
+        for (_, mut c) in self.children.drain() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+async fn topology(client: &reqwest::Client, admin: &str) -> Option<State> {
+    let r = client
+        .get(format!("http://{admin}/topology"))
+        .send()
+        .await
+        .ok()?;
+    r.json::<State>().await.ok()
+}
+
+/// A state every live server agrees on and for which `ok` holds.
+async fn wait_for_state(
+    client: &reqwest::Client,
+    admins: &[String],
+    within: Duration,
+    ok: impl Fn(&State) -> bool,
+) -> Option<State> {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        for a in admins {
+            if let Some(s) = topology(client, a).await
+                && ok(&s)
+            {
+                return Some(s);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    None
+}
+
+/// `provring bench failover`.
+pub async fn failover(args: &FailoverArgs) -> Result<FailoverReport, BenchError> {
+    let say = |s: &str| {
+        if !args.json {
+            eprintln!("{s}");
+        }
+    };
+    let namespace = format!("bench-fo-{:08x}", rand::random::<u32>());
+    let broker_config = super::bench_broker(&args.common(), &namespace)?;
+    let dir = super::tempfile_dir()?;
+
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let app = axum::Router::new()
+        .route("/events", axum::routing::post(receive))
+        .with_state(seen.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(BenchError::Temp)?;
+    let hook = format!(
+        "http://{}/events",
+        listener.local_addr().map_err(BenchError::Temp)?
+    );
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+
+    let mut admins = HashMap::new();
+    let mut toml = format!(
+        "[broker]\nuris = {uris:?}\nnamespace = {namespace:?}\nqueue_type = {qt:?}\nprefetch = 200\n\n\
+         [targets.hook]\nkind = \"webhook\"\nurl = {hook:?}\ntimeout = \"5s\"\n\n\
+         [retry]\nattempts = 100\ninitial_backoff = \"100ms\"\nmax_backoff = \"1s\"\n\n",
+        uris = broker_config.uris,
+        qt = broker_config.queue_type.as_str(),
+    );
+    for n in NODES {
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(BenchError::Temp)?
+            .to_string();
+        toml.push_str(&format!(
+            "[servers.{n}]\nadmin_listen = {addr:?}\ndata_dir = {data:?}\n\n\
+             [adaptors.feed-{n}]\nkind = \"provisioning\"\nqueue = \"feed-{n}\"\nserver = \"{n}\"\ntarget = \"hook\"\nconcurrency = 8\n\n",
+            data = dir.path().join(n).display().to_string()
+        ));
+        admins.insert(n.to_owned(), addr);
+    }
+    let config_path = dir.path().join("cluster.toml");
+    std::fs::write(&config_path, toml).map_err(BenchError::Temp)?;
+    let mut ring = Ring {
+        config_path,
+        dir: dir.path().to_owned(),
+        children: HashMap::new(),
+    };
+    for n in NODES {
+        ring.start(n)?;
+    }
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_millis(500))
+        .build()
+        .map_err(|e| BenchError::Stalled(e.to_string()))?;
+    let all: Vec<String> = NODES.iter().map(|n| admins[*n].clone()).collect();
+    let joined = |s: &State| {
+        NODES.iter().all(|n| {
+            s.servers
+                .get(*n)
+                .is_some_and(|x| x.joined_epoch.is_some() && !x.failed)
+        }) && s.monitors.len() == NODES.len()
+    };
+    if wait_for_state(&client, &all, Duration::from_secs(60), joined)
+        .await
+        .is_none()
+    {
+        return Err(BenchError::Stalled(
+            "the ring did not start within 60 s".into(),
+        ));
+    }
+    say(&format!(
+        "ring of {} servers running ({})",
+        NODES.len(),
+        namespace
+    ));
+
+    // Steady load: every 100 ms, `rate / 10` events to each feed.
+    let published: Arc<Mutex<Vec<(String, String, Instant)>>> = Arc::default();
+    let stop_load = tokio_util::sync::CancellationToken::new();
+    let load = {
+        let published = published.clone();
+        let stop = stop_load.clone();
+        let broker = Broker::new(broker_config.clone(), "provring bench load");
+        let ns = namespace.clone();
+        let per_tick = (args.rate / 10).max(1);
+        tokio::spawn(async move {
+            let publisher = Publisher::new(broker.clone());
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            let mut t = 0u64;
+            while !stop.is_cancelled() {
+                tick.tick().await;
+                t += 1;
+                for n in NODES {
+                    let run = format!("{n}-{t}");
+                    for i in 0..per_tick {
+                        let body = synthetic(EventType::AccountCreate, &run, i);
+                        let queue = format!("{ns}.feed-{n}");
+                        if publisher
+                            .publish(
+                                "",
+                                &queue,
+                                body.as_bytes(),
+                                lapin::types::FieldTable::default(),
+                            )
+                            .await
+                            .is_ok()
+                            && let Ok(mut p) = published.lock()
+                        {
+                            p.push((
+                                format!("/provring/generate|{run}-{i}"),
+                                n.to_owned(),
+                                Instant::now(),
+                            ));
+                        }
+                    }
+                }
+            }
+            broker.close().await;
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let mut consuming_ms = Vec::new();
+    let mut first_item_ms = Vec::new();
+    for run in 1..=args.runs {
+        let victim = NODES[rand::random_range(0..NODES.len())];
+        let live: Vec<String> = NODES
+            .iter()
+            .filter(|n| **n != victim)
+            .map(|n| admins[*n].clone())
+            .collect();
+        let killed_at = Instant::now();
+        ring.kill(victim);
+        let taken = wait_for_state(&client, &live, Duration::from_secs(30), |s| {
+            s.servers.get(victim).is_some_and(|x| x.failed)
+        })
+        .await
+        .ok_or_else(|| BenchError::Stalled(format!("{victim} was not taken over within 30 s")))?;
+        let taker = taken.servers[victim]
+            .taken_over_by
+            .clone()
+            .unwrap_or_default();
+        let queue = format!("{namespace}.feed-{victim}");
+        let consuming = wait_consumer(&broker_config, &queue, Duration::from_secs(30)).await?;
+        let consuming = consuming.duration_since(killed_at);
+        // First event of the victim's feed, published before the kill,
+        // delivered by the taker.
+        let before: HashSet<String> = published
+            .lock()
+            .map(|p| {
+                p.iter()
+                    .filter(|(_, feed, t)| feed == victim && *t < killed_at)
+                    .map(|(id, _, _)| id.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let first = loop {
+            let found = seen.lock().ok().and_then(|s| {
+                s.first
+                    .iter()
+                    .filter(|(id, (t, node))| {
+                        *t > killed_at && *node == taker && before.contains(*id)
+                    })
+                    .map(|(_, (t, _))| *t)
+                    .min()
+            });
+            if let Some(t) = found {
+                break Some(t.duration_since(killed_at));
+            }
+            if Instant::now() > deadline {
+                break None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        consuming_ms.push(consuming.as_secs_f64() * 1000.0);
+        match first {
+            Some(d) => first_item_ms.push(d.as_secs_f64() * 1000.0),
+            None => say(&format!(
+                "run {run}: no unfinished event of {victim} was left to adopt"
+            )),
+        }
+        say(&format!(
+            "run {run}/{}: killed {victim}, {taker} consuming after {:.0} ms, first adopted item after {}",
+            args.runs,
+            consuming.as_secs_f64() * 1000.0,
+            first.map_or("-".into(), |d| format!(
+                "{:.0} ms",
+                d.as_secs_f64() * 1000.0
+            ))
+        ));
+        ring.start(victim)?;
+        if wait_for_state(&client, &all, Duration::from_secs(60), joined)
+            .await
+            .is_none()
+        {
+            return Err(BenchError::Stalled(format!(
+                "{victim} did not rejoin within 60 s"
+            )));
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    stop_load.cancel();
+    let _ = load.await;
+
+    // Everything published must arrive.
+    let ids: Vec<String> = published
+        .lock()
+        .map(|p| p.iter().map(|(id, _, _)| id.clone()).collect())
+        .unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let missing = loop {
+        let missing = seen
+            .lock()
+            .map(|s| ids.iter().filter(|id| !s.first.contains_key(*id)).count())
+            .unwrap_or(ids.len());
+        if missing == 0 || Instant::now() > deadline {
+            break missing;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let double_effects = seen
+        .lock()
+        .map(|s| s.keys.values().filter(|k| k.len() > 1).count())
+        .unwrap_or(0);
+    drop(ring);
+    cleanup(&broker_config, &namespace).await;
+    Ok(FailoverReport {
+        runs: args.runs,
+        consuming_ms,
+        first_item_ms,
+        lost: missing,
+        double_effects,
+        published: ids.len(),
+    })
+}
+
+/// When `queue` has a consumer again.
+async fn wait_consumer(
+    cfg: &crate::config::BrokerConfig,
+    queue: &str,
+    within: Duration,
+) -> Result<Instant, BenchError> {
+    let broker = Broker::new(cfg.clone(), "provring bench probe");
+    let ch = broker.channel().await?;
+    let deadline = Instant::now() + within;
+    loop {
+        let q = ch
+            .queue_declare(
+                queue.into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                lapin::types::FieldTable::default(),
+            )
+            .await;
+        if let Ok(q) = q
+            && q.consumer_count() > 0
+        {
+            let now = Instant::now();
+            broker.close().await;
+            return Ok(now);
+        }
+        if Instant::now() > deadline {
+            broker.close().await;
+            return Err(BenchError::Stalled(format!(
+                "nobody consumes {queue} after the kill"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn cleanup(cfg: &crate::config::BrokerConfig, namespace: &str) {
+    let broker = Broker::new(cfg.clone(), "provring bench cleanup");
+    if let Ok(ch) = broker.channel().await {
+        let mut queues = vec!["parking".to_owned(), "topology".to_owned()];
+        for n in NODES {
+            queues.push(format!("feed-{n}"));
+            for m in NODES {
+                if n != m {
+                    queues.push(format!("backup:{n}:{m}"));
+                }
+            }
+        }
+        for q in queues {
+            let _ = ch
+                .queue_delete(
+                    format!("{namespace}.{q}").as_str().into(),
+                    lapin::options::QueueDeleteOptions::default(),
+                )
+                .await;
+        }
+        let _ = ch
+            .exchange_delete(
+                format!("{namespace}.events").as_str().into(),
+                lapin::options::ExchangeDeleteOptions::default(),
+            )
+            .await;
+    }
+    broker.close().await;
+}

@@ -181,6 +181,9 @@ pub struct FailoverArgs {
     /// Events per second published to each server's feed during the run.
     #[arg(long, default_value_t = 100)]
     pub rate: u64,
+    /// Keep the servers' data directories and logs, and print where.
+    #[arg(long)]
+    pub keep: bool,
     /// Print one JSON line instead of a table.
     #[arg(long)]
     pub json: bool,

@@ -260,8 +260,14 @@ async fn adopt(ctx: &Ctx, origin: &str) -> Result<usize, String> {
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
-    let mut adopted = 0;
+    // One store, one flush and one mirror round per adaptor, however many
+    // batches the copies came in.
+    let mut per_adaptor: BTreeMap<String, Vec<crate::event::Event>> = BTreeMap::new();
     for (adaptor, events) in batches {
+        per_adaptor.entry(adaptor).or_default().extend(events);
+    }
+    let mut adopted = 0;
+    for (adaptor, events) in per_adaptor {
         let repo = ctx.repo.clone();
         let name = adaptor.clone();
         let (stored, records) =

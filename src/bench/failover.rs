@@ -76,8 +76,10 @@ impl FailoverReport {
 
 #[derive(Default)]
 struct Seen {
-    /// identity → (first arrival, node)
-    first: HashMap<String, (Instant, String)>,
+    /// identity → first arrival
+    first: HashMap<String, Instant>,
+    /// (identity, delivering node) → first arrival from that node
+    by_node: HashMap<(String, String), Instant>,
     /// identity → idempotency keys applied
     keys: HashMap<String, HashSet<String>>,
 }
@@ -100,17 +102,20 @@ async fn receive(
             .unwrap_or("")
             .to_owned()
     };
-    // A target with some latency, so that servers hold a backlog.
-    tokio::time::sleep(Duration::from_millis(10)).await;
+    let now = Instant::now();
     if let Ok(mut s) = seen.lock() {
-        s.first
-            .entry(identity.clone())
-            .or_insert((Instant::now(), header("x-provring-node")));
+        s.first.entry(identity.clone()).or_insert(now);
+        s.by_node
+            .entry((identity.clone(), header("x-provring-node")))
+            .or_insert(now);
         s.keys
             .entry(identity)
             .or_default()
             .insert(header("idempotency-key"));
     }
+    // A target with some latency, so that servers always hold a backlog
+    // (the calls in flight).
+    tokio::time::sleep(Duration::from_millis(40)).await;
     StatusCode::OK
 }
 
@@ -267,7 +272,7 @@ pub async fn failover(args: &FailoverArgs) -> Result<FailoverReport, BenchError>
         namespace
     ));
 
-    // Steady load: every 100 ms, `rate / 10` events to each feed.
+    // Steady load: every 20 ms, `rate / 50` events to each feed.
     let published: Arc<Mutex<Vec<(String, String, Instant)>>> = Arc::default();
     let stop_load = tokio_util::sync::CancellationToken::new();
     let load = {
@@ -275,17 +280,19 @@ pub async fn failover(args: &FailoverArgs) -> Result<FailoverReport, BenchError>
         let stop = stop_load.clone();
         let broker = Broker::new(broker_config.clone(), "provring bench load");
         let ns = namespace.clone();
-        let per_tick = (args.rate / 10).max(1);
+        let per_tick = (args.rate / 50).max(1);
         tokio::spawn(async move {
             let publisher = Publisher::new(broker.clone());
-            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            let mut tick = tokio::time::interval(Duration::from_millis(20));
             let mut t = 0u64;
             while !stop.is_cancelled() {
                 tick.tick().await;
                 t += 1;
                 for n in NODES {
-                    let run = format!("{n}-{t}");
-                    for i in 0..per_tick {
+                    // Unique user names: events about one account are
+                    // delivered one at a time.
+                    let run = format!("{n}");
+                    for i in t * per_tick..(t + 1) * per_tick {
                         let body = synthetic(EventType::AccountCreate, &run, i);
                         let queue = format!("{ns}.feed-{n}");
                         if publisher
@@ -316,7 +323,21 @@ pub async fn failover(args: &FailoverArgs) -> Result<FailoverReport, BenchError>
     let mut consuming_ms = Vec::new();
     let mut first_item_ms = Vec::new();
     for run in 1..=args.runs {
-        let victim = NODES[rand::random_range(0..NODES.len())];
+        let now = wait_for_state(&client, &all, Duration::from_secs(10), |_| true)
+            .await
+            .ok_or_else(|| BenchError::Stalled("no server answers /topology".into()))?;
+        let hosting: Vec<&str> = NODES
+            .iter()
+            .copied()
+            .filter(|n| now.adaptors.values().any(|h| h == n))
+            .collect();
+        let victim = hosting[rand::random_range(0..hosting.len().max(1))];
+        let feeds: Vec<String> = now
+            .adaptors
+            .iter()
+            .filter(|(_, h)| h.as_str() == victim)
+            .map(|(a, _)| a.trim_start_matches("feed-").to_owned())
+            .collect();
         let live: Vec<String> = NODES
             .iter()
             .filter(|n| **n != victim)
@@ -333,7 +354,10 @@ pub async fn failover(args: &FailoverArgs) -> Result<FailoverReport, BenchError>
             .taken_over_by
             .clone()
             .unwrap_or_default();
-        let queue = format!("{namespace}.feed-{victim}");
+        let queue = format!(
+            "{namespace}.feed-{}",
+            feeds.first().map_or(victim, String::as_str)
+        );
         let consuming = wait_consumer(&broker_config, &queue, Duration::from_secs(30)).await?;
         let consuming = consuming.duration_since(killed_at);
         // First event of the victim's feed, published before the kill,
@@ -342,7 +366,7 @@ pub async fn failover(args: &FailoverArgs) -> Result<FailoverReport, BenchError>
             .lock()
             .map(|p| {
                 p.iter()
-                    .filter(|(_, feed, t)| feed == victim && *t < killed_at)
+                    .filter(|(_, feed, t)| feeds.contains(feed) && *t < killed_at)
                     .map(|(id, _, _)| id.clone())
                     .collect()
             })
@@ -350,12 +374,12 @@ pub async fn failover(args: &FailoverArgs) -> Result<FailoverReport, BenchError>
         let deadline = Instant::now() + Duration::from_secs(30);
         let first = loop {
             let found = seen.lock().ok().and_then(|s| {
-                s.first
+                s.by_node
                     .iter()
-                    .filter(|(id, (t, node))| {
-                        *t > killed_at && *node == taker && before.contains(*id)
+                    .filter(|((id, node), t)| {
+                        **t > killed_at && *node == taker && before.contains(id)
                     })
-                    .map(|(_, (t, _))| *t)
+                    .map(|(_, t)| *t)
                     .min()
             });
             if let Some(t) = found {
@@ -418,6 +442,10 @@ pub async fn failover(args: &FailoverArgs) -> Result<FailoverReport, BenchError>
         .unwrap_or(0);
     drop(ring);
     cleanup(&broker_config, &namespace).await;
+    if args.keep {
+        let kept = dir.keep();
+        eprintln!("servers' data and logs kept in {}", kept.display());
+    }
     Ok(FailoverReport {
         runs: args.runs,
         consuming_ms,

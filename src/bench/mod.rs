@@ -353,6 +353,13 @@ impl TempDir {
     pub(crate) fn path(&self) -> &std::path::Path {
         &self.0
     }
+
+    /// Keep the directory: return its path and do not remove it.
+    pub(crate) fn keep(self) -> std::path::PathBuf {
+        let path = self.0.clone();
+        std::mem::forget(self);
+        path
+    }
 }
 
 impl Drop for TempDir {

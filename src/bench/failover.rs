@@ -291,7 +291,7 @@ pub async fn failover(args: &FailoverArgs) -> Result<FailoverReport, BenchError>
                 for n in NODES {
                     // Unique user names: events about one account are
                     // delivered one at a time.
-                    let run = format!("{n}");
+                    let run = n.to_string();
                     for i in t * per_tick..(t + 1) * per_tick {
                         let body = synthetic(EventType::AccountCreate, &run, i);
                         let queue = format!("{ns}.feed-{n}");

@@ -272,7 +272,7 @@ async fn log_fence(fence: crate::topology::Fence, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        if fence.is_open() != open {
+        if fence.update() != open {
             open = !open;
             if open {
                 tracing::info!("Topology log readable again: deliveries resume.");

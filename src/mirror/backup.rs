@@ -26,6 +26,10 @@ use tokio_util::sync::CancellationToken;
 /// Deliveries applied per flush.
 const BATCH_MAX: usize = 256;
 
+/// How long a new backup consumer waits for the origin's resync before it
+/// asks for one.
+const RESYNC_GRACE: Duration = Duration::from_secs(5);
+
 /// Run one backup consumer per origin this server monitors, following the
 /// topology.
 pub async fn run(
@@ -125,20 +129,16 @@ impl Ignored {
 
 impl Consumer {
     async fn run(self, shutdown: CancellationToken) {
-        if self.repo.copies_generation(&self.origin) == 0 {
-            // Nothing held (a new link, or a lost repository): whatever the
-            // origin sent before may have gone to another monitor.
-            self.ask_resync(0).await;
-        }
         let cfg = self.broker.config();
+        let mut started = Some(Instant::now());
         let mut backoff = Backoff::new(cfg.reconnect_min, cfg.reconnect_max);
         loop {
-            let started = Instant::now();
-            let result = self.session(&shutdown).await;
+            let session_started = Instant::now();
+            let result = self.session(&shutdown, &mut started).await;
             if shutdown.is_cancelled() {
                 return;
             }
-            if started.elapsed() > Duration::from_secs(30) {
+            if session_started.elapsed() > Duration::from_secs(30) {
                 backoff.reset();
             }
             let delay = backoff.next_delay();
@@ -152,7 +152,11 @@ impl Consumer {
         }
     }
 
-    async fn session(&self, shutdown: &CancellationToken) -> Result<(), BrokerError> {
+    async fn session(
+        &self,
+        shutdown: &CancellationToken,
+        started: &mut Option<Instant>,
+    ) -> Result<(), BrokerError> {
         let cfg = self.broker.config();
         let channel = self.broker.channel().await?;
         let queue = declare_backup(
@@ -186,8 +190,24 @@ impl Consumer {
             )
             .await
             .map_err(BrokerError::op("basic.consume"))?;
+        let mut check = tokio::time::interval(Duration::from_secs(1));
         loop {
             let first = tokio::select! {
+                _ = check.tick() => {
+                    // Still nothing held a while after the link was made
+                    // (the origin re-sends when it sees a new monitor): the
+                    // origin may believe this server holds its copies (a
+                    // lost repository). Ask once.
+                    if let Some(t) = *started
+                        && t.elapsed() > RESYNC_GRACE
+                    {
+                        *started = None;
+                        if self.repo.copies_generation(&self.origin) == 0 {
+                            self.ask_resync(0).await;
+                        }
+                    }
+                    continue;
+                }
                 _ = shutdown.cancelled() => {
                     // Unacked records go back to the queue for the next
                     // consumer (a new monitor, or the taker's drain).

@@ -470,21 +470,39 @@ async fn read_session(
 }
 
 /// Whether this server may deliver: it has read the topology log within
-/// `after`. Checked live (not cached), so that a process resuming from a
-/// freeze sees the time it lost before anything else.
+/// `after`. [`Fence::is_open`] is checked live (not cached), so that a
+/// process resuming from a freeze sees the time it lost before anything
+/// else; [`Fence::closed`] follows [`Fence::update`], which a task calls
+/// every 50 ms.
 #[derive(Clone)]
 pub struct Fence {
     topology: Topology,
     after: Duration,
+    open: Arc<watch::Sender<bool>>,
 }
 
 impl Fence {
     pub fn new(topology: Topology, after: Duration) -> Fence {
-        Fence { topology, after }
+        Fence {
+            topology,
+            after,
+            open: Arc::new(watch::channel(true).0),
+        }
     }
 
     pub fn is_open(&self) -> bool {
         self.topology.read_age() < self.after
+    }
+
+    /// Re-evaluate the fence; returns whether it is open.
+    pub fn update(&self) -> bool {
+        let open = self.is_open();
+        self.open.send_if_modified(|o| {
+            let changed = *o != open;
+            *o = open;
+            changed
+        });
+        open
     }
 
     /// Return once the fence is open.
@@ -494,11 +512,10 @@ impl Fence {
         }
     }
 
-    /// Return once the fence is closed.
+    /// Return once the fence closes.
     pub async fn closed(&self) {
-        while self.is_open() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let mut rx = self.open.subscribe();
+        let _ = rx.wait_for(|open| !*open).await;
     }
 }
 

@@ -104,6 +104,23 @@ pub async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
                 }
             };
             tracing::warn!(failed = %id, items, took = ?started.elapsed(), "Took over the failed server's backlog.");
+            let me = ctx.node.clone();
+            let failed = id.clone();
+            if let Err(e) = ctx
+                .topology
+                .propose_with(|s| {
+                    let f = s.servers.get(&failed)?;
+                    (f.failed && !f.adopted && f.taken_over_by.as_deref() == Some(me.as_str()))
+                        .then(|| crate::topology::Change::Adopted {
+                            failed: failed.clone(),
+                            by: me.clone(),
+                        })
+                })
+                .await
+            {
+                tracing::warn!(failed = %id, error = %e, "Cannot record the adoption; the failed server cannot rejoin until it is recorded.");
+                adopted.remove(id);
+            }
             // A takeover seen in the first state was handled by an earlier
             // run of this server, which sent the mail.
             if let Some(prev) = &previous {
@@ -184,18 +201,31 @@ async fn rejoin(ctx: &Ctx, state: &State) -> Result<(), String> {
     .await
     .map_err(|e| e.to_string())?;
     let node = ctx.node.clone();
-    ctx.topology
-        .propose_with(|s| {
-            s.servers.get(&node).is_some_and(|x| x.failed).then(|| {
-                crate::topology::Change::Joined {
-                    node: node.clone(),
-                    version: env!("CARGO_PKG_VERSION").to_owned(),
-                    key_fingerprint: None,
-                }
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let outcome = ctx
+            .topology
+            .propose_with(|s| {
+                s.servers.get(&node).is_some_and(|x| x.failed).then(|| {
+                    crate::topology::Change::Joined {
+                        node: node.clone(),
+                        version: env!("CARGO_PKG_VERSION").to_owned(),
+                        key_fingerprint: None,
+                    }
+                })
             })
-        })
-        .await
-        .map_err(|e| e.to_string())?;
+            .await
+            .map_err(|e| e.to_string())?;
+        match outcome {
+            // The taker is still adopting this server's backlog.
+            Some(crate::topology::Outcome::Ignored(reason)) if Instant::now() < deadline => {
+                tracing::info!(%reason, "Cannot join yet; retrying.");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Some(crate::topology::Outcome::Ignored(reason)) => return Err(reason),
+            _ => break,
+        }
+    }
     tracing::warn!("Joined the topology again after being taken over.");
     Ok(())
 }

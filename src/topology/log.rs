@@ -47,6 +47,8 @@ pub enum TopologyError {
     NotInCluster { node: String, known: String },
     #[error("the topology reader has stopped")]
     Stopped,
+    #[error("the topology log refused the change: {0}")]
+    Refused(String),
     #[error("gave up after {0} attempts: other changes kept winning")]
     Contended(usize),
 }
@@ -153,18 +155,32 @@ impl Topology {
         }
         let version = env!("CARGO_PKG_VERSION").to_owned();
         let before = std::sync::Mutex::new(state.clone());
-        topology
-            .propose_with(|s| {
-                if let Ok(mut b) = before.lock() {
-                    *b = Arc::new(s.clone());
-                }
-                Some(Change::Joined {
-                    node: node.to_owned(),
-                    version: version.clone(),
-                    key_fingerprint: key_fingerprint.clone(),
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            let outcome = topology
+                .propose_with(|s| {
+                    if let Ok(mut b) = before.lock() {
+                        *b = Arc::new(s.clone());
+                    }
+                    Some(Change::Joined {
+                        node: node.to_owned(),
+                        version: version.clone(),
+                        key_fingerprint: key_fingerprint.clone(),
+                    })
                 })
-            })
-            .await?;
+                .await?;
+            match outcome {
+                Some(Outcome::Ignored(reason)) if Instant::now() < deadline => {
+                    // The taker is still adopting this server's backlog.
+                    tracing::info!(%reason, "Cannot join yet; retrying.");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Some(Outcome::Ignored(reason)) => {
+                    return Err(TopologyError::Refused(reason));
+                }
+                _ => break,
+            }
+        }
         let before = before
             .into_inner()
             .unwrap_or_else(std::sync::PoisonError::into_inner);

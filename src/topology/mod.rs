@@ -51,6 +51,10 @@ pub struct ServerState {
     /// The server that took it over (the last time it failed).
     #[serde(default)]
     pub taken_over_by: Option<String>,
+    /// The taker has adopted the backlog; until then the server may not
+    /// rejoin (its resync would replace the copies being adopted).
+    #[serde(default)]
+    pub adopted: bool,
 }
 
 /// One record of the log.
@@ -83,6 +87,8 @@ pub enum Change {
     /// `by` takes over the failed server's adaptors, singletons and
     /// monitoring link.
     Takeover { failed: String, by: String },
+    /// `by` has adopted the backlog of `failed`, which may now rejoin.
+    Adopted { failed: String, by: String },
     /// An operator moves an adaptor or singleton service.
     Move { what: String, to: String },
     /// `node` now monitors `monitors`.
@@ -263,6 +269,16 @@ impl State {
                 key_fingerprint,
             } => {
                 self.known(node)?;
+                if let Some(s) = self.servers.get(node)
+                    && s.failed
+                    && !s.adopted
+                    && let Some(taker) = &s.taken_over_by
+                    && !self.servers.get(taker).is_some_and(|t| t.failed)
+                {
+                    return Err(format!(
+                        "{node} was taken over by {taker}, which has not finished adopting its backlog"
+                    ));
+                }
                 let epoch = self.epoch;
                 let s = self.servers.entry(node.clone()).or_default();
                 s.version = Some(version.clone());
@@ -312,7 +328,18 @@ impl State {
                 }
                 let s = self.servers.entry(failed.clone()).or_default();
                 s.failed = true;
+                s.adopted = false;
                 s.taken_over_by = Some(by.clone());
+            }
+            Change::Adopted { failed, by } => {
+                let s = self
+                    .servers
+                    .get_mut(failed)
+                    .ok_or_else(|| format!("unknown server {failed:?}"))?;
+                if !s.failed || s.taken_over_by.as_ref() != Some(by) || s.adopted {
+                    return Err(format!("no adoption of {failed} by {by} is pending"));
+                }
+                s.adopted = true;
             }
             Change::Move { what, to } => {
                 self.known(to)?;
@@ -468,6 +495,30 @@ mod tests {
             },
         );
         assert!(matches!(s.apply(&again), Outcome::Ignored(_)));
+    }
+
+    #[test]
+    fn a_taken_over_server_rejoins_only_after_its_backlog_is_adopted() {
+        let mut s = three();
+        let take = Change::Takeover {
+            failed: "a".into(),
+            by: "c".into(),
+        };
+        assert_eq!(s.apply(&record(1, take)), Outcome::Applied);
+        let join = || Change::Joined {
+            node: "a".into(),
+            version: "1".into(),
+            key_fingerprint: None,
+        };
+        assert!(matches!(s.apply(&record(2, join())), Outcome::Ignored(_)));
+        let adopted = Change::Adopted {
+            failed: "a".into(),
+            by: "c".into(),
+        };
+        assert_eq!(s.apply(&record(2, adopted)), Outcome::Applied);
+        assert_eq!(s.apply(&record(3, join())), Outcome::Applied);
+        assert!(!s.servers["a"].failed);
+        assert_eq!(s.monitors.len(), 3, "ring restored: {:?}", s.monitors);
     }
 
     #[test]

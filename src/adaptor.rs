@@ -23,6 +23,7 @@ use crate::event::{Invalid, decode};
 use crate::mirror::Mirror;
 use crate::repository::{Repository, RepositoryError, Stored};
 use crate::stats::Stats;
+use crate::topology::Fence;
 use crate::workflow::ItemSender;
 use futures::{FutureExt, StreamExt};
 use lapin::Channel;
@@ -34,6 +35,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdaptorError {
@@ -49,6 +51,10 @@ pub enum AdaptorError {
     Mirror(#[from] crate::mirror::MirrorError),
     #[error("the writer task stopped: {0}")]
     Writer(String),
+    #[error(
+        "this server no longer hosts the adaptor (or cannot read the topology log); the batch goes back to the queue unacked"
+    )]
+    NotHosted,
 }
 
 /// One adaptor of this server.
@@ -69,7 +75,12 @@ struct Parts {
     mirror: Mirror,
     stats: Arc<Stats>,
     fatal: CancellationToken,
+    fence: Fence,
 }
+
+/// How long the writer waits for an unreadable topology log before it gives
+/// the batch back to the broker.
+const FENCE_WAIT: Duration = Duration::from_secs(5);
 
 impl Parts {
     /// A repository that cannot store or flush leaves the in-memory index
@@ -97,6 +108,7 @@ impl Adaptor {
         mirror: Mirror,
         stats: Arc<Stats>,
         fatal: CancellationToken,
+        fence: Fence,
     ) -> Adaptor {
         Adaptor {
             parts: Arc::new(Parts {
@@ -112,17 +124,23 @@ impl Adaptor {
                 mirror,
                 stats,
                 fatal,
+                fence,
             }),
         }
     }
 
     /// Consume until `shutdown`, reconnecting with back-off after errors.
-    pub async fn run(self, shutdown: CancellationToken) {
+    ///
+    /// `shutdown` alone (the server is not stopping) means the adaptor was
+    /// surrendered: the channel is closed at once, so that what it holds
+    /// unacked goes back to the queue and single-active-consumer hands the
+    /// queue to the new host.
+    pub async fn run(self, shutdown: CancellationToken, server_stop: CancellationToken) {
         let cfg = self.parts.broker.config();
         let mut backoff = Backoff::new(cfg.reconnect_min, cfg.reconnect_max);
         loop {
             let started = Instant::now();
-            let result = self.session(&shutdown).await;
+            let result = self.session(&shutdown, &server_stop).await;
             if shutdown.is_cancelled() {
                 if let Err(e) = result {
                     tracing::warn!(adaptor = %self.parts.name, error = %e, "Consumer ended with an error during shutdown; unacked deliveries go back to the queue.");
@@ -146,7 +164,11 @@ impl Adaptor {
         }
     }
 
-    async fn session(&self, shutdown: &CancellationToken) -> Result<(), AdaptorError> {
+    async fn session(
+        &self,
+        shutdown: &CancellationToken,
+        server_stop: &CancellationToken,
+    ) -> Result<(), AdaptorError> {
         let p = &self.parts;
         let cfg = p.broker.config();
         let channel = p.broker.channel().await?;
@@ -174,7 +196,13 @@ impl Adaptor {
         tracing::info!(adaptor = %p.name, %queue, "Consuming.");
 
         let (batch_tx, batch_rx) = mpsc::channel::<Vec<Delivery>>(2);
-        let mut writer = tokio::spawn(write_loop(p.clone(), channel.clone(), batch_rx));
+        // Aborted with the session: a surrendered adaptor's writer must not
+        // go on storing and acking.
+        let mut writer = AbortOnDropHandle::new(tokio::spawn(write_loop(
+            p.clone(),
+            channel.clone(),
+            batch_rx,
+        )));
         let batch_max = cfg.batch_max;
         let mut writer_done = None;
         let result = loop {
@@ -243,7 +271,7 @@ impl Adaptor {
                 Err(e) => Err(AdaptorError::Writer(e.to_string())),
             },
         };
-        if !shutdown.is_cancelled() {
+        if !server_stop.is_cancelled() {
             // At shutdown the connection's close takes the channel with it;
             // closing it here as well makes lapin log a spurious error.
             let _ = channel.close(200, "consumer stopped".into()).await;
@@ -262,6 +290,12 @@ async fn write_loop(
         let Some(last_tag) = batch.last().map(|d| d.delivery_tag) else {
             continue;
         };
+        // Fencing: nothing is stored for an adaptor this server no longer
+        // hosts, e.g. after it was frozen and taken over; the deliveries go
+        // back to the queue, to the new host.
+        if !p.fence.wait_hosts(&p.name, FENCE_WAIT).await {
+            return Err(AdaptorError::NotHosted);
+        }
         let mut events = Vec::with_capacity(batch.len());
         for delivery in &batch {
             match decode(&delivery.data, p.kind, p.max_message_size) {
@@ -300,6 +334,9 @@ async fn write_loop(
         // that a failed ack (the broker then redelivers them, and they are
         // recognised as duplicates) cannot strand them in the repository.
         hand_over(&p, stored);
+        if !p.fence.wait_hosts(&p.name, FENCE_WAIT).await {
+            return Err(AdaptorError::NotHosted);
+        }
         channel
             .basic_ack(last_tag, BasicAckOptions { multiple: true })
             .await

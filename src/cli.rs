@@ -103,6 +103,34 @@ pub enum Command {
         #[arg(long)]
         node: String,
     },
+    /// Move an adaptor or a singleton service to another server.
+    ///
+    /// The old host stops the adaptor at once, hands its backlog over
+    /// through the broker, and the new host starts it with that backlog:
+    /// nothing is lost and nothing is delivered from both. Nothing ever
+    /// moves back by itself, also not after a takeover: this command is
+    /// how an operator moves things back. Exits 0 once moved (and, for an
+    /// adaptor, once the backlog is handed over, unless --no-wait), 2 when
+    /// the topology log refused the move, 3 when the handover did not
+    /// finish within --timeout (it goes on; `provring topology show`
+    /// tells when it has).
+    Move {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// What to move: an adaptor's name, `scheduler` or `timeout-checker`.
+        #[arg(value_name = "ADAPTOR|scheduler|timeout-checker")]
+        what: String,
+        /// The server to move it to.
+        #[arg(long, value_name = "ID")]
+        to: String,
+        /// Return once the move is in the log, without waiting for the
+        /// backlog handover.
+        #[arg(long)]
+        no_wait: bool,
+        /// How long to wait for the backlog handover.
+        #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
     /// Read or change the topology log (who hosts what, who monitors whom).
     Topology {
         #[command(subcommand)]

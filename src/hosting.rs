@@ -16,17 +16,16 @@
 use crate::adaptor::Adaptor;
 use crate::alert::Alerter;
 use crate::broker::declare::backup_queue;
-use crate::broker::{Broker, BrokerError, Publisher};
+use crate::broker::{Backoff, Broker, BrokerError, Publisher};
 use crate::config::Config;
 use crate::mirror::Mirror;
 use crate::repository::{Repository, Stored};
 use crate::stats::Stats;
 use crate::topology::{State, Topology};
 use crate::workflow::{Executor, targets};
-use futures::{FutureExt, StreamExt};
-use lapin::options::{BasicAckOptions, QueueDeclareOptions};
+use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
@@ -56,6 +55,29 @@ struct Hosted {
     adaptor: JoinHandle<()>,
 }
 
+/// How long a surrendered adaptor gets to close its channel (its unacked
+/// deliveries go back to the queue) before its task is aborted.
+const SURRENDER_GRACE: Duration = Duration::from_secs(3);
+
+impl Hosted {
+    /// Stop at once: the executor with its target calls in flight, and the
+    /// consumer, which closes its channel without acking anything more.
+    /// The returned task ends once the consumer has stopped.
+    fn surrender(self) -> JoinHandle<()> {
+        self.stop.cancel();
+        self.executor.abort();
+        let mut adaptor = self.adaptor;
+        tokio::spawn(async move {
+            if tokio::time::timeout(SURRENDER_GRACE, &mut adaptor)
+                .await
+                .is_err()
+            {
+                adaptor.abort();
+            }
+        })
+    }
+}
+
 /// Follow the topology until `shutdown`; then stop every adaptor
 /// gracefully (in-flight target calls finish).
 pub async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
@@ -63,17 +85,26 @@ pub async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
     let mut hosted: BTreeMap<String, Hosted> = BTreeMap::new();
     let mut adopted: HashSet<String> = HashSet::new();
     let mut previous: Option<Arc<State>> = None;
+    // Surrendered adaptors whose consumer is still stopping, and the
+    // handovers of moved adaptors' backlogs in progress.
+    let mut stopping: HashMap<String, JoinHandle<()>> = HashMap::new();
+    let mut sending: HashMap<String, JoinHandle<()>> = HashMap::new();
     loop {
         let state = rx.borrow_and_update().clone();
         if state.servers.get(&ctx.node).is_some_and(|me| me.failed) {
             // Taken over while running (frozen, or cut off from the broker
             // for longer than the detection time): surrender everything at
             // once, drop what the taker adopted, and join again.
+            for (_, h) in sending.drain() {
+                h.abort();
+            }
             for (name, h) in std::mem::take(&mut hosted) {
-                h.stop.cancel();
-                h.adaptor.abort();
-                h.executor.abort();
+                stopping.insert(name.clone(), h.surrender());
                 tracing::error!(adaptor = %name, "This server was taken over: adaptor surrendered.");
+            }
+            // The surrendered backlog is dropped once no writer can add to it.
+            for (_, s) in stopping.drain() {
+                let _ = s.await;
             }
             if let Err(e) = rejoin(&ctx, &state).await {
                 tracing::error!(error = %e, "Cannot rejoin after being taken over; stopping.");
@@ -131,7 +162,7 @@ pub async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
         }
         adopted.retain(|id| state.servers.get(id).is_some_and(|s| s.failed));
 
-        let wanted = state.adaptors_of(&ctx.node);
+        let wanted = state.adaptors_to_run(&ctx.node);
         let surrendered: Vec<String> = hosted
             .keys()
             .filter(|name| !wanted.contains(name))
@@ -139,13 +170,22 @@ pub async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
             .collect();
         for name in surrendered {
             if let Some(h) = hosted.remove(&name) {
-                h.stop.cancel();
-                h.adaptor.abort();
-                h.executor.abort();
+                stopping.insert(name.clone(), h.surrender());
                 let to = state.adaptors.get(&name).cloned().unwrap_or_default();
                 tracing::warn!(adaptor = %name, now_on = %to, "Adaptor surrendered; stopped with its deliveries.");
             }
         }
+        // Moved away: hand the backlog over once the adaptor has stopped here.
+        sending.retain(|name, _| state.handovers.get(name) == Some(&ctx.node));
+        for (name, from) in &state.handovers {
+            if from != &ctx.node || sending.contains_key(name) {
+                continue;
+            }
+            let stopped = stopping.remove(name);
+            let task = send_backlog(ctx.clone(), name.clone(), stopped, shutdown.clone());
+            sending.insert(name.clone(), task);
+        }
+        stopping.retain(|_, h| !h.is_finished());
         for name in wanted {
             if hosted.contains_key(&name) {
                 continue;
@@ -230,7 +270,57 @@ async fn rejoin(ctx: &Ctx, state: &State) -> Result<(), String> {
     Ok(())
 }
 
-fn start_adaptor(ctx: &Ctx, name: &str, shutdown: &CancellationToken) -> Result<Hosted, String> {
+/// Hand the backlog of the moved adaptor `name` over to its new host, once
+/// its consumer here (`stopped`) has ended; retried until it succeeds.
+fn send_backlog(
+    ctx: Arc<Ctx>,
+    name: String,
+    stopped: Option<JoinHandle<()>>,
+    shutdown: CancellationToken,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        if let Some(h) = stopped {
+            let _ = h.await;
+        }
+        let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+        loop {
+            let sender = crate::handover::Sender {
+                node: &ctx.node,
+                broker: &ctx.broker,
+                publisher: &ctx.parking,
+                repo: &ctx.repo,
+                topology: &ctx.topology,
+            };
+            match sender.send(&name).await {
+                Ok(items) => {
+                    let to = ctx
+                        .topology
+                        .state()
+                        .adaptors
+                        .get(&name)
+                        .cloned()
+                        .unwrap_or_default();
+                    tracing::warn!(adaptor = %name, items, %to, "Moved adaptor's backlog handed over.");
+                    return;
+                }
+                Err(e) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(adaptor = %name, error = %e, retry_in = ?delay, "Cannot hand the moved adaptor's backlog over yet.");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = shutdown.cancelled() => return,
+                    }
+                }
+            }
+        }
+    })
+}
+
+fn start_adaptor(
+    ctx: &Arc<Ctx>,
+    name: &str,
+    shutdown: &CancellationToken,
+) -> Result<Hosted, String> {
     let a = ctx
         .config
         .adaptors
@@ -264,20 +354,67 @@ fn start_adaptor(ctx: &Ctx, name: &str, shutdown: &CancellationToken) -> Result<
         ctx.repo.clone(),
         ctx.parking.clone(),
         ctx.config.limits.max_message_size,
-        items_tx,
+        items_tx.clone(),
         ctx.mirror.clone(),
         ctx.stats.clone(),
         ctx.fatal.clone(),
+        ctx.fence.clone(),
     );
     let stop = shutdown.child_token();
     let executor = tokio::spawn(executor.run(stop.clone()));
-    let adaptor = tokio::spawn(adaptor.run(stop.clone()));
+    // A backlog handed over by the adaptor's previous host comes first.
+    let (c, n, s, server_stop) = (ctx.clone(), name.to_owned(), stop.clone(), shutdown.clone());
+    let adaptor = tokio::spawn(async move {
+        if receive_backlog(&c, &n, &items_tx, &s).await {
+            adaptor.run(s, server_stop).await;
+        }
+    });
     tracing::info!(adaptor = %name, queue = %ctx.config.queue_name(a), target = %a.target, concurrency = a.concurrency, "Adaptor started.");
     Ok(Hosted {
         stop,
         executor,
         adaptor,
     })
+}
+
+/// Take a handed-over backlog of `name` into this server's; retried until
+/// it succeeds. Returns false if `stop` came first.
+async fn receive_backlog(
+    ctx: &Ctx,
+    name: &str,
+    items_tx: &crate::workflow::ItemSender,
+    stop: &CancellationToken,
+) -> bool {
+    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
+    loop {
+        let receiver = crate::handover::Receiver {
+            node: &ctx.node,
+            broker: &ctx.broker,
+            repo: &ctx.repo,
+            mirror: &ctx.mirror,
+            fence: &ctx.fence,
+            items_tx,
+        };
+        let result = tokio::select! {
+            r = receiver.receive(name) => r,
+            _ = stop.cancelled() => return false,
+        };
+        match result {
+            Ok(0) => return true,
+            Ok(items) => {
+                tracing::warn!(adaptor = %name, items, "Received the moved adaptor's backlog.");
+                return true;
+            }
+            Err(e) => {
+                let delay = backoff.next_delay();
+                tracing::warn!(adaptor = %name, error = %e, retry_in = ?delay, "Cannot receive the moved adaptor's backlog yet.");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = stop.cancelled() => return false,
+                }
+            }
+        }
+    }
 }
 
 /// Drain `origin`'s copies from the broker, store them as this server's
@@ -292,8 +429,17 @@ async fn adopt(ctx: &Ctx, origin: &str) -> Result<usize, String> {
         .map_err(|e| e.to_string())?;
     // One store, one flush and one mirror round per adaptor, however many
     // batches the copies came in.
+    // Only what the failed server still had to deliver: copies of an
+    // adaptor it had already handed over to another server are stale.
+    let state = ctx.topology.state();
     let mut per_adaptor: BTreeMap<String, Vec<crate::event::Event>> = BTreeMap::new();
     for (adaptor, events) in batches {
+        let mine = state.adaptors.get(&adaptor) == Some(&ctx.node)
+            || state.handovers.get(&adaptor) == Some(&ctx.node);
+        if !mine {
+            tracing::warn!(failed = %origin, %adaptor, items = events.len(), now_on = ?state.adaptors.get(&adaptor), "Copies of an adaptor the failed server had handed over: not adopted.");
+            continue;
+        }
         per_adaptor.entry(adaptor).or_default().extend(events);
     }
     let mut adopted = 0;
@@ -349,62 +495,17 @@ async fn drain(ctx: &Ctx, origin: &str) -> Result<(), BrokerError> {
         }
     }
     let known: Vec<String> = ctx.topology.state().servers.keys().cloned().collect();
-    // basic.get is refused on single-active-consumer queues: consume, and
-    // stop once nothing more arrives and the queue reports empty.
-    ch.basic_qos(512, lapin::options::BasicQosOptions::default())
-        .await
-        .map_err(BrokerError::op("basic.qos"))?;
-    let mut consumer = ch
-        .basic_consume(
-            queue.as_str().into(),
-            format!("provring.drain.{}", ctx.node).as_str().into(),
-            lapin::options::BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(BrokerError::op("basic.consume"))?;
-    loop {
-        let mut records = Vec::new();
-        let mut last = None;
-        let first = tokio::time::timeout(Duration::from_millis(300), consumer.next()).await;
-        if let Ok(Some(Ok(d))) = first {
-            last = Some(d.delivery_tag);
-            records.push(d.data);
-            while records.len() < 256 {
-                match consumer.next().now_or_never() {
-                    Some(Some(Ok(d))) => {
-                        last = Some(d.delivery_tag);
-                        records.push(d.data);
-                    }
-                    _ => break,
-                }
-            }
-        }
-        let Some(tag) = last else {
-            let ready = ch
-                .queue_declare(
-                    queue.as_str().into(),
-                    QueueDeclareOptions {
-                        passive: true,
-                        ..QueueDeclareOptions::default()
-                    },
-                    FieldTable::default(),
-                )
+    let tag = format!("provring.drain.{}", ctx.node);
+    crate::broker::drain::drain(&ch, &queue, &tag, |records| {
+        let known = known.clone();
+        async move {
+            crate::mirror::backup::apply_records(&ctx.repo, origin, known, records)
                 .await
-                .map(|q| q.message_count())
-                .unwrap_or(0);
-            if ready == 0 {
-                break;
-            }
-            continue;
-        };
-        crate::mirror::backup::apply_records(&ctx.repo, origin, known.clone(), records)
-            .await
-            .map_err(|e| BrokerError::Closed(e.to_string()))?;
-        ch.basic_ack(tag, BasicAckOptions { multiple: true })
-            .await
-            .map_err(BrokerError::op("basic.ack"))?;
-    }
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }
+    })
+    .await?;
     let _ = ch.close(200, "drained".into()).await;
     Ok(())
 }

@@ -35,6 +35,7 @@ pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod event;
+pub mod handover;
 pub mod hosting;
 pub mod mirror;
 pub mod publish;

@@ -144,6 +144,29 @@ async fn run(command: Command) -> ExitCode {
                 }
             }
         }
+        Command::Move {
+            config,
+            what,
+            to,
+            no_wait,
+            timeout,
+        } => {
+            let config = match load(&config.files) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let wait = (!no_wait).then_some(timeout);
+            match provring::topology::tool::move_to(&config, &what, &to, wait).await {
+                Ok((text, code)) => {
+                    println!("{text}");
+                    ExitCode::from(code)
+                }
+                Err(e) => {
+                    eprintln!("provring: {e}");
+                    ExitCode::from(EXIT_FAILURE)
+                }
+            }
+        }
         Command::BrokerDefinitions { config } => match load(&config.files) {
             Ok(c) => {
                 let doc = provring::broker::declare::definitions(&c);

@@ -119,7 +119,7 @@ pub async fn start(config: &Config, node: &str) -> Result<Running, ServerError> 
             shutdown.child_token(),
         )),
     ));
-    let fence = crate::topology::Fence::new(topology.clone(), config.supervisor.fence_after);
+    let fence = crate::topology::Fence::new(topology.clone(), node, config.supervisor.fence_after);
     tasks.push((
         "fence".into(),
         tokio::spawn(log_fence(fence.clone(), shutdown.child_token())),

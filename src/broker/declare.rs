@@ -65,6 +65,24 @@ pub fn backup_queue(namespace: &str, origin: &str, monitor: &str) -> String {
     format!("{namespace}.backup:{origin}:{monitor}")
 }
 
+/// The queue a moved adaptor's backlog goes through, from its old host to
+/// its new one.
+pub fn handover_queue(namespace: &str, adaptor: &str) -> String {
+    format!("{namespace}.handover.{adaptor}")
+}
+
+/// Declare a handover queue (durable, of the configured type).
+pub async fn declare_handover_queue(
+    channel: &Channel,
+    namespace: &str,
+    queue_type: QueueType,
+    adaptor: &str,
+) -> Result<String, BrokerError> {
+    let name = handover_queue(namespace, adaptor);
+    declare_queue(channel, &name, queue_args(queue_type, false)).await?;
+    Ok(name)
+}
+
 /// Declare the topology log: a stream queue (append-only, replicated,
 /// totally ordered).
 pub async fn declare_topology(channel: &Channel, namespace: &str) -> Result<String, BrokerError> {

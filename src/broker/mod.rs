@@ -19,6 +19,7 @@
 //! - [`Publisher`]: publish with publisher confirm and a timeout.
 
 pub mod declare;
+pub mod drain;
 mod publish;
 
 pub use publish::{PublishError, Publisher};

@@ -439,25 +439,13 @@ impl Repository {
                 key: describe_key(&key),
                 reason,
             })?;
-            let mut events = Vec::new();
-            for (i, e) in rec.items.into_iter().enumerate() {
-                if finished.get(i).copied().unwrap_or(true) {
-                    continue;
-                }
-                let Some(event_type) = crate::event::EventType::parse(&e.event_type) else {
-                    tracing::warn!(%origin, id = %e.id, event_type = %e.event_type, "Copy with an unknown event type not adopted.");
-                    continue;
-                };
-                events.push(crate::event::Event {
-                    identity: crate::event::Identity {
-                        source: e.source,
-                        id: e.id,
-                    },
-                    event_type,
-                    subject: e.subject,
-                    body: e.body,
-                });
-            }
+            let items = rec
+                .items
+                .into_iter()
+                .enumerate()
+                .filter(|(i, _)| !finished.get(*i).copied().unwrap_or(true))
+                .map(|(_, e)| e);
+            let events = record_events(origin, items);
             if !events.is_empty() {
                 out.push((adaptor, events));
             }
@@ -529,4 +517,29 @@ impl Repository {
         db.flush()?;
         Ok(next)
     }
+}
+
+/// The events of record items; an item of an unknown event type (written by
+/// a newer version) is skipped with a warning naming `from`.
+pub(super) fn record_events(
+    from: &str,
+    items: impl IntoIterator<Item = record::RecordItem>,
+) -> Vec<crate::event::Event> {
+    let mut events = Vec::new();
+    for e in items {
+        let Some(event_type) = crate::event::EventType::parse(&e.event_type) else {
+            tracing::warn!(%from, id = %e.id, event_type = %e.event_type, "Item with an unknown event type not taken.");
+            continue;
+        };
+        events.push(crate::event::Event {
+            identity: crate::event::Identity {
+                source: e.source,
+                id: e.id,
+            },
+            event_type,
+            subject: e.subject,
+            body: e.body,
+        });
+    }
+    events
 }

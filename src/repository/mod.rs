@@ -36,10 +36,12 @@
 //! operation of the process to a global lock (measured: 3× slower).
 
 mod backup;
+mod handover;
 mod marker;
 mod record;
 
 pub use backup::{CopiesView, ItemKey, check_record};
+pub use handover::handover_events;
 
 use crate::event::{Event, EventType, Identity};
 use serde::{Deserialize, Serialize};
@@ -319,7 +321,19 @@ impl Repository {
         adaptor: &str,
         events: Vec<Event>,
     ) -> Result<(Vec<Stored>, Vec<BatchRecord>), RepositoryError> {
-        let now = now_ms();
+        self.store_received(adaptor, events, now_ms())
+    }
+
+    /// [`Repository::store_with_records`] for events received at
+    /// `received_ms` (a handed-over backlog keeps its receipt time, and so
+    /// its deadline).
+    pub fn store_received(
+        &self,
+        adaptor: &str,
+        events: Vec<Event>,
+        received_ms: u64,
+    ) -> Result<(Vec<Stored>, Vec<BatchRecord>), RepositoryError> {
+        let now = received_ms;
         let adaptor: Arc<str> = Arc::from(adaptor);
         let mut out = Vec::with_capacity(events.len());
         let mut fresh: Vec<(u128, Event)> = Vec::with_capacity(events.len());
@@ -369,7 +383,7 @@ impl Repository {
                     body: event.body,
                     received_ms: now,
                     state: ItemState {
-                        next_attempt_ms: now,
+                        next_attempt_ms: now_ms(),
                         ..ItemState::default()
                     },
                 });

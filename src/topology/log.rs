@@ -493,14 +493,16 @@ async fn read_session(
 #[derive(Clone)]
 pub struct Fence {
     topology: Topology,
+    node: String,
     after: Duration,
     open: Arc<watch::Sender<bool>>,
 }
 
 impl Fence {
-    pub fn new(topology: Topology, after: Duration) -> Fence {
+    pub fn new(topology: Topology, node: &str, after: Duration) -> Fence {
         Fence {
             topology,
+            node: node.to_owned(),
             after,
             open: Arc::new(watch::channel(true).0),
         }
@@ -508,6 +510,27 @@ impl Fence {
 
     pub fn is_open(&self) -> bool {
         self.topology.read_age() < self.after
+    }
+
+    /// Whether this server may act for `adaptor` now: the log was read
+    /// within `fence_after`, and what it says gives the adaptor to this
+    /// server, which was not taken over. A frozen server that resumes finds
+    /// the fence closed until its reader has caught up with the log, so a
+    /// takeover written meanwhile is seen here before anything is stored,
+    /// acked or delivered.
+    pub fn hosts(&self, adaptor: &str) -> bool {
+        if !self.is_open() {
+            return false;
+        }
+        let state = self.topology.state();
+        state.adaptors.get(adaptor) == Some(&self.node)
+            && !state.servers.get(&self.node).is_some_and(|s| s.failed)
+    }
+
+    /// Wait (at most `limit`) for the fence to open, then answer [`hosts`](Self::hosts).
+    pub async fn wait_hosts(&self, adaptor: &str, limit: Duration) -> bool {
+        let _ = tokio::time::timeout(limit, self.wait_open()).await;
+        self.hosts(adaptor)
     }
 
     /// Re-evaluate the fence; returns whether it is open.

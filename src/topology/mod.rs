@@ -34,6 +34,10 @@ pub struct State {
     pub singletons: BTreeMap<String, String>,
     /// Server → the server it monitors.
     pub monitors: BTreeMap<String, String>,
+    /// Adaptor → the server that still holds its backlog after a move: the
+    /// adaptor starts on its new host once that backlog is handed over.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub handovers: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -89,8 +93,18 @@ pub enum Change {
     Takeover { failed: String, by: String },
     /// `by` has adopted the backlog of `failed`, which may now rejoin.
     Adopted { failed: String, by: String },
-    /// An operator moves an adaptor or singleton service.
+    /// An operator moves an adaptor or singleton service. An adaptor's
+    /// backlog stays with its old host until that host records
+    /// [`Change::HandedOver`].
     Move { what: String, to: String },
+    /// `from` has put the backlog of `adaptor` on its handover queue and
+    /// dropped it: the new host may start the adaptor.
+    HandedOver {
+        adaptor: String,
+        from: String,
+        #[serde(default)]
+        items: u64,
+    },
     /// `node` now monitors `monitors`.
     Monitoring { node: String, monitors: String },
     /// The state at its epoch, for checking replicas (and a starting point
@@ -156,7 +170,17 @@ impl State {
             adaptors,
             singletons,
             monitors,
+            handovers: BTreeMap::new(),
         }
+    }
+
+    /// The adaptors `node` runs now: those it hosts whose backlog is not
+    /// still being handed over to it.
+    pub fn adaptors_to_run(&self, node: &str) -> Vec<String> {
+        self.adaptors_of(node)
+            .into_iter()
+            .filter(|a| !self.handovers.contains_key(a))
+            .collect()
     }
 
     /// The server that monitors `node`, if any.
@@ -318,6 +342,17 @@ impl State {
                         *host = by.clone();
                     }
                 }
+                // The taker adopts the failed server's copies, so it hands
+                // over what the failed server had not; what it now hosts
+                // itself needs no handover.
+                for from in self.handovers.values_mut() {
+                    if from == failed {
+                        *from = by.clone();
+                    }
+                }
+                let adaptors = &self.adaptors;
+                self.handovers
+                    .retain(|a, from| adaptors.get(a) != Some(&*from));
                 // Close the ring: the taker monitors what the failed server did.
                 if let Some(next) = self.monitors.remove(failed.as_str()) {
                     if &next == by {
@@ -343,13 +378,36 @@ impl State {
             }
             Change::Move { what, to } => {
                 self.known(to)?;
-                if let Some(host) = self.adaptors.get_mut(what) {
-                    *host = to.clone();
+                if self.servers.get(to).is_some_and(|s| s.failed) {
+                    return Err(format!("{to} was taken over and has not joined again"));
+                }
+                if let Some(host) = self.adaptors.get(what).cloned() {
+                    if &host == to {
+                        return Err(format!("{what} is already on {to}"));
+                    }
+                    if let Some(from) = self.handovers.get(what) {
+                        return Err(format!(
+                            "the backlog of {what} is still being handed over from {from}"
+                        ));
+                    }
+                    if !self.servers.get(&host).is_some_and(|s| s.failed) {
+                        self.handovers.insert(what.clone(), host);
+                    }
+                    self.adaptors.insert(what.clone(), to.clone());
                 } else if let Some(host) = self.singletons.get_mut(what) {
+                    if host == to {
+                        return Err(format!("{what} is already on {to}"));
+                    }
                     *host = to.clone();
                 } else {
                     return Err(format!("no adaptor or singleton named {what:?}"));
                 }
+            }
+            Change::HandedOver { adaptor, from, .. } => {
+                if self.handovers.get(adaptor) != Some(from) {
+                    return Err(format!("no handover of {adaptor} from {from} is pending"));
+                }
+                self.handovers.remove(adaptor);
             }
             Change::Monitoring { node, monitors } => {
                 self.known(node)?;
@@ -445,6 +503,82 @@ mod tests {
             Outcome::Applied
         );
         s
+    }
+
+    fn apply(s: &mut State, change: Change) -> Outcome {
+        let epoch = s.epoch;
+        s.apply(&record(epoch, change))
+    }
+
+    fn mv(what: &str, to: &str) -> Change {
+        Change::Move {
+            what: what.into(),
+            to: to.into(),
+        }
+    }
+
+    fn handed_over(adaptor: &str, from: &str) -> Change {
+        Change::HandedOver {
+            adaptor: adaptor.into(),
+            from: from.into(),
+            items: 0,
+        }
+    }
+
+    #[test]
+    fn a_moved_adaptor_runs_on_its_new_host_once_its_backlog_is_handed_over() {
+        let mut s = three();
+        assert_eq!(apply(&mut s, mv("hr", "b")), Outcome::Applied);
+        assert_eq!(s.adaptors["hr"], "b");
+        assert_eq!(s.handovers["hr"], "a");
+        assert!(s.adaptors_to_run("b").is_empty());
+        assert!(s.adaptors_to_run("a").is_empty());
+        // No second move while the backlog is in transit; only the old
+        // host's handover counts.
+        assert!(
+            matches!(apply(&mut s, mv("hr", "c")), Outcome::Ignored(r) if r.contains("still being handed over"))
+        );
+        assert!(matches!(
+            apply(&mut s, handed_over("hr", "c")),
+            Outcome::Ignored(_)
+        ));
+        assert_eq!(apply(&mut s, handed_over("hr", "a")), Outcome::Applied);
+        assert_eq!(s.adaptors_to_run("b"), vec!["hr".to_string()]);
+        assert!(
+            matches!(apply(&mut s, mv("hr", "b")), Outcome::Ignored(r) if r.contains("already on b"))
+        );
+        assert!(matches!(
+            apply(&mut s, mv("nope", "b")),
+            Outcome::Ignored(_)
+        ));
+        assert!(matches!(apply(&mut s, mv("hr", "z")), Outcome::Ignored(_)));
+        assert_eq!(apply(&mut s, mv("scheduler", "c")), Outcome::Applied);
+        assert_eq!(s.singletons["scheduler"], "c");
+    }
+
+    #[test]
+    fn the_taker_of_a_failed_old_host_hands_its_backlog_over() {
+        let mut s = three();
+        apply(&mut s, mv("hr", "c"));
+        let takeover = Change::Takeover {
+            failed: "a".into(),
+            by: "b".into(),
+        };
+        assert_eq!(apply(&mut s, takeover), Outcome::Applied);
+        assert_eq!(s.adaptors["hr"], "c");
+        assert_eq!(s.handovers["hr"], "b");
+        // If the taker is the new host, nothing is left to hand over.
+        let mut s = three();
+        apply(&mut s, mv("hr", "c"));
+        let takeover = Change::Takeover {
+            failed: "a".into(),
+            by: "c".into(),
+        };
+        assert_eq!(apply(&mut s, takeover), Outcome::Applied);
+        assert!(s.handovers.is_empty());
+        assert_eq!(s.adaptors_to_run("c"), vec!["hr".to_string()]);
+        // Nothing moves to a server that was taken over.
+        assert!(matches!(apply(&mut s, mv("hr", "a")), Outcome::Ignored(_)));
     }
 
     #[test]

@@ -59,6 +59,93 @@ pub async fn link(
     })
 }
 
+/// Move `what` (an adaptor or singleton) to server `to`, and with `wait`,
+/// wait that long for the old host to hand the adaptor's backlog over.
+/// Returns the text to print and the exit code (0 moved, 2 refused, 3 the
+/// handover has not finished yet).
+pub async fn move_to(
+    config: &Config,
+    what: &str,
+    to: &str,
+    wait: Option<std::time::Duration>,
+) -> Result<(String, u8), TopologyError> {
+    let singleton = super::SINGLETONS.iter().any(|(_, name)| *name == what);
+    if !config.adaptors.contains_key(what) && !singleton {
+        let mut known: Vec<&str> = config.adaptors.keys().map(String::as_str).collect();
+        known.extend(super::SINGLETONS.iter().map(|(_, name)| *name));
+        return Ok((
+            format!(
+                "not moved: {what:?} is neither an adaptor of the cluster file nor a singleton service; known: {}",
+                known.join(", ")
+            ),
+            2,
+        ));
+    }
+    if !config.servers.contains_key(to) {
+        let known: Vec<&str> = config.servers.keys().map(String::as_str).collect();
+        return Ok((
+            format!(
+                "not moved: no server {to:?} in the cluster file; known: {}",
+                known.join(", ")
+            ),
+            2,
+        ));
+    }
+    let (topology, broker, stop) = connect(config).await?;
+    let change = Change::Move {
+        what: what.to_owned(),
+        to: to.to_owned(),
+    };
+    let from = {
+        let s = topology.state();
+        s.adaptors
+            .get(what)
+            .or_else(|| s.singletons.get(what))
+            .cloned()
+            .unwrap_or_else(|| "-".into())
+    };
+    let outcome = topology
+        .propose_with(|_| Some(change.clone()))
+        .await?
+        .unwrap_or(Outcome::Applied);
+    let result = match outcome {
+        Outcome::Ignored(reason) => (format!("not moved: {reason}"), 2),
+        Outcome::Applied => {
+            let mut state = topology.state();
+            let mut text = format!("moved: {what} from {from} to {to} (epoch {})", state.epoch);
+            let mut code = 0;
+            if let Some(limit) = wait.filter(|_| state.handovers.contains_key(what)) {
+                let mut rx = topology.subscribe();
+                let done =
+                    tokio::time::timeout(limit, rx.wait_for(|s| !s.handovers.contains_key(what)))
+                        .await;
+                state = topology.state();
+                if matches!(done, Ok(Ok(_))) {
+                    text.push_str(&format!(
+                        "\nbacklog handed over by {from}; {to} runs {what} now (epoch {})",
+                        state.epoch
+                    ));
+                } else {
+                    text.push_str(&format!(
+                        "\n{from} has not handed the backlog over within {}: is it running? \
+                         {to} starts {what} once it has (`provring topology show` tells).",
+                        humantime::format_duration(limit)
+                    ));
+                    code = 3;
+                }
+            } else if singleton {
+                text.push_str(&format!(
+                    "\nthe {what} is placed in the topology but does not run yet in this version"
+                ));
+            }
+            (text, code)
+        }
+    };
+    stop.cancel();
+    broker.close().await;
+    Ok(result)
+}
+
 /// A human-readable view of a state.
 pub fn render(state: &State) -> String {
     if !state.initialised() {
@@ -83,6 +170,11 @@ pub fn render(state: &State) -> String {
     out.push_str("\n\nadaptors:");
     for (name, host) in &state.adaptors {
         out.push_str(&format!("\n  {name:<16} on {host}"));
+    }
+    for (name, from) in &state.handovers {
+        out.push_str(&format!(
+            "\n  {name:<16} (its backlog is still being handed over by {from})"
+        ));
     }
     out.push_str("\n\nsingleton services:");
     if state.singletons.is_empty() {

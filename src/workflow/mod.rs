@@ -312,8 +312,13 @@ impl Subjects {
 
 async fn attempt(w: Arc<Worker>, mut item: StoredItem) -> Outcome {
     // A fenced server (one that cannot read the topology log) waits: it may
-    // have been taken over without knowing it yet.
+    // have been taken over without knowing it yet. Once it can read the log,
+    // an item of an adaptor no longer its own is not delivered from here
+    // (hosting stops this executor at once as well).
     w.fence.wait_open().await;
+    if !w.fence.hosts(&w.adaptor) {
+        return Outcome::Again(Box::new(item), Duration::from_millis(500));
+    }
     if let Some(reason) = item.state.park_reason.clone() {
         return park(&w, item, reason).await;
     }

@@ -613,6 +613,7 @@ pub async fn cleanup(broker: &BrokerConfig, queues: &[&str]) {
                     system.push(format!("backup:{o}:{m}"));
                 }
             }
+            system.push(format!("handover.feed_{o}"));
         }
         let queues: Vec<String> = queues.iter().map(|q| q.to_string()).chain(system).collect();
         for q in &queues {
@@ -711,5 +712,43 @@ pub async fn eventually(within: Duration, what: &str, mut f: impl FnMut() -> boo
             "timed out after {within:?} waiting for {what}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A running ring of real servers behind one recording webhook that answers
+/// after `delay`; its broker namespace is deleted when it is dropped.
+pub struct Ring {
+    pub recorder: Recorder,
+    pub dir: tempfile::TempDir,
+    pub path: PathBuf,
+    pub admins: HashMap<String, String>,
+    pub config: Config,
+    pub servers: HashMap<String, ServerProc>,
+    _cleanup: Cleanup,
+}
+
+impl Ring {
+    pub async fn start(test: &str, nodes: &[&str], delay: Duration, concurrency: usize) -> Ring {
+        let recorder = Recorder::default();
+        recorder.behaviour.lock().expect("lock").delay = Some(delay);
+        let hook = recorder.start().await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut setup = Setup::new(test, &hook);
+        setup.concurrency = concurrency;
+        let (path, admins) = setup.write_ring(dir.path(), nodes);
+        let config = load(&path);
+        let feeds: Vec<String> = nodes.iter().map(|n| format!("feed-{n}")).collect();
+        let feeds: Vec<&str> = feeds.iter().map(String::as_str).collect();
+        let cleanup = Cleanup::new(&config.broker, &feeds);
+        let servers = start_servers(&path, dir.path(), nodes);
+        Ring {
+            recorder,
+            dir,
+            path,
+            admins,
+            config,
+            servers,
+            _cleanup: cleanup,
+        }
     }
 }

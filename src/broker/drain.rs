@@ -1,0 +1,96 @@
+//! Take everything off a queue that nobody else writes to any more.
+
+use super::BrokerError;
+use futures::{FutureExt, StreamExt};
+use lapin::Channel;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use std::future::Future;
+use std::time::Duration;
+
+/// Messages handed to `apply` at once, at most.
+const CHUNK: usize = 256;
+
+/// The number of messages ready on `queue`; `None` if it does not exist.
+pub async fn ready(channel: &Channel, queue: &str) -> Result<Option<u32>, BrokerError> {
+    match channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+    {
+        Ok(q) => Ok(Some(q.message_count())),
+        Err(e) if e.to_string().contains("NOT_FOUND") => Ok(None),
+        Err(e) => Err(BrokerError::Op {
+            op: "queue.declare (passive)",
+            source: e,
+        }),
+    }
+}
+
+/// Consume `queue` until it reports empty, handing the bodies to `apply` in
+/// chunks and acking each chunk only after `apply` succeeded (what was not
+/// acked goes back to the queue). basic.get is refused on
+/// single-active-consumer queues, so this consumes. Returns the number of
+/// messages applied. The channel is closed by the caller.
+pub async fn drain<F, Fut>(
+    channel: &Channel,
+    queue: &str,
+    tag: &str,
+    mut apply: F,
+) -> Result<usize, BrokerError>
+where
+    F: FnMut(Vec<Vec<u8>>) -> Fut,
+    Fut: Future<Output = Result<(), String>>,
+{
+    channel
+        .basic_qos(CHUNK as u16 * 2, BasicQosOptions::default())
+        .await
+        .map_err(BrokerError::op("basic.qos"))?;
+    let mut consumer = channel
+        .basic_consume(
+            queue.into(),
+            tag.into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(BrokerError::op("basic.consume"))?;
+    let mut applied = 0;
+    loop {
+        let mut bodies = Vec::new();
+        let mut last = None;
+        let first = tokio::time::timeout(Duration::from_millis(300), consumer.next()).await;
+        if let Ok(Some(Ok(d))) = first {
+            last = Some(d.delivery_tag);
+            bodies.push(d.data);
+            while bodies.len() < CHUNK {
+                match consumer.next().now_or_never() {
+                    Some(Some(Ok(d))) => {
+                        last = Some(d.delivery_tag);
+                        bodies.push(d.data);
+                    }
+                    _ => break,
+                }
+            }
+        }
+        let Some(tag) = last else {
+            if ready(channel, queue).await?.unwrap_or(0) == 0 {
+                return Ok(applied);
+            }
+            continue;
+        };
+        let n = bodies.len();
+        apply(bodies).await.map_err(BrokerError::Closed)?;
+        channel
+            .basic_ack(tag, BasicAckOptions { multiple: true })
+            .await
+            .map_err(BrokerError::op("basic.ack"))?;
+        applied += n;
+    }
+}

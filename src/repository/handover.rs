@@ -1,0 +1,47 @@
+//! A moved adaptor's backlog, as records for its handover queue
+//! ([`crate::handover`]).
+
+use super::backup::record_events;
+use super::{RECORD_MAX_BYTES, Repository, RepositoryError, record};
+use crate::event::Event;
+
+impl Repository {
+    /// The unfinished items of `adaptor` in arrival order, as records of
+    /// bounded size; each record keeps its items' receipt time.
+    /// Synchronous: call from `spawn_blocking`.
+    pub fn handover_records(&self, adaptor: &str) -> Result<Vec<Vec<u8>>, RepositoryError> {
+        let items = self.pending(adaptor, 0, usize::MAX)?;
+        let mut out = Vec::new();
+        let mut current: Option<(u64, record::Writer)> = None;
+        for item in items {
+            let fits = matches!(&current, Some((ms, w))
+                if *ms == item.received_ms && w.len() + item.body.len() + 256 <= RECORD_MAX_BYTES);
+            if !fits {
+                if let Some((_, w)) = current.take() {
+                    out.push(w.finish());
+                }
+                current = Some((item.received_ms, record::Writer::new(item.received_ms)));
+            }
+            if let Some((_, w)) = current.as_mut() {
+                w.push(
+                    &item.source,
+                    &item.id,
+                    &item.event_type,
+                    &item.subject,
+                    &item.body,
+                );
+            }
+        }
+        if let Some((_, w)) = current {
+            out.push(w.finish());
+        }
+        Ok(out)
+    }
+}
+
+/// The receipt time and events of one handover record; `from` names the
+/// sender in warnings.
+pub fn handover_events(from: &str, bytes: &[u8]) -> Result<(u64, Vec<Event>), String> {
+    let rec = record::read(bytes)?;
+    Ok((rec.received_ms, record_events(from, rec.items)))
+}

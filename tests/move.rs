@@ -1,0 +1,178 @@
+//! `provring move`: an adaptor moves to another server with its backlog,
+//! with real processes and a real broker.
+
+mod common;
+
+use common::*;
+use provring::topology::State;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+async fn topology_of(admin: &str) -> State {
+    admin_get::<State>(admin, "/topology")
+        .await
+        .expect("topology from a live server")
+}
+
+/// `provring move` from a blocking thread, so the test's target keeps
+/// answering meanwhile.
+async fn provring_move(path: &Path, args: &[&str]) -> (i32, String, String) {
+    let mut all: Vec<String> = vec!["move".into(), "--config".into(), path.display().to_string()];
+    all.extend(args.iter().map(|a| a.to_string()));
+    tokio::task::spawn_blocking(move || {
+        let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+        provring(&refs)
+    })
+    .await
+    .expect("provring move")
+}
+
+/// Every event had its effect exactly once.
+async fn check_all_once(recorder: &Recorder, total: u64) {
+    recorder
+        .wait_for(total as usize, Duration::from_secs(120), "every event")
+        .await;
+    recorder
+        .wait_quiet(Duration::from_secs(2), Duration::from_secs(30))
+        .await;
+    let r = recorder.record.lock().expect("lock");
+    assert_eq!(r.effects.len() as u64, total, "lost events");
+    let twice: Vec<_> = r.effects.iter().filter(|(_, n)| **n > 1).take(5).collect();
+    assert!(twice.is_empty(), "effects applied twice: {twice:?}");
+}
+
+fn arrivals_from_after(recorder: &Recorder, node: &str, after: Instant) -> usize {
+    recorder
+        .record
+        .lock()
+        .expect("lock")
+        .arrivals
+        .iter()
+        .filter(|(t, n, _)| *t >= after && n == node)
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_adaptor_moves_with_its_backlog_and_back() {
+    let ring = Ring::start(
+        "move_adaptor",
+        &["a", "b", "c"],
+        Duration::from_millis(5),
+        2,
+    )
+    .await;
+    let (recorder, path, admins, config) = (&ring.recorder, &ring.path, &ring.admins, &ring.config);
+
+    // A backlog on b: the target is slow.
+    publish(&config.broker, "feed-b", events("move-1", 3000)).await;
+    recorder
+        .wait_for(200, Duration::from_secs(60), "b delivering")
+        .await;
+    let (code, out, err) = provring_move(path, &["feed_b", "--to", "c"]).await;
+    let moved_at = Instant::now();
+    println!("{out}{err}");
+    assert_eq!(code, 0, "provring move failed: {out}{err}");
+    assert!(out.contains("moved: feed_b from b to c"), "{out}");
+    assert!(out.contains("backlog handed over by b"), "{out}");
+    let delivered_at_move = recorder.distinct_effects();
+    assert!(
+        delivered_at_move < 3000,
+        "the backlog was gone before the move ({delivered_at_move} delivered): the test proves nothing"
+    );
+    let state = topology_of(&admins["c"]).await;
+    assert_eq!(state.adaptors["feed_b"], "c");
+    assert!(state.handovers.is_empty(), "{:?}", state.handovers);
+    // New events go to c as well.
+    publish(&config.broker, "feed-b", events("move-2", 500)).await;
+    check_all_once(recorder, 3500).await;
+    assert_eq!(
+        arrivals_from_after(recorder, "b", moved_at),
+        0,
+        "b delivered after it handed feed_b over"
+    );
+    let by_c = arrivals_from_after(recorder, "c", moved_at);
+    println!("{delivered_at_move} delivered by b before the move; {by_c} requests from c after it");
+    assert!(by_c >= 3500 - delivered_at_move);
+
+    // Refused moves name the reason and change nothing.
+    let (code, out, _) = provring_move(path, &["feed_b", "--to", "c"]).await;
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("already on c"), "{out}");
+    let (code, out, _) = provring_move(path, &["no_such", "--to", "c"]).await;
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("\"no_such\"") && out.contains("feed_a"),
+        "{out}"
+    );
+    let (code, out, _) = provring_move(path, &["feed_b", "--to", "z"]).await;
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("no server \"z\""), "{out}");
+
+    // And back, again with a backlog.
+    publish(&config.broker, "feed-b", events("move-3", 2000)).await;
+    recorder
+        .wait_for(3700, Duration::from_secs(60), "c delivering")
+        .await;
+    let (code, out, err) = provring_move(path, &["feed_b", "--to", "b"]).await;
+    let back_at = Instant::now();
+    assert_eq!(code, 0, "provring move back failed: {out}{err}");
+    assert!(out.contains("backlog handed over by c"), "{out}");
+    check_all_once(recorder, 5500).await;
+    assert_eq!(
+        arrivals_from_after(recorder, "c", back_at),
+        0,
+        "c delivered after it handed feed_b back"
+    );
+
+    // A singleton service moves in the topology.
+    let before = topology_of(&admins["a"]).await;
+    let scheduler_on = before.singletons.get("scheduler").cloned();
+    if let Some(host) = scheduler_on {
+        let to = if host == "c" { "a" } else { "c" };
+        let (code, out, _) = provring_move(path, &["scheduler", "--to", to]).await;
+        assert_eq!(code, 0, "{out}");
+        assert_eq!(topology_of(&admins["a"]).await.singletons["scheduler"], to);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_move_survives_the_old_host_being_killed_before_it_hands_over() {
+    let mut ring = Ring::start("move_killed", &["a", "b", "c"], Duration::from_millis(5), 2).await;
+    let (recorder, path, admins, config) = (&ring.recorder, &ring.path, &ring.admins, &ring.config);
+    let servers = &mut ring.servers;
+
+    publish(&config.broker, "feed-b", events("move-kill", 3000)).await;
+    recorder
+        .wait_for(200, Duration::from_secs(60), "b delivering")
+        .await;
+    // b cannot act on the move: frozen, then killed. Its monitor a takes it
+    // over, adopts its copies, and hands feed_b's backlog over to c.
+    let b = servers.get_mut("b").expect("b");
+    b.signal(nix::sys::signal::Signal::SIGSTOP);
+    let (code, out, err) = provring_move(path, &["feed_b", "--to", "c", "--no-wait"]).await;
+    assert_eq!(code, 0, "provring move failed: {out}{err}");
+    b.kill9();
+    let live = [&admins["a"], &admins["c"]];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = topology_of(live[0]).await;
+        if s.servers["b"].failed && s.handovers.is_empty() {
+            assert_eq!(s.adaptors["feed_b"], "c");
+            assert_eq!(s.servers["b"].taken_over_by.as_deref(), Some("a"));
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the takeover of b and the handover of feed_b did not happen: {:?}",
+            s.handovers
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    check_all_once(recorder, 3000).await;
+    let a_log = servers.get("a").expect("a").log_text();
+    let handed = a_log
+        .lines()
+        .find(|l| l.contains("Moved adaptor's backlog handed over"))
+        .unwrap_or_else(|| panic!("a did not hand feed_b's backlog over:\n{a_log}"));
+    println!("{handed}");
+}

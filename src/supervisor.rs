@@ -41,6 +41,13 @@ pub async fn run(
             return;
         }
     };
+    tokio::spawn(probe_taken_over(
+        config.clone(),
+        node.clone(),
+        topology.clone(),
+        client.clone(),
+        shutdown.clone(),
+    ));
     let mut tick = tokio::time::interval(sup.monitoring_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut watched: Option<String> = None;
@@ -131,6 +138,58 @@ pub async fn run(
             }
         }
         failures = 0;
+    }
+}
+
+/// How often the servers this one took over are probed.
+const TAKEN_OVER_PROBE: Duration = Duration::from_secs(1);
+
+/// Keep probing the servers this one took over, and say when one answers
+/// again or stops answering: a returning server learns of its takeover from
+/// the log and rejoins by itself; nothing moves back without an operator.
+async fn probe_taken_over(
+    config: Config,
+    node: String,
+    topology: Topology,
+    client: reqwest::Client,
+    shutdown: CancellationToken,
+) {
+    let mut answering: std::collections::BTreeMap<String, bool> = Default::default();
+    let mut tick = tokio::time::interval(TAKEN_OVER_PROBE);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let state = topology.state();
+        let taken: Vec<String> = state
+            .servers
+            .iter()
+            .filter(|(_, s)| s.failed && s.taken_over_by.as_deref() == Some(node.as_str()))
+            .map(|(id, _)| id.clone())
+            .collect();
+        answering.retain(|id, _| taken.contains(id));
+        for id in taken {
+            let Some(server) = config.servers.get(&id) else {
+                continue;
+            };
+            let url = format!("http://{}/state", server.admin_listen);
+            let now = probe(&client, &url).await.is_ok();
+            let before = answering.insert(id.clone(), now);
+            match (before, now) {
+                (Some(false), true) => {
+                    tracing::warn!(server = %id, "A server this one took over answers again; it rejoins by itself, and what moved here stays (provring move moves it back).")
+                }
+                (None, true) => {
+                    tracing::warn!(server = %id, "A server this one took over still answers on its admin API (it lost the broker or was frozen).")
+                }
+                (Some(true), false) => {
+                    tracing::info!(server = %id, "A server this one took over stopped answering again.")
+                }
+                _ => {}
+            }
+        }
     }
 }
 

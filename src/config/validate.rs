@@ -141,7 +141,7 @@ pub fn validate(config: &Config) -> Vec<Problem> {
             "at least one [servers.<id>] is needed".into(),
         );
     }
-    let mut listens: BTreeMap<SocketAddr, &str> = BTreeMap::new();
+    let mut listens: BTreeMap<&str, &str> = BTreeMap::new();
     let mut dirs: BTreeMap<&std::path::Path, &str> = BTreeMap::new();
     for (id, s) in &config.servers {
         if !is_name(id) {
@@ -150,21 +150,24 @@ pub fn validate(config: &Config) -> Vec<Problem> {
                 "a node id must be letters, digits, '.', '-' or '_'".into(),
             );
         }
-        match s.admin_listen.parse::<SocketAddr>() {
-            Ok(addr) => {
+        match admin_address(&s.admin_listen) {
+            Ok(port) => {
                 // Port 0 (any free port) may repeat.
-                if addr.port() != 0
-                    && let Some(other) = listens.insert(addr, id)
+                if port != 0
+                    && let Some(other) = listens.insert(s.admin_listen.as_str(), id)
                 {
                     add(
                         format!("servers.{id}.admin_listen"),
-                        format!("{addr} is also the admin address of server {other}"),
+                        format!(
+                            "{} is also the admin address of server {other}",
+                            s.admin_listen
+                        ),
                     );
                 }
             }
-            Err(e) => add(
+            Err(reason) => add(
                 format!("servers.{id}.admin_listen"),
-                format!("{:?} is not host:port ({e})", s.admin_listen),
+                format!("{:?} is not host:port ({reason})", s.admin_listen),
             ),
         }
         if s.data_dir.as_os_str().is_empty() {
@@ -364,9 +367,43 @@ fn check_amqp_uri(uri: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The port of an admin address: an IP socket address (`127.0.0.1:7101`,
+/// `[::1]:7101`) or a host name and port (`provring-a:7101`, for containers,
+/// where peers reach a server by its name and the server listens on the
+/// address its name resolves to).
+fn admin_address(text: &str) -> Result<u16, String> {
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Ok(addr.port());
+    }
+    let (host, port) = text.rsplit_once(':').ok_or_else(|| "no port".to_owned())?;
+    let port = port
+        .parse::<u16>()
+        .map_err(|e| format!("port {port:?}: {e}"))?;
+    let host_ok = !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty() && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        });
+    if !host_ok {
+        return Err(format!("{host:?} is neither an IP address nor a host name"));
+    }
+    Ok(port)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn admin_addresses_are_ip_or_host_name_with_a_port() {
+        assert_eq!(admin_address("127.0.0.1:7101"), Ok(7101));
+        assert_eq!(admin_address("[::1]:0"), Ok(0));
+        assert_eq!(admin_address("provring-a:7101"), Ok(7101));
+        assert!(admin_address("provring-a").is_err());
+        assert!(admin_address("provring-a:http").is_err());
+        assert!(admin_address("bad host:7101").is_err());
+        assert!(admin_address(":7101").is_err());
+    }
     use crate::config::*;
     use std::time::Duration;
 

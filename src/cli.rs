@@ -215,6 +215,14 @@ pub struct FailoverArgs {
     /// Print one JSON line instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Before the kills, run the ring under load for this long with no
+    /// failure, and count the takeovers (all of them false).
+    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub soak: Option<std::time::Duration>,
+    /// During the soak, keep this many threads spinning on the CPU, as a
+    /// noisy neighbour would (2 saturates a 2-core machine).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub burn: usize,
 }
 
 impl FailoverArgs {

@@ -103,6 +103,22 @@ async fn run(command: Command) -> ExitCode {
                     c.targets.len(),
                     c.broker.namespace
                 );
+                // What each server starts with, and why a server hosts nothing.
+                let initial = provring::topology::State::initial(&c);
+                for id in &initial.ring {
+                    let mut hosts: Vec<&str> = initial
+                        .adaptors
+                        .iter()
+                        .chain(initial.singletons.iter())
+                        .filter(|(_, h)| *h == id)
+                        .map(|(name, _)| name.as_str())
+                        .collect();
+                    hosts.sort_unstable();
+                    match initial.hosts_nothing_because(id) {
+                        Some(reason) => println!("  {id}: hosts nothing: {reason}"),
+                        None => println!("  {id}: {}", hosts.join(", ")),
+                    }
+                }
                 ExitCode::SUCCESS
             }
             Err(code) => code,

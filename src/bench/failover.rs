@@ -36,6 +36,8 @@ pub struct FailoverReport {
     pub lost: usize,
     pub double_effects: usize,
     pub published: usize,
+    /// With `--soak`: its length, and the takeovers it saw (all false).
+    pub soak: Option<(Duration, usize)>,
 }
 
 fn percentile(values: &[f64], p: f64) -> f64 {
@@ -64,11 +66,19 @@ impl FailoverReport {
                 "lost": self.lost,
                 "double_effects": self.double_effects,
                 "published": self.published,
+                "soak_s": self.soak.map(|(d, _)| d.as_secs()),
+                "false_takeovers": self.soak.map(|(_, n)| n),
             })
             .to_string();
         }
+        let soak = self.soak.map_or(String::new(), |(d, n)| {
+            format!(
+                "\n  soak of {} with no failure: {n} takeovers (false)",
+                humantime::format_duration(d)
+            )
+        });
         format!(
-            "bench failover: {} runs, {} events published\n  kill → taker consuming          p50 {:>6} ms   p99 {:>6} ms\n  kill → first adopted delivered  p50 {:>6} ms   p99 {:>6} ms\n  lost {}, double effects {}",
+            "bench failover: {} runs, {} events published\n  kill → taker consuming          p50 {:>6} ms   p99 {:>6} ms\n  kill → first adopted delivered  p50 {:>6} ms   p99 {:>6} ms\n  lost {}, double effects {}{soak}",
             self.runs, self.published, c50, c99, f50, f99, self.lost, self.double_effects
         )
     }
@@ -320,6 +330,14 @@ pub async fn failover(args: &FailoverArgs) -> Result<FailoverReport, BenchError>
     };
     tokio::time::sleep(Duration::from_secs(3)).await;
 
+    let soak = match args.soak {
+        Some(length) => {
+            let n = soak(&client, &all, length, args.burn, &say).await;
+            Some((length, n))
+        }
+        None => None,
+    };
+
     let mut consuming_ms = Vec::new();
     let mut first_item_ms = Vec::new();
     for run in 1..=args.runs {
@@ -453,7 +471,63 @@ pub async fn failover(args: &FailoverArgs) -> Result<FailoverReport, BenchError>
         lost: missing,
         double_effects,
         published: ids.len(),
+        soak,
     })
+}
+
+/// Watch the ring under load for `length` with `burn` threads spinning,
+/// and count the servers taken over (nothing failed, so every one is false).
+async fn soak(
+    client: &reqwest::Client,
+    admins: &[String],
+    length: Duration,
+    burn: usize,
+    say: &impl Fn(&str),
+) -> usize {
+    let spinning = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let burners: Vec<_> = (0..burn)
+        .map(|_| {
+            let spinning = spinning.clone();
+            std::thread::spawn(move || {
+                let mut x = 0u64;
+                while spinning.load(std::sync::atomic::Ordering::Relaxed) {
+                    x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+                }
+            })
+        })
+        .collect();
+    say(&format!(
+        "soak: {} under load with {burn} spinning threads, no failure",
+        humantime::format_duration(length)
+    ));
+    let end = Instant::now() + length;
+    // Per server: (taken over when last seen, epoch of its last join).
+    let mut last: HashMap<String, (bool, Option<u64>)> = HashMap::new();
+    let mut taken = 0;
+    while Instant::now() < end {
+        if let Some(s) = wait_for_state(client, admins, Duration::from_secs(5), |_| true).await {
+            for (id, x) in &s.servers {
+                let (was_failed, joined) = last.get(id).copied().unwrap_or((false, x.joined_epoch));
+                // A takeover seen while it lasts, or one the server already
+                // rejoined from between two looks (`taken_over_by` stays).
+                let rejoined_unseen = !x.failed
+                    && !was_failed
+                    && x.joined_epoch != joined
+                    && x.taken_over_by.is_some();
+                if (x.failed && !was_failed) || rejoined_unseen {
+                    taken += 1;
+                }
+                last.insert(id.clone(), (x.failed, x.joined_epoch));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    spinning.store(false, std::sync::atomic::Ordering::Relaxed);
+    for b in burners {
+        let _ = b.join();
+    }
+    say(&format!("soak: {taken} takeovers"));
+    taken
 }
 
 /// When `queue` has a consumer again.

@@ -139,28 +139,36 @@ pub struct ServerConfig {
     pub admin_listen: String,
     /// Directory of the server's sled repository.
     pub data_dir: PathBuf,
-    /// Singleton services this server may run.
+    /// What this server may host: adaptors and the singleton services.
+    /// A server eligible for nothing still monitors its peer.
     #[serde(default = "default_services")]
     pub services: Vec<Service>,
 }
 
 fn default_services() -> Vec<Service> {
-    vec![Service::Scheduler, Service::TimeoutChecker]
+    vec![
+        Service::Adaptors,
+        Service::Scheduler,
+        Service::TimeoutChecker,
+    ]
 }
 
-/// Singleton services: exactly one server of the fleet runs each.
+/// What a server may host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Service {
-    /// Runs scheduled jobs.
+    /// Adaptors (and their backlog).
+    Adaptors,
+    /// Runs scheduled jobs (a singleton).
     Scheduler,
-    /// Parks items whose deadline passed.
+    /// Parks items whose deadline passed (a singleton).
     TimeoutChecker,
 }
 
 impl Service {
     pub fn as_str(self) -> &'static str {
         match self {
+            Service::Adaptors => "adaptors",
             Service::Scheduler => "scheduler",
             Service::TimeoutChecker => "timeout_checker",
         }

@@ -1,7 +1,7 @@
 //! Validation: pure checks over a deserialised [`Config`], returning every
 //! problem with the key it concerns.
 
-use super::{Config, TargetKind};
+use super::{Config, Service, TargetKind};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
@@ -201,7 +201,9 @@ pub fn validate(config: &Config) -> Vec<Problem> {
                 ),
             );
         } else if ["parking", "events", "topology"].contains(&a.queue.as_str())
-            || a.queue.starts_with("backup.")
+            || ["backup.", "handover.", "alive."]
+                .iter()
+                .any(|prefix| a.queue.starts_with(prefix))
         {
             add(
                 key("queue"),
@@ -213,15 +215,23 @@ pub fn validate(config: &Config) -> Vec<Problem> {
                 format!("queue {:?} is also used by adaptor {other}", a.queue),
             );
         }
-        if !config.servers.contains_key(&a.server) {
-            add(
+        match config.servers.get(&a.server) {
+            None => add(
                 key("server"),
                 format!(
                     "{:?} is not a server; known: {}",
                     a.server,
                     known(config.servers.keys())
                 ),
-            );
+            ),
+            Some(server) if !server.services.contains(&Service::Adaptors) => add(
+                key("server"),
+                format!(
+                    "server {} may not host adaptors (servers.{}.services has no \"adaptors\")",
+                    a.server, a.server
+                ),
+            ),
+            Some(_) => {}
         }
         if !config.targets.contains_key(&a.target) {
             add(

@@ -59,6 +59,10 @@ pub struct ServerState {
     /// rejoin (its resync would replace the copies being adopted).
     #[serde(default)]
     pub adopted: bool,
+    /// What the server may host (`adaptors`, `scheduler`,
+    /// `timeout_checker`), from the cluster file; `None`: everything.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub services: Option<Vec<String>>,
 }
 
 /// One record of the log.
@@ -140,7 +144,18 @@ impl State {
         let ring: Vec<String> = config.servers.keys().cloned().collect();
         let servers = ring
             .iter()
-            .map(|id| (id.clone(), ServerState::default()))
+            .map(|id| {
+                let services = config.servers[id]
+                    .services
+                    .iter()
+                    .map(|s| s.as_str().to_owned())
+                    .collect();
+                let state = ServerState {
+                    services: Some(services),
+                    ..ServerState::default()
+                };
+                (id.clone(), state)
+            })
             .collect();
         let adaptors = config
             .adaptors
@@ -172,6 +187,59 @@ impl State {
             monitors,
             handovers: BTreeMap::new(),
         }
+    }
+
+    /// Whether `server` may host `service` (`adaptors`, `scheduler`,
+    /// `timeout_checker`).
+    pub fn eligible(&self, server: &str, service: &str) -> bool {
+        self.servers.get(server).is_some_and(|s| {
+            s.services
+                .as_ref()
+                .is_none_or(|list| list.iter().any(|x| x == service))
+        })
+    }
+
+    /// Why `server` hosts nothing, if it does not.
+    pub fn hosts_nothing_because(&self, server: &str) -> Option<String> {
+        let hosts = self.adaptors.values().chain(self.singletons.values());
+        if hosts.into_iter().any(|h| h == server) {
+            return None;
+        }
+        let s = self.servers.get(server)?;
+        Some(if s.failed {
+            "it was taken over; what it hosted stays where it moved until an operator moves it"
+                .into()
+        } else if s.services.as_ref().is_some_and(Vec::is_empty) {
+            "it is eligible for no service (servers.<id>.services = []); it still monitors its peer"
+                .into()
+        } else if !self.eligible(server, "adaptors") {
+            "it may not host adaptors, and no singleton service is placed on it".into()
+        } else {
+            "no adaptor is configured on it or moved to it".into()
+        })
+    }
+
+    /// The service name (for eligibility) of a singleton's topology name.
+    fn singleton_service(name: &str) -> Option<&'static str> {
+        SINGLETONS
+            .iter()
+            .find(|(_, n)| *n == name)
+            .map(|(service, _)| service.as_str())
+    }
+
+    /// Who takes `service` over from `failed`: `by` if it may host it, else
+    /// the next server after `by` in ring order that is up and may.
+    fn successor(&self, failed: &str, by: &str, service: &str) -> Option<String> {
+        let n = self.ring.len();
+        let start = self.ring.iter().position(|x| x == by).unwrap_or(0);
+        (0..n)
+            .map(|i| &self.ring[(start + i) % n])
+            .find(|id| {
+                id.as_str() != failed
+                    && !self.servers.get(*id).is_some_and(|s| s.failed)
+                    && self.eligible(id, service)
+            })
+            .cloned()
     }
 
     /// The adaptors `node` runs now: those it hosts whose backlog is not
@@ -311,6 +379,13 @@ impl State {
                 s.stopping = false;
                 let returned = s.failed;
                 s.failed = false;
+                // A singleton that no server could take waits for this one.
+                for (service, name) in SINGLETONS {
+                    if !self.singletons.contains_key(name) && self.eligible(node, service.as_str())
+                    {
+                        self.singletons.insert(name.to_owned(), node.clone());
+                    }
+                }
                 if returned {
                     // Back from a takeover: the monitoring links return to
                     // the configured ring (adaptors stay where they are).
@@ -333,23 +408,49 @@ impl State {
                 if self.servers[failed.as_str()].failed {
                     return Err(format!("{failed} has already been taken over"));
                 }
-                for host in self
-                    .adaptors
-                    .values_mut()
-                    .chain(self.singletons.values_mut())
-                {
-                    if host == failed {
-                        *host = by.clone();
-                    }
-                }
                 // The taker adopts the failed server's copies, so it hands
-                // over what the failed server had not; what it now hosts
-                // itself needs no handover.
+                // over what the failed server had not.
                 for from in self.handovers.values_mut() {
                     if from == failed {
                         *from = by.clone();
                     }
                 }
+                // Adaptors go to the taker if it may host adaptors, else to
+                // the next eligible server, to which the taker hands their
+                // adopted backlog over (none eligible: the taker, so that
+                // nothing waits for an operator).
+                let adaptor_host = self
+                    .successor(failed, by, "adaptors")
+                    .unwrap_or_else(|| by.clone());
+                let moved: Vec<String> = self
+                    .adaptors
+                    .iter()
+                    .filter(|(_, h)| *h == failed)
+                    .map(|(a, _)| a.clone())
+                    .collect();
+                for a in moved {
+                    if &adaptor_host != by && !self.handovers.contains_key(&a) {
+                        self.handovers.insert(a.clone(), by.clone());
+                    }
+                    self.adaptors.insert(a, adaptor_host.clone());
+                }
+                // Each singleton to the next eligible server; with none, it
+                // waits for one to join.
+                let singletons: Vec<String> = self
+                    .singletons
+                    .iter()
+                    .filter(|(_, h)| *h == failed)
+                    .map(|(n, _)| n.clone())
+                    .collect();
+                for name in singletons {
+                    let next = Self::singleton_service(&name)
+                        .and_then(|service| self.successor(failed, by, service));
+                    match next {
+                        Some(host) => self.singletons.insert(name, host),
+                        None => self.singletons.remove(&name),
+                    };
+                }
+                // What a server now hosts itself needs no handover.
                 let adaptors = &self.adaptors;
                 self.handovers
                     .retain(|a, from| adaptors.get(a) != Some(&*from));
@@ -382,6 +483,11 @@ impl State {
                     return Err(format!("{to} was taken over and has not joined again"));
                 }
                 if let Some(host) = self.adaptors.get(what).cloned() {
+                    if !self.eligible(to, "adaptors") {
+                        return Err(format!(
+                            "{to} may not host adaptors (servers.{to}.services has no \"adaptors\")"
+                        ));
+                    }
                     if &host == to {
                         return Err(format!("{what} is already on {to}"));
                     }
@@ -394,11 +500,17 @@ impl State {
                         self.handovers.insert(what.clone(), host);
                     }
                     self.adaptors.insert(what.clone(), to.clone());
-                } else if let Some(host) = self.singletons.get_mut(what) {
-                    if host == to {
+                } else if let Some(service) = Self::singleton_service(what) {
+                    // Also places a singleton no server could take.
+                    if !self.eligible(to, service) {
+                        return Err(format!(
+                            "{to} may not host {what} (servers.{to}.services has no {service:?})"
+                        ));
+                    }
+                    if self.singletons.get(what) == Some(to) {
                         return Err(format!("{what} is already on {to}"));
                     }
-                    *host = to.clone();
+                    self.singletons.insert(what.clone(), to.clone());
                 } else {
                     return Err(format!("no adaptor or singleton named {what:?}"));
                 }
@@ -579,6 +691,70 @@ mod tests {
         assert_eq!(s.adaptors_to_run("c"), vec!["hr".to_string()]);
         // Nothing moves to a server that was taken over.
         assert!(matches!(apply(&mut s, mv("hr", "a")), Outcome::Ignored(_)));
+    }
+
+    fn limit(s: &mut State, server: &str, services: &[&str]) {
+        s.servers.get_mut(server).expect("server").services =
+            Some(services.iter().map(|x| x.to_string()).collect());
+    }
+
+    #[test]
+    fn takeover_and_move_respect_eligibility() {
+        // c monitors a but may host nothing; b may host everything.
+        let mut s = three();
+        limit(&mut s, "c", &[]);
+        let takeover = Change::Takeover {
+            failed: "a".into(),
+            by: "c".into(),
+        };
+        assert_eq!(apply(&mut s, takeover), Outcome::Applied);
+        assert_eq!(s.adaptors["hr"], "b");
+        assert_eq!(s.singletons["scheduler"], "b");
+        // c adopts a's copies, so it hands hr's backlog over to b.
+        assert_eq!(s.handovers["hr"], "c");
+        assert_eq!(s.monitors["c"], "b");
+        assert!(
+            s.hosts_nothing_because("c")
+                .is_some_and(|r| r.contains("eligible for no service"))
+        );
+        assert!(
+            matches!(apply(&mut s, mv("hr", "c")), Outcome::Ignored(r) if r.contains("may not host adaptors"))
+        );
+        assert!(
+            matches!(apply(&mut s, mv("scheduler", "c")), Outcome::Ignored(r) if r.contains("may not host scheduler"))
+        );
+    }
+
+    #[test]
+    fn a_singleton_no_server_may_take_waits_for_one_to_join() {
+        let mut s = three();
+        limit(&mut s, "b", &["adaptors"]);
+        limit(&mut s, "c", &["adaptors"]);
+        let takeover = Change::Takeover {
+            failed: "a".into(),
+            by: "c".into(),
+        };
+        assert_eq!(apply(&mut s, takeover), Outcome::Applied);
+        assert_eq!(s.adaptors["hr"], "c");
+        assert!(s.handovers.is_empty());
+        assert!(!s.singletons.contains_key("scheduler"));
+        assert_eq!(
+            apply(
+                &mut s,
+                Change::Adopted {
+                    failed: "a".into(),
+                    by: "c".into()
+                }
+            ),
+            Outcome::Applied
+        );
+        let joined = Change::Joined {
+            node: "a".into(),
+            version: "test".into(),
+            key_fingerprint: None,
+        };
+        assert_eq!(apply(&mut s, joined), Outcome::Applied);
+        assert_eq!(s.singletons["scheduler"], "a");
     }
 
     #[test]

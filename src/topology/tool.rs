@@ -166,6 +166,9 @@ pub fn render(state: &State) -> String {
         };
         let monitors = state.monitors.get(id).map_or("-", String::as_str);
         out.push_str(&format!("\n  {id:<12} monitors {monitors:<12} {status}"));
+        if let Some(reason) = state.hosts_nothing_because(id) {
+            out.push_str(&format!("\n  {:<12} hosts nothing: {reason}", ""));
+        }
     }
     out.push_str("\n\nadaptors:");
     for (name, host) in &state.adaptors {

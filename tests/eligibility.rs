@@ -34,7 +34,9 @@ async fn a_monitor_eligible_for_nothing_passes_the_takeover_on() {
     );
 
     let mut servers = start_servers(&path, dir.path(), &nodes);
-    let state: State = admin_get(&admins["b"], "/topology").await.expect("topology");
+    let state: State = admin_get(&admins["b"], "/topology")
+        .await
+        .expect("topology");
     assert_eq!(state.monitors["c"], "a");
     assert_eq!(state.singletons["scheduler"], "a");
 

@@ -89,6 +89,7 @@ pub async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
     // handovers of moved adaptors' backlogs in progress.
     let mut stopping: HashMap<String, JoinHandle<()>> = HashMap::new();
     let mut sending: HashMap<String, JoinHandle<()>> = HashMap::new();
+    let mut scheduler: Option<JoinHandle<()>> = None;
     loop {
         let state = rx.borrow_and_update().clone();
         if state.servers.get(&ctx.node).is_some_and(|me| me.failed) {
@@ -97,6 +98,10 @@ pub async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
             // once, drop what the taker adopted, and join again.
             for (_, h) in sending.drain() {
                 h.abort();
+            }
+            if let Some(h) = scheduler.take() {
+                h.abort();
+                tracing::error!("This server was taken over: scheduler stopped.");
             }
             for (name, h) in std::mem::take(&mut hosted) {
                 stopping.insert(name.clone(), h.surrender());
@@ -186,6 +191,29 @@ pub async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
             sending.insert(name.clone(), task);
         }
         stopping.retain(|_, h| !h.is_finished());
+        // The scheduler runs where the topology says, and stops at once
+        // anywhere else (a slot is recorded only from its host).
+        let runs_here = state.singletons.get("scheduler") == Some(&ctx.node)
+            && !ctx.config.schedules.is_empty();
+        match (&scheduler, runs_here) {
+            (Some(h), false) => {
+                h.abort();
+                scheduler = None;
+                tracing::warn!(now_on = ?state.singletons.get("scheduler"), "Scheduler stopped here.");
+            }
+            (Some(h), true) if h.is_finished() => scheduler = None,
+            _ => {}
+        }
+        if runs_here && scheduler.is_none() {
+            let task = crate::scheduler::Scheduler {
+                config: ctx.config.clone(),
+                node: ctx.node.clone(),
+                publisher: ctx.parking.clone(),
+                topology: ctx.topology.clone(),
+                fence: ctx.fence.clone(),
+            };
+            scheduler = Some(tokio::spawn(task.run(shutdown.child_token())));
+        }
         for name in wanted {
             if hosted.contains_key(&name) {
                 continue;

@@ -41,6 +41,7 @@ pub mod mirror;
 pub mod publish;
 pub mod repository;
 pub mod ring;
+pub mod scheduler;
 pub mod server;
 pub mod stats;
 pub mod supervisor;

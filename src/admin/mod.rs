@@ -120,6 +120,7 @@ pub async fn bind(
         .route("/health", get(|| async { "ok" }))
         .route("/backlog", get(backlog))
         .route("/backlog/items", get(items))
+        .route("/item", get(item))
         .route("/topology", get(topology_state))
         .route("/state", get(state))
         .route("/stop", axum::routing::post(stop))
@@ -200,6 +201,27 @@ async fn items(State(s): State<AppState>) -> Result<Json<ItemsView>, (StatusCode
         copies: view.1,
         generations: view.2,
     }))
+}
+
+/// `GET /item?adaptor=A&source=S&id=I`.
+#[derive(Deserialize)]
+struct ItemQuery {
+    adaptor: String,
+    source: String,
+    id: String,
+}
+
+async fn item(
+    State(s): State<AppState>,
+    axum::extract::Query(q): axum::extract::Query<ItemQuery>,
+) -> Json<crate::scheduler::ItemStatus> {
+    let identity = crate::event::Identity {
+        source: q.source,
+        id: q.id,
+    };
+    Json(crate::scheduler::ItemStatus {
+        state: s.repo.item_state(&q.adaptor, &identity),
+    })
 }
 
 async fn topology_state(

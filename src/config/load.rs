@@ -111,6 +111,7 @@ const SECTIONS: &[&str] = &[
     "done_ledger",
     "supervisor",
     "alerts",
+    "schedules",
 ];
 
 /// Deserialise section by section, collecting every problem. A section or
@@ -151,6 +152,7 @@ fn from_sections(mut sections: BTreeMap<String, config::Value>) -> Result<Config
         done_ledger: ctx.optional("done_ledger", take("done_ledger")),
         supervisor: ctx.optional("supervisor", take("supervisor")),
         alerts: take("alerts").and_then(|v| ctx.section("alerts", v)),
+        schedules: ctx.entries("schedules", take("schedules"), placeholder_schedule),
     };
     let under_failed = |key: &str| {
         failed.iter().any(|f| {
@@ -251,6 +253,21 @@ fn placeholder_adaptor() -> AdaptorConfig {
         server: String::new(),
         target: String::new(),
         concurrency: 1,
+    }
+}
+
+fn placeholder_schedule() -> crate::config::ScheduleConfig {
+    crate::config::ScheduleConfig {
+        cron: None,
+        every: Some(std::time::Duration::from_secs(60)),
+        adaptor: String::new(),
+        event: crate::config::ScheduleEvent {
+            event_type: String::new(),
+            source: String::new(),
+            data: serde_json::Value::Null,
+        },
+        misfire: crate::config::Misfire::FireOnce,
+        concurrent: true,
     }
 }
 

@@ -50,6 +50,9 @@ pub struct Config {
     /// `[alerts]`; without it alerts are only logged.
     #[serde(default)]
     pub alerts: Option<AlertsConfig>,
+    /// `[schedules.<name>]`: events the scheduler publishes periodically.
+    #[serde(default)]
+    pub schedules: BTreeMap<String, ScheduleConfig>,
 }
 
 /// `[broker]`
@@ -537,4 +540,61 @@ impl Config {
     pub fn builder_from_toml(toml: &str) -> Result<Config, ConfigError> {
         load::from_toml(toml)
     }
+}
+
+/// `[schedules.<name>]`: a periodic event, published by the scheduler (one
+/// server of the fleet) to an adaptor's queue.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleConfig {
+    /// A cron pattern (croner syntax; 5 fields, or 6 with seconds first).
+    #[serde(default)]
+    pub cron: Option<String>,
+    /// A fixed period instead of `cron` (slots at multiples of it since the
+    /// Unix epoch).
+    #[serde(default, with = "humantime_serde")]
+    pub every: Option<Duration>,
+    /// The adaptor whose queue receives the event.
+    pub adaptor: String,
+    /// The event to publish.
+    pub event: ScheduleEvent,
+    /// What happens to slots missed while no scheduler ran.
+    #[serde(default)]
+    pub misfire: Misfire,
+    /// Whether a slot may fire while the previous slot's event is still
+    /// unfinished somewhere in the fleet.
+    #[serde(default)]
+    pub concurrent: bool,
+}
+
+/// The event a schedule publishes. In every string of `data`, `{{schedule}}`,
+/// `{{slot}}` (the slot's id) and `{{time}}` (its RFC 3339 time) are replaced.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleEvent {
+    /// A CloudEvents type the adaptor accepts.
+    #[serde(rename = "type")]
+    pub event_type: String,
+    /// CloudEvents `source`; default `/provring/scheduler`.
+    #[serde(default = "default_schedule_source")]
+    pub source: String,
+    /// CloudEvents `data`.
+    #[serde(default)]
+    pub data: serde_json::Value,
+}
+
+fn default_schedule_source() -> String {
+    "/provring/scheduler".into()
+}
+
+/// `misfire`: slots missed while no scheduler ran (a takeover, or no
+/// eligible server).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Misfire {
+    /// The latest missed slot fires once.
+    #[default]
+    FireOnce,
+    /// Missed slots do not fire.
+    Skip,
 }

@@ -345,7 +345,43 @@ pub fn validate(config: &Config) -> Vec<Problem> {
             "must be at least 1".into(),
         );
     }
+    check_schedules(config, &mut add);
     p
+}
+
+/// `[schedules.<name>]`: the cadence parses, the adaptor exists, and the
+/// event it renders is one the adaptor accepts.
+fn check_schedules(config: &Config, add: &mut impl FnMut(String, String)) {
+    for (name, s) in &config.schedules {
+        let key = |k: &str| format!("schedules.{name}.{k}");
+        if !is_name(name) || name.contains('@') {
+            add(
+                format!("schedules.{name}"),
+                "a schedule name must be letters, digits, '.', '-' or '_'".into(),
+            );
+        }
+        if let Err(e) = crate::scheduler::Cadence::of(s) {
+            add(key(if s.cron.is_some() { "cron" } else { "every" }), e);
+        }
+        let Some(adaptor) = config.adaptors.get(&s.adaptor) else {
+            add(
+                key("adaptor"),
+                format!(
+                    "{:?} is not an adaptor; known: {}",
+                    s.adaptor,
+                    known(config.adaptors.keys())
+                ),
+            );
+            continue;
+        };
+        let body = crate::scheduler::render(name, s, 0);
+        if let Err(reason) = crate::event::decode(body.as_bytes(), adaptor.kind, usize::MAX) {
+            add(
+                key("event"),
+                format!("the event it publishes would be parked: {}", reason.0),
+            );
+        }
+    }
 }
 
 fn known<'a>(names: impl Iterator<Item = &'a String>) -> String {
@@ -467,6 +503,47 @@ mod tests {
                 "adaptors.hr.target",
                 "adaptors.hr.concurrency",
                 "retry.jitter"
+            ]
+        );
+    }
+
+    #[test]
+    fn schedules_are_checked_down_to_the_event_they_publish() {
+        let mut c = sample();
+        let schedule = |v: serde_json::Value| -> ScheduleConfig {
+            serde_json::from_value(v).expect("schedule")
+        };
+        c.schedules.insert(
+            "ok".into(),
+            schedule(serde_json::json!({"every": "1s", "adaptor": "hr",
+                "event": {"type": "io.provring.account.update", "data": {"userName": "u-{{slot}}"}}})),
+        );
+        assert!(validate(&c).is_empty(), "{:?}", validate(&c));
+        c.schedules.insert(
+            "both".into(),
+            schedule(
+                serde_json::json!({"every": "1s", "cron": "* * * * *", "adaptor": "hr",
+                "event": {"type": "io.provring.account.update", "data": {"userName": "u"}}}),
+            ),
+        );
+        c.schedules.insert(
+            "nouser".into(),
+            schedule(serde_json::json!({"cron": "0 2 * * *", "adaptor": "hr",
+                "event": {"type": "io.provring.account.update", "data": {}}})),
+        );
+        c.schedules.insert(
+            "password".into(),
+            schedule(serde_json::json!({"cron": "not cron", "adaptor": "nope",
+                "event": {"type": "io.provring.password.change"}})),
+        );
+        let keys: Vec<String> = validate(&c).into_iter().map(|p| p.key).collect();
+        assert_eq!(
+            keys,
+            [
+                "schedules.both.cron",
+                "schedules.nouser.event",
+                "schedules.password.cron",
+                "schedules.password.adaptor"
             ]
         );
     }

@@ -577,6 +577,19 @@ impl Repository {
     }
 
     /// Number of unfinished items of `adaptor`.
+    /// Where the event `identity` of `adaptor` stands here.
+    pub fn item_state(&self, adaptor: &str, identity: &Identity) -> crate::scheduler::ItemState {
+        let h = self.hash(adaptor, identity);
+        let index = self.index();
+        if index.pending.contains(&h) {
+            crate::scheduler::ItemState::Pending
+        } else if index.done.contains(&h) {
+            crate::scheduler::ItemState::Done
+        } else {
+            crate::scheduler::ItemState::Unknown
+        }
+    }
+
     pub fn count(&self, adaptor: &str) -> usize {
         self.index()
             .batches

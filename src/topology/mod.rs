@@ -38,6 +38,20 @@ pub struct State {
     /// adaptor starts on its new host once that backlog is handed over.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub handovers: BTreeMap<String, String>,
+    /// Schedule → the last slot the scheduler handled.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub fired: BTreeMap<String, FiredSlot>,
+}
+
+/// The last slot of a schedule the scheduler handled.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FiredSlot {
+    /// Slot time, ms since the Unix epoch.
+    pub slot: u64,
+    /// The scheduler's host then.
+    pub by: String,
+    /// Its event was published (false: skipped as a misfire).
+    pub published: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -108,6 +122,15 @@ pub enum Change {
         from: String,
         #[serde(default)]
         items: u64,
+    },
+    /// The scheduler on `by` handled `schedule`'s slots up to `slot`
+    /// (published its event if `published`). Accepted only from the
+    /// scheduler's host and for a later slot.
+    Fired {
+        schedule: String,
+        slot: u64,
+        by: String,
+        published: bool,
     },
     /// `node` now monitors `monitors`.
     Monitoring { node: String, monitors: String },
@@ -186,6 +209,7 @@ impl State {
             singletons,
             monitors,
             handovers: BTreeMap::new(),
+            fired: BTreeMap::new(),
         }
     }
 
@@ -514,6 +538,32 @@ impl State {
                 } else {
                     return Err(format!("no adaptor or singleton named {what:?}"));
                 }
+            }
+            Change::Fired {
+                schedule,
+                slot,
+                by,
+                published,
+            } => {
+                if self.singletons.get("scheduler") != Some(by) {
+                    return Err(format!("{by} does not run the scheduler"));
+                }
+                if let Some(f) = self.fired.get(schedule)
+                    && f.slot >= *slot
+                {
+                    return Err(format!(
+                        "{schedule}: slot {slot} is not after the last one handled, {}",
+                        f.slot
+                    ));
+                }
+                self.fired.insert(
+                    schedule.clone(),
+                    FiredSlot {
+                        slot: *slot,
+                        by: by.clone(),
+                        published: *published,
+                    },
+                );
             }
             Change::HandedOver { adaptor, from, .. } => {
                 if self.handovers.get(adaptor) != Some(from) {

@@ -334,7 +334,12 @@ async fn write_loop(
         // that a failed ack (the broker then redelivers them, and they are
         // recognised as duplicates) cannot strand them in the repository.
         hand_over(&p, stored);
-        if !p.fence.wait_hosts(&p.name, FENCE_WAIT).await {
+        // Stored and mirrored: ack unless this server was taken over (its
+        // taker holds the copies). After a plain move the batch is acked
+        // here, and what of it is unfinished goes with the handed-over
+        // backlog; not acking would have the new host deliver it again.
+        let _ = tokio::time::timeout(FENCE_WAIT, p.fence.wait_open()).await;
+        if !p.fence.not_taken_over() {
             return Err(AdaptorError::NotHosted);
         }
         channel

@@ -16,7 +16,7 @@
 //! item is a duplicate, not a second delivery. If the old host fails during
 //! the handover, its taker adopts its copies and becomes the sender.
 
-use crate::broker::declare::{declare_handover_queue, handover_queue};
+use crate::broker::declare::{declare_handover_queue, handover_queue, parking_queue};
 use crate::broker::{Broker, BrokerError, Publisher};
 use crate::mirror::Mirror;
 use crate::repository::{Repository, Stored, handover_events};
@@ -24,6 +24,11 @@ use crate::topology::{Change, Fence, Topology};
 use crate::workflow::ItemSender;
 use lapin::types::{AMQPValue, FieldTable};
 use std::sync::atomic::AtomicUsize;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// How long the sender waits for an unreadable topology log per step.
+const FENCE_WAIT: Duration = Duration::from_secs(5);
 use std::sync::atomic::Ordering::Relaxed;
 
 #[derive(Debug, thiserror::Error)]
@@ -47,13 +52,33 @@ pub struct Sender<'a> {
     pub publisher: &'a Publisher,
     pub repo: &'a Repository,
     pub topology: &'a Topology,
+    pub fence: &'a Fence,
+    /// Cancelled when the handover is no longer this server's to do.
+    pub stop: &'a CancellationToken,
 }
 
 impl Sender<'_> {
+    /// Whether the handover is still this server's to do, in a log read
+    /// within `fence_after`; an error if the log cannot be read.
+    async fn still_mine(&self, adaptor: &str) -> Result<bool, HandoverError> {
+        if self.stop.is_cancelled() {
+            return Ok(false);
+        }
+        let _ = tokio::time::timeout(FENCE_WAIT, self.fence.wait_open()).await;
+        if !self.fence.is_open() {
+            return Err(other("cannot read the topology log"));
+        }
+        Ok(self.fence.hands_over(adaptor))
+    }
+
     /// Hand this server's backlog of `adaptor` over (step 2). Call only once
     /// the adaptor's consumer and executor here have stopped. Returns the
-    /// number of items handed over.
-    pub async fn send(&self, adaptor: &str) -> Result<usize, HandoverError> {
+    /// number of items handed over, or `None` if the handover stopped being
+    /// this server's to do (a takeover gave the adaptor elsewhere).
+    pub async fn send(&self, adaptor: &str) -> Result<Option<usize>, HandoverError> {
+        if !self.still_mine(adaptor).await? {
+            return Ok(None);
+        }
         let repo = self.repo.clone();
         let name = adaptor.to_owned();
         let records = tokio::task::spawn_blocking(move || repo.handover_records(&name))
@@ -68,6 +93,9 @@ impl Sender<'_> {
                 declare_handover_queue(&channel, &cfg.namespace, cfg.queue_type, adaptor).await?;
             let _ = channel.close(200, "declared".into()).await;
             for record in &records {
+                if !self.still_mine(adaptor).await? {
+                    return Ok(None);
+                }
                 items += crate::repository::check_record(record)
                     .map(|(_, n)| n)
                     .unwrap_or(0);
@@ -78,6 +106,11 @@ impl Sender<'_> {
                 );
                 self.publisher.publish("", &queue, record, headers).await?;
             }
+        }
+        // What was published is on the queue: if the handover stops being
+        // ours now, the adaptor's next start here drains it back.
+        if !self.still_mine(adaptor).await? {
+            return Ok(None);
         }
         let repo = self.repo.clone();
         let name = adaptor.to_owned();
@@ -102,7 +135,7 @@ impl Sender<'_> {
         if let Some(monitor) = self.topology.state().monitor_of(self.node) {
             let _ = self.topology.request_resync(self.node, monitor).await;
         }
-        Ok(items)
+        Ok(Some(items))
     }
 }
 
@@ -110,6 +143,8 @@ impl Sender<'_> {
 pub struct Receiver<'a> {
     pub node: &'a str,
     pub broker: &'a Broker,
+    /// Where an unreadable record goes, with its reason.
+    pub parking: &'a Publisher,
     pub repo: &'a Repository,
     pub mirror: &'a Mirror,
     pub fence: &'a Fence,
@@ -142,9 +177,24 @@ impl Receiver<'_> {
                 let (received_ms, events) = match handover_events(adaptor, &body) {
                     Ok(x) => x,
                     Err(reason) => {
-                        // Written by this version's sender, so never
-                        // expected; kept on the log, not on the queue.
-                        tracing::error!(%adaptor, %reason, bytes = body.len(), "Unreadable handover record skipped.");
+                        // Not expected from this version's sender; kept
+                        // on the parking queue, never dropped.
+                        tracing::error!(%adaptor, %reason, bytes = body.len(), "Unreadable handover record parked.");
+                        let mut headers = FieldTable::default();
+                        headers.insert(
+                            "x-provring-reason".into(),
+                            AMQPValue::LongString(
+                                format!("unreadable handover record: {reason}").as_str().into(),
+                            ),
+                        );
+                        headers.insert(
+                            "x-provring-adaptor".into(),
+                            AMQPValue::LongString(adaptor.into()),
+                        );
+                        self.parking
+                            .publish("", &parking_queue(&cfg.namespace), &body, headers)
+                            .await
+                            .map_err(|e| e.to_string())?;
                         continue;
                     }
                 };

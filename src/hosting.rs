@@ -88,7 +88,7 @@ pub async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
     // Surrendered adaptors whose consumer is still stopping, and the
     // handovers of moved adaptors' backlogs in progress.
     let mut stopping: HashMap<String, JoinHandle<()>> = HashMap::new();
-    let mut sending: HashMap<String, JoinHandle<()>> = HashMap::new();
+    let mut sending: HashMap<String, (CancellationToken, JoinHandle<()>)> = HashMap::new();
     let mut scheduler: Option<JoinHandle<()>> = None;
     loop {
         let state = rx.borrow_and_update().clone();
@@ -96,8 +96,9 @@ pub async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
             // Taken over while running (frozen, or cut off from the broker
             // for longer than the detection time): surrender everything at
             // once, drop what the taker adopted, and join again.
-            for (_, h) in sending.drain() {
-                h.abort();
+            for (_, (stop, h)) in sending.drain() {
+                stop.cancel();
+                let _ = h.await;
             }
             if let Some(h) = scheduler.take() {
                 h.abort();
@@ -181,14 +182,23 @@ pub async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
             }
         }
         // Moved away: hand the backlog over once the adaptor has stopped here.
-        sending.retain(|name, _| state.handovers.get(name) == Some(&ctx.node));
+        // A handover no longer ours (a takeover gave the adaptor elsewhere,
+        // maybe here) is stopped; the adaptor does not start here before its
+        // sender has ended.
+        sending.retain(|name, (stop, h)| {
+            if state.handovers.get(name) != Some(&ctx.node) {
+                stop.cancel();
+            }
+            !h.is_finished()
+        });
         for (name, from) in &state.handovers {
             if from != &ctx.node || sending.contains_key(name) {
                 continue;
             }
             let stopped = stopping.remove(name);
-            let task = send_backlog(ctx.clone(), name.clone(), stopped, shutdown.clone());
-            sending.insert(name.clone(), task);
+            let stop = shutdown.child_token();
+            let task = send_backlog(ctx.clone(), name.clone(), stopped, stop.clone());
+            sending.insert(name.clone(), (stop, task));
         }
         stopping.retain(|_, h| !h.is_finished());
         // The scheduler runs where the topology says, and stops at once
@@ -215,7 +225,7 @@ pub async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
             scheduler = Some(tokio::spawn(task.run(shutdown.child_token())));
         }
         for name in wanted {
-            if hosted.contains_key(&name) {
+            if hosted.contains_key(&name) || sending.contains_key(&name) {
                 continue;
             }
             match start_adaptor(&ctx, &name, &shutdown) {
@@ -231,6 +241,8 @@ pub async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             changed = rx.changed() => if changed.is_err() { break },
+            // Look again while a handover runs: its end may let an adaptor start.
+            _ = tokio::time::sleep(Duration::from_millis(200)), if !sending.is_empty() => {}
         }
     }
     let mark = |name: String, on: bool| {
@@ -304,7 +316,7 @@ fn send_backlog(
     ctx: Arc<Ctx>,
     name: String,
     stopped: Option<JoinHandle<()>>,
-    shutdown: CancellationToken,
+    stop: CancellationToken,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
         if let Some(h) = stopped {
@@ -318,9 +330,15 @@ fn send_backlog(
                 publisher: &ctx.parking,
                 repo: &ctx.repo,
                 topology: &ctx.topology,
+                fence: &ctx.fence,
+                stop: &stop,
             };
             match sender.send(&name).await {
-                Ok(items) => {
+                Ok(None) => {
+                    tracing::warn!(adaptor = %name, "The handover of this adaptor's backlog is no longer this server's to do; stopped.");
+                    return;
+                }
+                Ok(Some(items)) => {
                     let to = ctx
                         .topology
                         .state()
@@ -336,7 +354,7 @@ fn send_backlog(
                     tracing::warn!(adaptor = %name, error = %e, retry_in = ?delay, "Cannot hand the moved adaptor's backlog over yet.");
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
-                        _ = shutdown.cancelled() => return,
+                        _ = stop.cancelled() => return,
                     }
                 }
             }
@@ -418,6 +436,7 @@ async fn receive_backlog(
         let receiver = crate::handover::Receiver {
             node: &ctx.node,
             broker: &ctx.broker,
+            parking: &ctx.parking,
             repo: &ctx.repo,
             mirror: &ctx.mirror,
             fence: &ctx.fence,

@@ -25,7 +25,8 @@ use tokio_util::sync::CancellationToken;
 
 /// How often the scheduler looks for due slots.
 const TICK: Duration = Duration::from_millis(100);
-/// A slot this late is a misfire (it was due while no scheduler ran).
+/// A slot this late, and due before this scheduler started, is a misfire
+/// (it was due while no scheduler ran).
 pub const MISFIRE_GRACE: Duration = Duration::from_secs(1);
 /// A previous slot's event the adaptor's host has never seen counts as
 /// unfinished this long (it may still be on the broker), then as finished.
@@ -83,13 +84,16 @@ pub struct Decision {
     pub last: u64,
 }
 
-/// Which slots to fire at `now`, `last` being the last slot handled.
-/// With `one_at_a_time` (`concurrent = false`) at most one fires.
+/// Which slots to fire at `now`, `last` being the last slot handled and
+/// `started` the time this scheduler started (a slot since then is never a
+/// misfire, however late this scheduler is). With `one_at_a_time`
+/// (`concurrent = false`) at most one fires.
 pub fn decide(
     cadence: &Cadence,
     misfire: Misfire,
     one_at_a_time: bool,
     last: u64,
+    started: u64,
     now: u64,
 ) -> Option<Decision> {
     let latest = cadence.latest_at(now)?;
@@ -97,7 +101,7 @@ pub fn decide(
         return None;
     }
     let grace = MISFIRE_GRACE.as_millis() as u64;
-    let on_time = (now - latest < grace).then_some(latest);
+    let on_time = (now - latest < grace || latest >= started).then_some(latest);
     // The latest slot due before the on-time one, if any was missed.
     let missed = match on_time {
         Some(t) => cadence.latest_before(t).filter(|m| *m > last),
@@ -218,7 +222,8 @@ impl Scheduler {
                 }
                 // Never run before: start from now, not from the epoch.
                 let last = state.fired.get(name).map_or(started, |f| f.slot);
-                let Some(decision) = decide(cadence, s.misfire, !s.concurrent, last, now_ms())
+                let Some(decision) =
+                    decide(cadence, s.misfire, !s.concurrent, last, started, now_ms())
                 else {
                     continue;
                 };
@@ -340,7 +345,7 @@ mod tests {
         assert_eq!(c.latest_at(12_345), Some(12_000));
         assert_eq!(c.latest_before(12_000), Some(11_000));
         // On time: just the current slot.
-        let d = decide(&c, Misfire::FireOnce, true, 11_000, 12_300).expect("due");
+        let d = decide(&c, Misfire::FireOnce, true, 11_000, u64::MAX, 12_300).expect("due");
         assert_eq!(
             d,
             Decision {
@@ -348,9 +353,12 @@ mod tests {
                 last: 12_000
             }
         );
-        assert_eq!(decide(&c, Misfire::FireOnce, true, 12_000, 12_900), None);
+        assert_eq!(
+            decide(&c, Misfire::FireOnce, true, 12_000, u64::MAX, 12_900),
+            None
+        );
         // After an outage: the latest missed slot once, then the current one.
-        let d = decide(&c, Misfire::FireOnce, false, 8_000, 12_300).expect("due");
+        let d = decide(&c, Misfire::FireOnce, false, 8_000, u64::MAX, 12_300).expect("due");
         assert_eq!(
             d,
             Decision {
@@ -358,7 +366,7 @@ mod tests {
                 last: 12_000
             }
         );
-        let d = decide(&c, Misfire::FireOnce, true, 8_000, 12_300).expect("due");
+        let d = decide(&c, Misfire::FireOnce, true, 8_000, u64::MAX, 12_300).expect("due");
         assert_eq!(
             d,
             Decision {
@@ -366,7 +374,7 @@ mod tests {
                 last: 11_000
             }
         );
-        let d = decide(&c, Misfire::Skip, true, 8_000, 12_300).expect("due");
+        let d = decide(&c, Misfire::Skip, true, 8_000, u64::MAX, 12_300).expect("due");
         assert_eq!(
             d,
             Decision {
@@ -377,7 +385,7 @@ mod tests {
         // Only missed slots: the latest fires once, or with skip none, and
         // the schedule moves on.
         let c = Cadence::Every(5000);
-        let d = decide(&c, Misfire::FireOnce, true, 0, 12_000).expect("due");
+        let d = decide(&c, Misfire::FireOnce, true, 0, u64::MAX, 12_000).expect("due");
         assert_eq!(
             d,
             Decision {
@@ -385,11 +393,20 @@ mod tests {
                 last: 10_000
             }
         );
-        let d = decide(&c, Misfire::Skip, true, 0, 12_000).expect("due");
+        let d = decide(&c, Misfire::Skip, true, 0, u64::MAX, 12_000).expect("due");
         assert_eq!(
             d,
             Decision {
                 fire: vec![],
+                last: 10_000
+            }
+        );
+        // A slot since this scheduler started fires however late it is.
+        let d = decide(&c, Misfire::Skip, true, 0, 9_000, 12_000).expect("due");
+        assert_eq!(
+            d,
+            Decision {
+                fire: vec![10_000],
                 last: 10_000
             }
         );

@@ -66,6 +66,20 @@ where
         let mut bodies = Vec::new();
         let mut last = None;
         let first = tokio::time::timeout(Duration::from_millis(300), consumer.next()).await;
+        match first {
+            Ok(None) => {
+                return Err(BrokerError::Closed(format!(
+                    "the broker ended the consumer on {queue}"
+                )));
+            }
+            Ok(Some(Err(e))) => {
+                return Err(BrokerError::Op {
+                    op: "consume",
+                    source: e,
+                });
+            }
+            Ok(Some(Ok(_))) | Err(_) => {}
+        }
         if let Ok(Some(Ok(d))) = first {
             last = Some(d.delivery_tag);
             bodies.push(d.data);

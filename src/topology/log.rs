@@ -527,6 +527,24 @@ impl Fence {
             && !state.servers.get(&self.node).is_some_and(|s| s.failed)
     }
 
+    /// Whether the log, read within `fence_after`, says this server was not
+    /// taken over (it may have moved adaptors away).
+    pub fn not_taken_over(&self) -> bool {
+        self.is_open()
+            && !self
+                .topology
+                .state()
+                .servers
+                .get(&self.node)
+                .is_some_and(|s| s.failed)
+    }
+
+    /// Whether the handover of `adaptor`'s backlog from this server is
+    /// still pending in a log read within `fence_after`.
+    pub fn hands_over(&self, adaptor: &str) -> bool {
+        self.not_taken_over() && self.topology.state().handovers.get(adaptor) == Some(&self.node)
+    }
+
     /// Wait (at most `limit`) for the fence to open, then answer [`hosts`](Self::hosts).
     pub async fn wait_hosts(&self, adaptor: &str, limit: Duration) -> bool {
         let _ = tokio::time::timeout(limit, self.wait_open()).await;

@@ -186,5 +186,15 @@ pub fn render(state: &State) -> String {
     for (name, host) in &state.singletons {
         out.push_str(&format!("\n  {name:<16} on {host}"));
     }
+    if !state.fired.is_empty() {
+        out.push_str("\n\nschedules (last slot handled):");
+        for (name, f) in &state.fired {
+            let when = humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + std::time::Duration::from_millis(f.slot),
+            );
+            let what = if f.published { "fired" } else { "skipped" };
+            out.push_str(&format!("\n  {name:<16} {when} {what} by {}", f.by));
+        }
+    }
     out
 }

@@ -9,8 +9,12 @@ use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Confirmation};
+use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
+
+/// How often one message is published before a nack is final.
+const ATTEMPTS: u32 = 5;
 
 /// Publishes awaiting confirms at once (the broker's throughput depends on
 /// not waiting one message at a time).
@@ -24,7 +28,7 @@ pub enum PublishCmdError {
     Read { path: PathBuf, reason: String },
     #[error(transparent)]
     Broker(#[from] BrokerError),
-    #[error("the broker refused (nack) {0} messages")]
+    #[error("the broker refused (nack) {0} messages {ATTEMPTS} times each")]
     Nacked(u64),
 }
 
@@ -43,6 +47,8 @@ pub struct Summary {
     pub published: u64,
     pub queue: String,
     pub elapsed: Duration,
+    /// Messages the broker refused (nack) at first and took on a retry.
+    pub republished: u64,
 }
 
 impl std::fmt::Display for Summary {
@@ -56,7 +62,11 @@ impl std::fmt::Display for Summary {
             self.queue,
             secs,
             self.published as f64 / secs
-        )
+        )?;
+        if self.republished > 0 {
+            write!(f, " ({} re-published after a nack)", self.republished)?;
+        }
+        Ok(())
     }
 }
 
@@ -155,28 +165,32 @@ pub async fn publish_bodies(
     let started = Instant::now();
     let mut last_report = Instant::now();
     let mut pending = FuturesUnordered::new();
-    let (mut published, mut nacked) = (0u64, 0u64);
-    let mut settle =
-        |c: Result<Result<Confirmation, lapin::Error>, tokio::time::error::Elapsed>| match c {
-            Ok(Ok(Confirmation::Nack(_))) => {
-                nacked += 1;
-                Ok(())
+    // Bodies the broker refused, with the attempts made: a nack means the
+    // message was not taken, so it goes out again (after the rest, so a
+    // stream of nacks cannot hold up the others).
+    let mut refused: VecDeque<(Vec<u8>, u32)> = VecDeque::new();
+    let (mut published, mut republished, mut nacked) = (0u64, 0u64, 0u64);
+    let mut bodies = bodies.map(|b| (b, 1u32));
+    loop {
+        let Some((body, attempt)) = bodies.next().or_else(|| refused.pop_front()) else {
+            // Nothing to send now: wait for a confirm, which may bring a
+            // refused body back.
+            match pending.next().await {
+                Some(c) => {
+                    settle(c, &mut refused, &mut nacked, timeout)?;
+                    continue;
+                }
+                None => break,
             }
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(BrokerError::Op {
-                op: "publisher confirm",
-                source: e,
-            }),
-            Err(_) => Err(BrokerError::Timeout {
-                op: "publisher confirm",
-                timeout,
-            }),
         };
-    for body in bodies {
         if pending.len() >= IN_FLIGHT
             && let Some(c) = pending.next().await
         {
-            settle(c)?;
+            settle(c, &mut refused, &mut nacked, timeout)?;
+        }
+        if attempt > 1 {
+            republished += 1;
+            tokio::time::sleep(Duration::from_millis(20 * u64::from(attempt))).await;
         }
         let confirm = channel
             .basic_publish(
@@ -188,15 +202,14 @@ pub async fn publish_bodies(
             )
             .await
             .map_err(BrokerError::op("basic.publish"))?;
-        pending.push(tokio::time::timeout(timeout, confirm));
-        published += 1;
+        pending.push(async move { (tokio::time::timeout(timeout, confirm).await, body, attempt) });
+        if attempt == 1 {
+            published += 1;
+        }
         if progress && last_report.elapsed() > Duration::from_secs(5) {
             eprintln!("published {published} so far...");
             last_report = Instant::now();
         }
-    }
-    while let Some(c) = pending.next().await {
-        settle(c)?;
     }
     let elapsed = started.elapsed();
     let _ = channel.close(200, "done".into()).await;
@@ -208,7 +221,45 @@ pub async fn publish_bodies(
         published,
         queue: full,
         elapsed,
+        republished,
     })
+}
+
+/// What one publish came to: the confirm (or its timeout), the body, and
+/// the attempt it was.
+type Settled = (
+    Result<Result<Confirmation, lapin::Error>, tokio::time::error::Elapsed>,
+    Vec<u8>,
+    u32,
+);
+
+/// Account for one confirm: a nack puts the body back for another attempt
+/// until [`ATTEMPTS`], then counts it as refused.
+fn settle(
+    (confirm, body, attempt): Settled,
+    refused: &mut VecDeque<(Vec<u8>, u32)>,
+    nacked: &mut u64,
+    timeout: Duration,
+) -> Result<(), BrokerError> {
+    match confirm {
+        Ok(Ok(Confirmation::Nack(_))) if attempt < ATTEMPTS => {
+            refused.push_back((body, attempt + 1));
+            Ok(())
+        }
+        Ok(Ok(Confirmation::Nack(_))) => {
+            *nacked += 1;
+            Ok(())
+        }
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(BrokerError::Op {
+            op: "publisher confirm",
+            source: e,
+        }),
+        Err(_) => Err(BrokerError::Timeout {
+            op: "publisher confirm",
+            timeout,
+        }),
+    }
 }
 
 #[cfg(test)]

@@ -24,28 +24,48 @@ impl Alerter {
 
     /// Log the alert and mail it to `alerts.to`.
     pub async fn send(&self, subject: &str, body: &str) {
+        self.send_as(subject, body, None).await;
+    }
+
+    /// [`Alerter::send`] with the given `Message-ID` (`<local@domain>`), so
+    /// that a mail sent again after a crash is the same message to mail
+    /// clients. Returns whether the mail was accepted (or only logged, with
+    /// no `[alerts]` section).
+    pub async fn send_as(&self, subject: &str, body: &str, message_id: Option<String>) -> bool {
         tracing::warn!(%subject, "Alert.");
         let Some(cfg) = &self.config else {
             tracing::warn!("No [alerts] section: the alert was only logged.");
-            return;
+            return true;
         };
-        match tokio::time::timeout(cfg.timeout, self.mail(cfg, subject, body)).await {
-            Ok(Ok(())) => tracing::info!(%subject, to = %cfg.to.join(", "), "Alert mailed."),
+        match tokio::time::timeout(cfg.timeout, self.mail(cfg, subject, body, message_id)).await {
+            Ok(Ok(())) => {
+                tracing::info!(%subject, to = %cfg.to.join(", "), "Alert mailed.");
+                true
+            }
             Ok(Err(e)) => {
-                tracing::error!(%subject, error = %e, host = %cfg.smtp_host, "Cannot send the alert mail.")
+                tracing::error!(%subject, error = %e, host = %cfg.smtp_host, "Cannot send the alert mail.");
+                false
             }
             Err(_) => {
-                tracing::error!(%subject, timeout = ?cfg.timeout, host = %cfg.smtp_host, "Cannot send the alert mail: no answer in time.")
+                tracing::error!(%subject, timeout = ?cfg.timeout, host = %cfg.smtp_host, "Cannot send the alert mail: no answer in time.");
+                false
             }
         }
     }
 
-    async fn mail(&self, cfg: &AlertsConfig, subject: &str, body: &str) -> Result<(), String> {
+    async fn mail(
+        &self,
+        cfg: &AlertsConfig,
+        subject: &str,
+        body: &str,
+        message_id: Option<String>,
+    ) -> Result<(), String> {
         let from: Mailbox = cfg
             .from
             .parse()
             .map_err(|e| format!("alerts.from {:?}: {e}", cfg.from))?;
         let mut builder = Message::builder()
+            .message_id(message_id)
             .from(from)
             .subject(format!("[provring] {subject}"));
         for to in &cfg.to {

@@ -141,6 +141,9 @@ struct Envelope<'a> {
     datacontenttype: Option<&'a str>,
     #[serde(borrow)]
     data: Option<&'a RawValue>,
+    /// Extension: the time after which the event is no longer wanted; the
+    /// timeout checker parks it if it is still unfinished then.
+    deadline: Option<&'a str>,
 }
 
 #[derive(Deserialize)]
@@ -204,6 +207,14 @@ pub fn decode(body: &[u8], kind: AdaptorKind, max_size: usize) -> Result<Event, 
             truncate(time, 64)
         )));
     }
+    if let Some(deadline) = env.deadline
+        && humantime::parse_rfc3339_weak(deadline).is_err()
+    {
+        return Err(Invalid(format!(
+            "deadline {:?} is not an RFC 3339 timestamp",
+            truncate(deadline, 64)
+        )));
+    }
     if let Some(ct) = env.datacontenttype
         && !ct.starts_with("application/json")
     {
@@ -241,6 +252,24 @@ pub fn decode(body: &[u8], kind: AdaptorKind, max_size: usize) -> Result<Event, 
         subject,
         body: text.to_owned(),
     })
+}
+
+/// The event's `deadline` extension, ms since the Unix epoch, if it has a
+/// valid one. Cheap for the usual event without one (no JSON parse).
+pub fn deadline_ms(body: &str) -> Option<u64> {
+    if !body.contains("\"deadline\"") {
+        return None;
+    }
+    #[derive(Deserialize)]
+    struct OnlyDeadline<'a> {
+        #[serde(borrow)]
+        deadline: Option<std::borrow::Cow<'a, str>>,
+    }
+    let d: OnlyDeadline<'_> = serde_json::from_str(body).ok()?;
+    let t = humantime::parse_rfc3339_weak(d.deadline?.as_ref()).ok()?;
+    t.duration_since(std::time::UNIX_EPOCH)
+        .ok()
+        .map(|d| d.as_millis() as u64)
 }
 
 fn required_text(value: Option<std::borrow::Cow<'_, str>>, name: &str) -> Result<String, Invalid> {
@@ -345,6 +374,29 @@ mod tests {
         assert!(bad(br#"{"specversion":"1.0","id":"1","source":"s","type":"io.provring.password.change","data":{"userName":"u","password":"p"}}"#, p).contains("does not belong"));
         let big = vec![b' '; MAX + 1];
         assert!(bad(&big, p).contains("exceeds limits.max_message_size"));
+    }
+
+    #[test]
+    fn the_deadline_extension_is_checked_and_read() {
+        let p = AdaptorKind::Provisioning;
+        let body = r#"{"specversion":"1.0","id":"1","source":"s","type":"io.provring.account.create","deadline":"2026-11-22T10:00:00Z","data":{"userName":"u"}}"#;
+        assert_eq!(deadline_ms(&ok(body).body), Some(1_795_341_600_000));
+        assert!(
+            bad(
+                br#"{"specversion":"1.0","id":"1","source":"s","type":"io.provring.account.create","deadline":"soon","data":{"userName":"u"}}"#,
+                p
+            )
+            .starts_with("deadline \"soon\" is not an RFC 3339 timestamp")
+        );
+        assert_eq!(
+            deadline_ms(&synthetic(EventType::AccountCreate, "r", 1)),
+            None
+        );
+        // "deadline" inside data is not the extension.
+        assert_eq!(
+            deadline_ms(r#"{"data":{"note":"\"deadline\""},"deadline":null}"#),
+            None
+        );
     }
 
     #[test]

@@ -79,6 +79,15 @@ impl Sender<'_> {
         if !self.still_mine(adaptor).await? {
             return Ok(None);
         }
+        // A timeout check parking an item of the adaptor finishes first:
+        // what it parks must not be handed over as well.
+        // (A claim lasts at most one publish timeout.)
+        while self.repo.claimed(adaptor) > 0 {
+            if !self.still_mine(adaptor).await? {
+                return Ok(None);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
         let repo = self.repo.clone();
         let name = adaptor.to_owned();
         let records = tokio::task::spawn_blocking(move || repo.handover_records(&name))

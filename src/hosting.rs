@@ -21,7 +21,7 @@ use crate::config::Config;
 use crate::mirror::Mirror;
 use crate::repository::{Repository, Stored};
 use crate::stats::Stats;
-use crate::topology::{State, Topology};
+use crate::topology::{State, TIMEOUT_CHECKER, Topology};
 use crate::workflow::{Executor, targets};
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
@@ -90,6 +90,7 @@ pub async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
     let mut stopping: HashMap<String, JoinHandle<()>> = HashMap::new();
     let mut sending: HashMap<String, (CancellationToken, JoinHandle<()>)> = HashMap::new();
     let mut scheduler: Option<JoinHandle<()>> = None;
+    let mut checker: Option<JoinHandle<()>> = None;
     loop {
         let state = rx.borrow_and_update().clone();
         if state.servers.get(&ctx.node).is_some_and(|me| me.failed) {
@@ -100,9 +101,14 @@ pub async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
                 stop.cancel();
                 let _ = h.await;
             }
-            if let Some(h) = scheduler.take() {
-                h.abort();
-                tracing::error!("This server was taken over: scheduler stopped.");
+            for (name, task) in [
+                ("scheduler", &mut scheduler),
+                (TIMEOUT_CHECKER, &mut checker),
+            ] {
+                if let Some(h) = task.take() {
+                    h.abort();
+                    tracing::error!(singleton = name, "This server was taken over: stopped.");
+                }
             }
             for (name, h) in std::mem::take(&mut hosted) {
                 stopping.insert(name.clone(), h.surrender());
@@ -201,20 +207,11 @@ pub async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
             sending.insert(name.clone(), (stop, task));
         }
         stopping.retain(|_, h| !h.is_finished());
-        // The scheduler runs where the topology says, and stops at once
-        // anywhere else (a slot is recorded only from its host).
-        let runs_here = state.singletons.get("scheduler") == Some(&ctx.node)
+        // The singletons run where the topology says, and stop at once
+        // anywhere else (their changes are accepted only from their host).
+        let scheduler_here = state.singletons.get("scheduler") == Some(&ctx.node)
             && !ctx.config.schedules.is_empty();
-        match (&scheduler, runs_here) {
-            (Some(h), false) => {
-                h.abort();
-                scheduler = None;
-                tracing::warn!(now_on = ?state.singletons.get("scheduler"), "Scheduler stopped here.");
-            }
-            (Some(h), true) if h.is_finished() => scheduler = None,
-            _ => {}
-        }
-        if runs_here && scheduler.is_none() {
+        follow_singleton(&mut scheduler, scheduler_here, "scheduler", &state, || {
             let task = crate::scheduler::Scheduler {
                 config: ctx.config.clone(),
                 node: ctx.node.clone(),
@@ -222,8 +219,19 @@ pub async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
                 topology: ctx.topology.clone(),
                 fence: ctx.fence.clone(),
             };
-            scheduler = Some(tokio::spawn(task.run(shutdown.child_token())));
-        }
+            tokio::spawn(task.run(shutdown.child_token()))
+        });
+        let checker_here = state.singletons.get(TIMEOUT_CHECKER) == Some(&ctx.node);
+        follow_singleton(&mut checker, checker_here, TIMEOUT_CHECKER, &state, || {
+            let task = crate::timeout::Checker {
+                config: ctx.config.clone(),
+                node: ctx.node.clone(),
+                topology: ctx.topology.clone(),
+                fence: ctx.fence.clone(),
+                alerter: ctx.alerter.clone(),
+            };
+            tokio::spawn(task.run(shutdown.child_token()))
+        });
         for name in wanted {
             if hosted.contains_key(&name) || sending.contains_key(&name) {
                 continue;
@@ -264,6 +272,29 @@ pub async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
         mark(format!("adaptor {name}"), false);
         let _ = h.executor.await;
         mark(format!("executor {name}"), false);
+    }
+}
+
+/// Start the task of singleton `name` if it runs here and is not running,
+/// abort it at once if it runs elsewhere now.
+fn follow_singleton(
+    task: &mut Option<JoinHandle<()>>,
+    runs_here: bool,
+    name: &str,
+    state: &State,
+    start: impl FnOnce() -> JoinHandle<()>,
+) {
+    match (&*task, runs_here) {
+        (Some(h), false) => {
+            h.abort();
+            *task = None;
+            tracing::warn!(singleton = name, now_on = ?state.singletons.get(name), "Stopped here.");
+        }
+        (Some(h), true) if h.is_finished() => *task = None,
+        _ => {}
+    }
+    if runs_here && task.is_none() {
+        *task = Some(start());
     }
 }
 
@@ -447,9 +478,11 @@ async fn receive_backlog(
             _ = stop.cancelled() => return false,
         };
         match result {
-            Ok(0) => return true,
             Ok(items) => {
-                tracing::warn!(adaptor = %name, items, "Received the moved adaptor's backlog.");
+                if items > 0 {
+                    tracing::warn!(adaptor = %name, items, "Received the moved adaptor's backlog.");
+                }
+                record_received(ctx, name).await;
                 return true;
             }
             Err(e) => {
@@ -459,6 +492,34 @@ async fn receive_backlog(
                     _ = tokio::time::sleep(delay) => {}
                     _ = stop.cancelled() => return false,
                 }
+            }
+        }
+    }
+}
+
+/// Record that the handover queue of `name` is drained here, if the log
+/// waits for it (the adaptor may move again).
+async fn record_received(ctx: &Ctx, name: &str) {
+    let me = ctx.node.clone();
+    for _ in 0..20 {
+        let outcome = ctx
+            .topology
+            .propose_with(|s| {
+                (s.receiving.get(name) == Some(&me)).then(|| crate::topology::Change::Received {
+                    adaptor: name.to_owned(),
+                    by: me.clone(),
+                })
+            })
+            .await;
+        match outcome {
+            Ok(None | Some(crate::topology::Outcome::Applied)) => return,
+            Ok(Some(crate::topology::Outcome::Ignored(reason))) => {
+                tracing::warn!(adaptor = %name, %reason, "Cannot record the received backlog; the adaptor cannot move until it is (restart the server to try again).");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(adaptor = %name, error = %e, "Cannot record the received backlog yet; trying again.");
+                tokio::time::sleep(Duration::from_millis(500)).await;
             }
         }
     }
@@ -474,30 +535,41 @@ async fn adopt(ctx: &Ctx, origin: &str) -> Result<usize, String> {
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())?;
-    // One store, one flush and one mirror round per adaptor, however many
-    // batches the copies came in.
+    // One flush and one mirror round per adaptor, however many batches the
+    // copies came in. Items keep their receipt time, and so their deadline.
     // Only what the failed server still had to deliver: copies of an
     // adaptor it had already handed over to another server are stale.
     let state = ctx.topology.state();
-    let mut per_adaptor: BTreeMap<String, Vec<crate::event::Event>> = BTreeMap::new();
-    for (adaptor, events) in batches {
+    let mut per_adaptor: BTreeMap<String, Vec<(u64, Vec<crate::event::Event>)>> = BTreeMap::new();
+    for (adaptor, received_ms, events) in batches {
         let mine = state.adaptors.get(&adaptor) == Some(&ctx.node)
             || state.handovers.get(&adaptor) == Some(&ctx.node);
         if !mine {
             tracing::warn!(failed = %origin, %adaptor, items = events.len(), now_on = ?state.adaptors.get(&adaptor), "Copies of an adaptor the failed server had handed over: not adopted.");
             continue;
         }
-        per_adaptor.entry(adaptor).or_default().extend(events);
+        per_adaptor
+            .entry(adaptor)
+            .or_default()
+            .push((received_ms, events));
     }
     let mut adopted = 0;
-    for (adaptor, events) in per_adaptor {
+    for (adaptor, batches) in per_adaptor {
         let repo = ctx.repo.clone();
         let name = adaptor.clone();
-        let (stored, records) =
-            tokio::task::spawn_blocking(move || repo.store_with_records(&name, events))
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| e.to_string())?;
+        let (stored, records) = tokio::task::spawn_blocking(move || {
+            let mut stored = Vec::new();
+            let mut records = Vec::new();
+            for (received_ms, events) in batches {
+                let (s, r) = repo.store_received(&name, events, received_ms)?;
+                stored.extend(s);
+                records.extend(r);
+            }
+            Ok::<_, crate::repository::RepositoryError>((stored, records))
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
         adopted += stored
             .iter()
             .filter(|s| matches!(s, Stored::New(_)))

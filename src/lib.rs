@@ -23,6 +23,7 @@
 //! - [`mirror`]: copies of the backlog on the monitor (backup adaptor).
 //! - [`supervisor`]: watches the monitored server, takes it over when it fails.
 //! - [`hosting`]: runs the adaptors the topology gives this server; adoption; fencing.
+//! - [`scheduler`], [`timeout`]: the singleton services.
 //! - [`alert`]: e-mail alerts.
 //! - [`stats`]: counters for progress logs and benchmarks.
 #![forbid(unsafe_code)]
@@ -45,6 +46,7 @@ pub mod scheduler;
 pub mod server;
 pub mod stats;
 pub mod supervisor;
+pub mod timeout;
 pub mod topology;
 pub mod workflow;
 

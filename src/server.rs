@@ -135,6 +135,15 @@ pub async fn start(config: &Config, node: &str) -> Result<Running, ServerError> 
             })?;
         }
     }
+    let timeouts = Arc::new(crate::timeout::Local::new(
+        config.clone(),
+        node,
+        repo.clone(),
+        parking.clone(),
+        topology.clone(),
+        fence.clone(),
+        stats.clone(),
+    ));
     let finishing: Arc<std::sync::Mutex<std::collections::BTreeSet<String>>> = Arc::default();
     let ctx = Arc::new(crate::hosting::Ctx {
         config: config.clone(),
@@ -181,6 +190,7 @@ pub async fn start(config: &Config, node: &str) -> Result<Running, ServerError> 
         repo.clone(),
         Some(topology.clone()),
         Some(health),
+        Some(timeouts),
         shutdown.child_token(),
     )
     .await

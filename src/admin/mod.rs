@@ -10,6 +10,11 @@
 //! - `GET /state`: this server's state from 0 (unusable) to 10 (healthy)
 //!   with the reasons ([`StateView`]); what the supervisor of its monitor
 //!   polls.
+//! - `GET /item?adaptor=A&source=S&id=I`: where one event stands here
+//!   (`pending`, `done` or `unknown`); what the scheduler asks.
+//! - `GET /timeout/overdue?limit=N`: this server's unfinished items past
+//!   their deadline; `POST /timeout/park`: park items of the timeout check
+//!   under way (see [`crate::timeout`]).
 //! - `POST /stop`: stop this server as SIGTERM does (the stop is announced
 //!   in the topology log, so it is not taken over).
 //!
@@ -102,6 +107,7 @@ struct AppState {
     repo: Repository,
     topology: Option<Topology>,
     health: Option<Health>,
+    timeouts: Option<std::sync::Arc<crate::timeout::Local>>,
 }
 
 /// Bind `addr` now (so that a taken port stops the start with a clear
@@ -112,6 +118,7 @@ pub async fn bind(
     repo: Repository,
     topology: Option<Topology>,
     health: Option<Health>,
+    timeouts: Option<std::sync::Arc<crate::timeout::Local>>,
     shutdown: CancellationToken,
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), std::io::Error> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
@@ -121,6 +128,8 @@ pub async fn bind(
         .route("/backlog", get(backlog))
         .route("/backlog/items", get(items))
         .route("/item", get(item))
+        .route("/timeout/overdue", get(overdue))
+        .route("/timeout/park", axum::routing::post(park))
         .route("/topology", get(topology_state))
         .route("/state", get(state))
         .route("/stop", axum::routing::post(stop))
@@ -129,6 +138,7 @@ pub async fn bind(
             repo,
             topology,
             health,
+            timeouts,
         });
     let handle = tokio::spawn(async move {
         let served = axum::serve(listener, app)
@@ -222,6 +232,47 @@ async fn item(
     Json(crate::scheduler::ItemStatus {
         state: s.repo.item_state(&q.adaptor, &identity),
     })
+}
+
+#[derive(Deserialize)]
+struct OverdueQuery {
+    limit: Option<usize>,
+}
+
+async fn overdue(
+    State(s): State<AppState>,
+    axum::extract::Query(q): axum::extract::Query<OverdueQuery>,
+) -> Result<Json<Vec<crate::repository::OverdueItem>>, (StatusCode, String)> {
+    let Some(t) = &s.timeouts else {
+        return Err((StatusCode::NOT_FOUND, "no timeout checks here".into()));
+    };
+    let limit = q
+        .limit
+        .unwrap_or(crate::timeout::MAX_ITEMS_PER_CHECK)
+        .min(crate::timeout::MAX_ITEMS_PER_CHECK);
+    t.overdue(limit)
+        .await
+        .map(Json)
+        .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e))
+}
+
+async fn park(
+    State(s): State<AppState>,
+    Json(req): Json<crate::timeout::ParkRequest>,
+) -> Result<Json<Vec<(crate::timeout::ItemRef, crate::timeout::ParkResult)>>, (StatusCode, String)>
+{
+    let Some(t) = &s.timeouts else {
+        return Err((StatusCode::NOT_FOUND, "no timeout checks here".into()));
+    };
+    // A task of its own: an asker that goes away (killed mid-check) must
+    // not cut a park short between its publish and its removal, or the
+    // taker's retry would park the item again.
+    let t = t.clone();
+    tokio::spawn(async move { t.park(req).await })
+        .await
+        .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map(Json)
+        .map_err(|e| (StatusCode::CONFLICT, e))
 }
 
 async fn topology_state(

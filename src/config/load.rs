@@ -112,6 +112,7 @@ const SECTIONS: &[&str] = &[
     "supervisor",
     "alerts",
     "schedules",
+    "timeout_checker",
 ];
 
 /// Deserialise section by section, collecting every problem. A section or
@@ -153,6 +154,7 @@ fn from_sections(mut sections: BTreeMap<String, config::Value>) -> Result<Config
         supervisor: ctx.optional("supervisor", take("supervisor")),
         alerts: take("alerts").and_then(|v| ctx.section("alerts", v)),
         schedules: ctx.entries("schedules", take("schedules"), placeholder_schedule),
+        timeout_checker: ctx.optional("timeout_checker", take("timeout_checker")),
     };
     let under_failed = |key: &str| {
         failed.iter().any(|f| {
@@ -253,6 +255,7 @@ fn placeholder_adaptor() -> AdaptorConfig {
         server: String::new(),
         target: String::new(),
         concurrency: 1,
+        timeout: None,
     }
 }
 

@@ -53,6 +53,31 @@ pub struct Config {
     /// `[schedules.<name>]`: events the scheduler publishes periodically.
     #[serde(default)]
     pub schedules: BTreeMap<String, ScheduleConfig>,
+    /// `[timeout_checker]`: the singleton that parks events stuck past
+    /// their deadline.
+    #[serde(default)]
+    pub timeout_checker: TimeoutCheckerConfig,
+}
+
+/// `[timeout_checker]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimeoutCheckerConfig {
+    /// Time between two checks of the fleet's backlogs.
+    #[serde(default = "default_check_interval", with = "humantime_serde")]
+    pub check_interval: Duration,
+}
+
+fn default_check_interval() -> Duration {
+    Duration::from_secs(60)
+}
+
+impl Default for TimeoutCheckerConfig {
+    fn default() -> Self {
+        TimeoutCheckerConfig {
+            check_interval: default_check_interval(),
+        }
+    }
 }
 
 /// `[broker]`
@@ -194,6 +219,12 @@ pub struct AdaptorConfig {
     /// Target calls in flight at once.
     #[serde(default = "default_concurrency")]
     pub concurrency: usize,
+    /// Time from receipt after which the timeout checker parks an event of
+    /// this adaptor that is still unfinished, with reason `timed out` (an
+    /// event's own `deadline` extension takes precedence). Default:
+    /// `[retry] deadline`.
+    #[serde(default, with = "humantime_serde")]
+    pub timeout: Option<Duration>,
 }
 
 fn default_concurrency() -> usize {
@@ -527,6 +558,15 @@ impl Config {
     /// The adaptor names, comma-separated (for messages).
     pub fn adaptor_names(&self) -> String {
         self.adaptors.keys().cloned().collect::<Vec<_>>().join(", ")
+    }
+
+    /// Time from receipt after which the timeout checker parks an
+    /// unfinished event of `adaptor` (see [`AdaptorConfig::timeout`]).
+    pub fn adaptor_timeout(&self, adaptor: &str) -> Duration {
+        self.adaptors
+            .get(adaptor)
+            .and_then(|a| a.timeout)
+            .unwrap_or(self.retry.deadline)
     }
 
     /// Full broker name of an adaptor's queue.

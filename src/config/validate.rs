@@ -243,6 +243,9 @@ pub fn validate(config: &Config) -> Vec<Problem> {
                 ),
             );
         }
+        if a.timeout.is_some_and(|t| t.is_zero()) {
+            add(key("timeout"), "must be longer than 0".into());
+        }
         if a.concurrency == 0 || a.concurrency > 1024 {
             add(
                 key("concurrency"),
@@ -343,6 +346,12 @@ pub fn validate(config: &Config) -> Vec<Problem> {
         add(
             "done_ledger.max_entries".into(),
             "must be at least 1".into(),
+        );
+    }
+    if config.timeout_checker.check_interval < std::time::Duration::from_millis(100) {
+        add(
+            "timeout_checker.check_interval".into(),
+            "must be at least 100ms".into(),
         );
     }
     check_schedules(config, &mut add);

@@ -417,7 +417,7 @@ impl Repository {
     pub fn copies_events(
         &self,
         origin: &str,
-    ) -> Result<Vec<(String, Vec<crate::event::Event>)>, RepositoryError> {
+    ) -> Result<Vec<(String, u64, Vec<crate::event::Event>)>, RepositoryError> {
         let batches: Vec<((String, u64), Vec<bool>)> = self
             .copies_index()
             .origins
@@ -447,7 +447,7 @@ impl Repository {
                 .map(|(_, e)| e);
             let events = record_events(origin, items);
             if !events.is_empty() {
-                out.push((adaptor, events));
+                out.push((adaptor, rec.received_ms, events));
             }
         }
         Ok(out)

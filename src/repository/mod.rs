@@ -39,9 +39,11 @@ mod backup;
 mod handover;
 mod marker;
 mod record;
+mod timeout;
 
 pub use backup::{CopiesView, ItemKey, check_record};
 pub use handover::handover_events;
+pub use timeout::{Claim, ClaimRefused, OverdueItem};
 
 use crate::event::{Event, EventType, Identity};
 use serde::{Deserialize, Serialize};
@@ -173,11 +175,15 @@ struct Index {
     dirty: HashSet<(Arc<str>, u64)>,
     /// Number of identities in `D` records.
     done_entries: usize,
+    /// Items being delivered or parked right now (see [`Repository::claim`]).
+    claims: HashSet<(Arc<str>, u64, u32)>,
 }
 
 struct BatchState {
     /// Receipt time of the batch, ms since the Unix epoch.
     received_ms: u64,
+    /// The earliest `deadline` extension of its events, if any has one.
+    deadline_ms: Option<u64>,
     hashes: Vec<u128>,
     finished: Vec<bool>,
     remaining: usize,
@@ -192,6 +198,13 @@ impl BatchState {
             }
         }
         bits
+    }
+}
+
+fn earliest(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }
 
@@ -360,10 +373,12 @@ impl Repository {
             let seq = self.inner.db.generate_id()?;
             let mut rec = record::Writer::new(now);
             let mut hashes = Vec::new();
+            let mut deadline: Option<u64> = None;
             while let Some((h, event)) = fresh.next_if(|(_, e)| {
                 hashes.is_empty() || rec.len() + e.body.len() + 256 <= RECORD_MAX_BYTES
             }) {
                 let idx = hashes.len() as u32;
+                deadline = earliest(deadline, crate::event::deadline_ms(&event.body));
                 rec.push(
                     &event.identity.source,
                     &event.identity.id,
@@ -400,6 +415,7 @@ impl Repository {
                 (adaptor.clone(), seq),
                 BatchState {
                     received_ms: now,
+                    deadline_ms: deadline,
                     hashes,
                     finished: vec![false; n],
                     remaining: n,
@@ -515,39 +531,7 @@ impl Repository {
                 break;
             }
             let seq = seq_of(&k, prefix.len())?;
-            let rec = record::read(&v).map_err(|reason| RepositoryError::Corrupt {
-                key: describe_key(&k),
-                reason,
-            })?;
-            let finished: Vec<bool> = {
-                let index = self.index();
-                match index.batches.get(&(adaptor_arc.clone(), seq)) {
-                    Some(b) => b.finished.clone(),
-                    None => continue, // finished meanwhile
-                }
-            };
-            let states = self.states(adaptor, seq)?;
-            for (idx, e) in rec.items.into_iter().enumerate() {
-                if finished.get(idx).copied().unwrap_or(true) {
-                    continue;
-                }
-                let idx = idx as u32;
-                out.push(StoredItem {
-                    seq,
-                    idx,
-                    adaptor: adaptor_arc.clone(),
-                    source: e.source,
-                    id: e.id,
-                    event_type: e.event_type,
-                    subject: e.subject,
-                    body: e.body,
-                    received_ms: rec.received_ms,
-                    state: states.get(&idx).cloned().unwrap_or(ItemState {
-                        next_attempt_ms: rec.received_ms,
-                        ..ItemState::default()
-                    }),
-                });
-            }
+            out.extend(self.record_items(&adaptor_arc, seq, &k, &v, |_| true)?);
         }
         Ok(out)
     }
@@ -718,6 +702,7 @@ fn rebuild_index(db: &sled::Db, hash_key: (u64, u64)) -> Result<Index, Repositor
         let bits = db.get(batch_key(b'X', &adaptor, seq))?;
         let mut state = BatchState {
             received_ms: rec.received_ms,
+            deadline_ms: None,
             hashes: Vec::with_capacity(rec.items.len()),
             finished: Vec::with_capacity(rec.items.len()),
             remaining: 0,
@@ -734,6 +719,9 @@ fn rebuild_index(db: &sled::Db, hash_key: (u64, u64)) -> Result<Index, Repositor
             } else {
                 index.pending.insert(h);
                 state.remaining += 1;
+            }
+            if !done {
+                state.deadline_ms = earliest(state.deadline_ms, crate::event::deadline_ms(&e.body));
             }
             state.hashes.push(h);
             state.finished.push(done);

@@ -38,9 +38,54 @@ pub struct State {
     /// adaptor starts on its new host once that backlog is handed over.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub handovers: BTreeMap<String, String>,
+    /// Adaptor → its host, which has yet to take in the backlog handed over
+    /// to it (drain its handover queue); the adaptor does not move again
+    /// before, so that one account's events keep their order.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub receiving: BTreeMap<String, String>,
     /// Schedule → the last slot the scheduler handled.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub fired: BTreeMap<String, FiredSlot>,
+    /// The timeout checker's checks.
+    #[serde(default, skip_serializing_if = "TimeoutChecks::is_empty")]
+    pub timeout_checks: TimeoutChecks,
+}
+
+/// The timeout checker's checks: how many were recorded, and the one under
+/// way, which whoever runs the timeout checker finishes (also after a
+/// takeover of the server that started it).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimeoutChecks {
+    /// Number of the last check recorded (0: none yet).
+    pub last: u64,
+    /// The check recorded and not finished yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<TimeoutCheck>,
+}
+
+impl TimeoutChecks {
+    pub fn is_empty(&self) -> bool {
+        self.last == 0 && self.pending.is_none()
+    }
+}
+
+/// One check that found overdue items: exactly these are parked.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimeoutCheck {
+    pub check: u64,
+    /// The timeout checker's host when the check started.
+    pub by: String,
+    /// When it started, ms since the Unix epoch.
+    pub at_ms: u64,
+    pub items: Vec<CheckedItem>,
+}
+
+/// An overdue item found by a check, and the server that reported it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckedItem {
+    pub server: String,
+    #[serde(flatten)]
+    pub item: crate::repository::OverdueItem,
 }
 
 /// The last slot of a schedule the scheduler handled.
@@ -123,6 +168,9 @@ pub enum Change {
         #[serde(default)]
         items: u64,
     },
+    /// `by` has taken in the backlog of `adaptor` handed over to it: the
+    /// adaptor may move again.
+    Received { adaptor: String, by: String },
     /// The scheduler on `by` handled `schedule`'s slots up to `slot`
     /// (published its event if `published`). Accepted only from the
     /// scheduler's host and for a later slot.
@@ -132,6 +180,13 @@ pub enum Change {
         by: String,
         published: bool,
     },
+    /// The timeout checker on `check.by` found overdue items; they are
+    /// parked next. Accepted only from the timeout checker's host, with the
+    /// next check number, and while no check is under way.
+    CheckStarted { check: TimeoutCheck },
+    /// The timeout checker on `by` finished check `check`: its items are
+    /// parked (or were finished otherwise) and its mail is sent.
+    CheckFinished { check: u64, by: String, parked: u64 },
     /// `node` now monitors `monitors`.
     Monitoring { node: String, monitors: String },
     /// The state at its epoch, for checking replicas (and a starting point
@@ -153,10 +208,13 @@ pub enum Outcome {
     Ignored(String),
 }
 
+/// The timeout checker's name in the topology.
+pub const TIMEOUT_CHECKER: &str = "timeout-checker";
+
 /// Services that are singletons, with their names in the topology.
 pub const SINGLETONS: [(Service, &str); 2] = [
     (Service::Scheduler, "scheduler"),
-    (Service::TimeoutChecker, "timeout-checker"),
+    (Service::TimeoutChecker, TIMEOUT_CHECKER),
 ];
 
 impl State {
@@ -209,7 +267,9 @@ impl State {
             singletons,
             monitors,
             handovers: BTreeMap::new(),
+            receiving: BTreeMap::new(),
             fired: BTreeMap::new(),
+            timeout_checks: TimeoutChecks::default(),
         }
     }
 
@@ -474,6 +534,15 @@ impl State {
                         None => self.singletons.remove(&name),
                     };
                 }
+                // The new host of an adaptor drains what was handed to the
+                // failed server.
+                for (a, host) in self.receiving.iter_mut() {
+                    if host == failed
+                        && let Some(now) = self.adaptors.get(a)
+                    {
+                        *host = now.clone();
+                    }
+                }
                 // What a server now hosts itself needs no handover.
                 let adaptors = &self.adaptors;
                 self.handovers
@@ -518,6 +587,11 @@ impl State {
                     if let Some(from) = self.handovers.get(what) {
                         return Err(format!(
                             "the backlog of {what} is still being handed over from {from}"
+                        ));
+                    }
+                    if let Some(by) = self.receiving.get(what) {
+                        return Err(format!(
+                            "the backlog of {what} handed over to {by} is still being taken in"
                         ));
                     }
                     if !self.servers.get(&host).is_some_and(|s| s.failed) {
@@ -565,11 +639,55 @@ impl State {
                     },
                 );
             }
-            Change::HandedOver { adaptor, from, .. } => {
+            Change::CheckStarted { check } => {
+                if self.singletons.get(TIMEOUT_CHECKER) != Some(&check.by) {
+                    return Err(format!("{} does not run the timeout checker", check.by));
+                }
+                if let Some(p) = &self.timeout_checks.pending {
+                    return Err(format!("timeout check {} is still under way", p.check));
+                }
+                if check.check != self.timeout_checks.last + 1 {
+                    return Err(format!(
+                        "timeout check {} is not the next one, {}",
+                        check.check,
+                        self.timeout_checks.last + 1
+                    ));
+                }
+                if check.items.is_empty() {
+                    return Err("a timeout check without items".into());
+                }
+                self.timeout_checks.last = check.check;
+                self.timeout_checks.pending = Some(check.clone());
+            }
+            Change::CheckFinished { check, by, .. } => {
+                if self.singletons.get(TIMEOUT_CHECKER) != Some(by) {
+                    return Err(format!("{by} does not run the timeout checker"));
+                }
+                if self.timeout_checks.pending.as_ref().map(|p| p.check) != Some(*check) {
+                    return Err(format!("timeout check {check} is not under way"));
+                }
+                self.timeout_checks.pending = None;
+            }
+            Change::HandedOver {
+                adaptor,
+                from,
+                items,
+            } => {
                 if self.handovers.get(adaptor) != Some(from) {
                     return Err(format!("no handover of {adaptor} from {from} is pending"));
                 }
                 self.handovers.remove(adaptor);
+                if *items > 0
+                    && let Some(host) = self.adaptors.get(adaptor)
+                {
+                    self.receiving.insert(adaptor.clone(), host.clone());
+                }
+            }
+            Change::Received { adaptor, by } => {
+                if self.receiving.get(adaptor) != Some(by) {
+                    return Err(format!("{by} has no backlog of {adaptor} to take in"));
+                }
+                self.receiving.remove(adaptor);
             }
             Change::Monitoring { node, monitors } => {
                 self.known(node)?;
@@ -746,6 +864,97 @@ mod tests {
     fn limit(s: &mut State, server: &str, services: &[&str]) {
         s.servers.get_mut(server).expect("server").services =
             Some(services.iter().map(|x| x.to_string()).collect());
+    }
+
+    #[test]
+    fn timeout_checks_come_one_at_a_time_from_the_checkers_host_and_survive_a_takeover() {
+        let mut s = three();
+        s.singletons.insert(TIMEOUT_CHECKER.into(), "a".into());
+        let start = |n: u64, by: &str| Change::CheckStarted {
+            check: TimeoutCheck {
+                check: n,
+                by: by.into(),
+                at_ms: 0,
+                items: vec![CheckedItem {
+                    server: "a".into(),
+                    item: crate::repository::OverdueItem {
+                        adaptor: "hr".into(),
+                        source: "/s".into(),
+                        id: "1".into(),
+                        received_ms: 0,
+                        deadline_ms: 1,
+                        by_event: false,
+                    },
+                }],
+            },
+        };
+        let finish = |n: u64, by: &str| Change::CheckFinished {
+            check: n,
+            by: by.into(),
+            parked: 1,
+        };
+        assert!(
+            matches!(apply(&mut s, start(1, "b")), Outcome::Ignored(r) if r.contains("does not run"))
+        );
+        assert!(
+            matches!(apply(&mut s, start(2, "a")), Outcome::Ignored(r) if r.contains("not the next one"))
+        );
+        assert_eq!(apply(&mut s, start(1, "a")), Outcome::Applied);
+        assert!(
+            matches!(apply(&mut s, start(2, "a")), Outcome::Ignored(r) if r.contains("still under way"))
+        );
+        // a fails mid-check: c takes the timeout checker and the check over.
+        let takeover = Change::Takeover {
+            failed: "a".into(),
+            by: "c".into(),
+        };
+        assert_eq!(apply(&mut s, takeover), Outcome::Applied);
+        assert_eq!(s.singletons[TIMEOUT_CHECKER], "c");
+        assert_eq!(s.timeout_checks.pending.as_ref().map(|p| p.check), Some(1));
+        assert!(
+            matches!(apply(&mut s, finish(1, "a")), Outcome::Ignored(r) if r.contains("does not run"))
+        );
+        assert_eq!(apply(&mut s, finish(1, "c")), Outcome::Applied);
+        assert!(
+            matches!(apply(&mut s, finish(1, "c")), Outcome::Ignored(r) if r.contains("not under way"))
+        );
+        assert_eq!(apply(&mut s, start(2, "c")), Outcome::Applied);
+        assert_eq!(s.timeout_checks.last, 2);
+    }
+
+    #[test]
+    fn an_adaptor_moves_again_only_once_its_new_host_took_the_backlog_in() {
+        let mut s = three();
+        assert_eq!(apply(&mut s, mv("hr", "b")), Outcome::Applied);
+        let handed = Change::HandedOver {
+            adaptor: "hr".into(),
+            from: "a".into(),
+            items: 10,
+        };
+        assert_eq!(apply(&mut s, handed), Outcome::Applied);
+        assert_eq!(s.receiving["hr"], "b");
+        assert!(
+            matches!(apply(&mut s, mv("hr", "c")), Outcome::Ignored(r) if r.contains("still being taken in"))
+        );
+        let received = |by: &str| Change::Received {
+            adaptor: "hr".into(),
+            by: by.into(),
+        };
+        assert!(matches!(apply(&mut s, received("c")), Outcome::Ignored(_)));
+        // b fails before it took the backlog in: its taker does.
+        let mut t = s.clone();
+        let takeover = Change::Takeover {
+            failed: "b".into(),
+            by: "a".into(),
+        };
+        assert_eq!(apply(&mut t, takeover), Outcome::Applied);
+        assert_eq!(t.receiving["hr"], "a");
+        assert_eq!(apply(&mut s, received("b")), Outcome::Applied);
+        assert!(s.receiving.is_empty());
+        assert_eq!(apply(&mut s, mv("hr", "c")), Outcome::Applied);
+        // Nothing handed over: nothing to take in.
+        assert_eq!(apply(&mut s, handed_over("hr", "b")), Outcome::Applied);
+        assert!(s.receiving.is_empty());
     }
 
     #[test]

@@ -116,26 +116,30 @@ pub async fn move_to(
             let mut code = 0;
             if let Some(limit) = wait.filter(|_| state.handovers.contains_key(what)) {
                 let mut rx = topology.subscribe();
-                let done =
-                    tokio::time::timeout(limit, rx.wait_for(|s| !s.handovers.contains_key(what)))
-                        .await;
+                let done = tokio::time::timeout(
+                    limit,
+                    rx.wait_for(|s| {
+                        !s.handovers.contains_key(what) && !s.receiving.contains_key(what)
+                    }),
+                )
+                .await;
                 state = topology.state();
                 if matches!(done, Ok(Ok(_))) {
                     text.push_str(&format!(
-                        "\nbacklog handed over by {from}; {to} runs {what} now (epoch {})",
+                        "\nbacklog handed over by {from} and taken in by {to}, which runs {what} now (epoch {})",
                         state.epoch
                     ));
                 } else {
                     text.push_str(&format!(
-                        "\n{from} has not handed the backlog over within {}: is it running? \
-                         {to} starts {what} once it has (`provring topology show` tells).",
+                        "\nthe backlog was not handed over by {from} and taken in by {to} within {}: \
+                         are both running? It goes on by itself (`provring topology show` tells).",
                         humantime::format_duration(limit)
                     ));
                     code = 3;
                 }
             } else if singleton {
                 text.push_str(&format!(
-                    "\nthe {what} is placed in the topology but does not run yet in this version"
+                    "\n{from} stopped the {what}; {to} runs it from now on"
                 ));
             }
             (text, code)
@@ -179,6 +183,11 @@ pub fn render(state: &State) -> String {
             "\n  {name:<16} (its backlog is still being handed over by {from})"
         ));
     }
+    for (name, by) in &state.receiving {
+        out.push_str(&format!(
+            "\n  {name:<16} (its handed-over backlog is still being taken in by {by})"
+        ));
+    }
     out.push_str("\n\nsingleton services:");
     if state.singletons.is_empty() {
         out.push_str("\n  (no server is eligible)");
@@ -194,6 +203,22 @@ pub fn render(state: &State) -> String {
             );
             let what = if f.published { "fired" } else { "skipped" };
             out.push_str(&format!("\n  {name:<16} {when} {what} by {}", f.by));
+        }
+    }
+    let checks = &state.timeout_checks;
+    if !checks.is_empty() {
+        out.push_str(&format!(
+            "\n\ntimeout checks that found overdue events: {}",
+            checks.last
+        ));
+        if let Some(p) = &checks.pending {
+            out.push_str(&format!(
+                "\n  check {} under way: {} events, started by {} at {}",
+                p.check,
+                p.items.len(),
+                p.by,
+                crate::timeout::rfc3339(p.at_ms)
+            ));
         }
     }
     out

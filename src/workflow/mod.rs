@@ -18,7 +18,7 @@ pub mod targets;
 
 use crate::broker::{Publisher, declare::parking_queue};
 use crate::config::RetryConfig;
-use crate::repository::{Repository, StoredItem, now_ms};
+use crate::repository::{ClaimRefused, Repository, StoredItem, now_ms};
 use crate::stats::Stats;
 use crate::topology::Fence;
 use futures::StreamExt;
@@ -319,9 +319,19 @@ async fn attempt(w: Arc<Worker>, mut item: StoredItem) -> Outcome {
     if !w.fence.hosts(&w.adaptor) {
         return Outcome::Again(Box::new(item), Duration::from_millis(500));
     }
+    // The only one to act on the item until this returns (a timeout check
+    // may be parking it, or has).
+    let _claim = match w.repo.claim(&item) {
+        Ok(claim) => claim,
+        Err(ClaimRefused::Finished) => return Outcome::Finished(item.subject.clone()),
+        Err(ClaimRefused::Busy) => {
+            return Outcome::Again(Box::new(item), Duration::from_millis(200));
+        }
+    };
     if let Some(reason) = item.state.park_reason.clone() {
         return park(&w, item, reason).await;
     }
+
     let deadline_ms = item
         .received_ms
         .saturating_add(w.retry.deadline.as_millis() as u64);
@@ -393,23 +403,33 @@ async fn attempt(w: Arc<Worker>, mut item: StoredItem) -> Outcome {
     }
 }
 
-/// Publish the item to the parking queue with its reason, then remove it.
-async fn park(w: &Worker, mut item: StoredItem, reason: String) -> Outcome {
+/// Publish `item` to the parking queue `queue` with its reason (headers
+/// `x-provring-reason`, `-adaptor`, `-source`, `-id`, `-attempts`), with
+/// publisher confirm. The caller removes it from the repository.
+pub async fn publish_parked(
+    parking: &Publisher,
+    queue: &str,
+    item: &StoredItem,
+    reason: &str,
+) -> Result<(), crate::broker::PublishError> {
     let mut headers = FieldTable::default();
     let text = |s: &str| AMQPValue::LongString(s.into());
-    headers.insert("x-provring-reason".into(), text(&reason));
-    headers.insert("x-provring-adaptor".into(), text(&w.adaptor));
+    headers.insert("x-provring-reason".into(), text(reason));
+    headers.insert("x-provring-adaptor".into(), text(&item.adaptor));
     headers.insert("x-provring-source".into(), text(&item.source));
     headers.insert("x-provring-id".into(), text(&item.id));
     headers.insert(
         "x-provring-attempts".into(),
         AMQPValue::LongUInt(item.state.attempts),
     );
-    match w
-        .parking
-        .publish("", &w.parking_queue, item.body.as_bytes(), headers)
+    parking
+        .publish("", queue, item.body.as_bytes(), headers)
         .await
-    {
+}
+
+/// Publish the item to the parking queue with its reason, then remove it.
+async fn park(w: &Worker, mut item: StoredItem, reason: String) -> Outcome {
+    match publish_parked(&w.parking, &w.parking_queue, &item, &reason).await {
         Ok(()) => {
             tracing::warn!(adaptor = %w.adaptor, event = %item.identity(), %reason, "Event parked.");
             w.stats.parked.fetch_add(1, Relaxed);

@@ -92,7 +92,9 @@ async fn an_adaptor_moves_with_its_backlog_and_back() {
     );
     let by_c = arrivals_from_after(recorder, "c", moved_at);
     println!("{delivered_at_move} delivered by b before the move; {by_c} requests from c after it");
-    assert!(by_c >= 3500 - delivered_at_move);
+    // c starts delivering while it takes the backlog in, before the command
+    // returns: up to `concurrency` (2) of its requests were in flight then.
+    assert!(by_c + 2 >= 3500 - delivered_at_move);
 
     // Refused moves name the reason and change nothing.
     let (code, out, _) = provring_move(path, &["feed_b", "--to", "c"]).await;

@@ -67,10 +67,19 @@ pub fn rabbitmqctl(port: u16, args: &[&str]) {
     assert!(status.success(), "rabbitmqctl {args:?} failed");
 }
 
-/// A free local port for an admin address.
+/// A free local port for an admin address, never one handed out before in
+/// this test process (the OS may offer a port again once its listener is
+/// closed, and two servers of one ring would then share it).
 pub fn free_addr() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").to_string()
+    static GIVEN: OnceLock<Mutex<HashSet<u16>>> = OnceLock::new();
+    let given = GIVEN.get_or_init(Mutex::default);
+    loop {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr");
+        if given.lock().expect("lock").insert(addr.port()) {
+            return addr.to_string();
+        }
+    }
 }
 
 /// A fresh namespace, so that tests can share a broker.
@@ -751,4 +760,77 @@ impl Ring {
             _cleanup: cleanup,
         }
     }
+}
+
+/// A minimal SMTP server that keeps every message it receives.
+#[derive(Clone, Default)]
+pub struct SmtpSink {
+    pub messages: Arc<Mutex<Vec<String>>>,
+}
+
+impl SmtpSink {
+    pub async fn start(&self) -> u16 {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind smtp");
+        let port = listener.local_addr().expect("addr").port();
+        let messages = self.messages.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let messages = messages.clone();
+                tokio::spawn(async move {
+                    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+                    let (read, mut write) = stream.into_split();
+                    let mut lines = tokio::io::BufReader::new(read).lines();
+                    let _ = write.write_all(b"220 sink ESMTP\r\n").await;
+                    let mut data: Option<String> = None;
+                    while let Ok(Some(line)) = lines.next_line().await {
+                        if let Some(body) = data.as_mut() {
+                            if line == "." {
+                                messages
+                                    .lock()
+                                    .expect("lock")
+                                    .push(data.take().unwrap_or_default());
+                                let _ = write.write_all(b"250 queued\r\n").await;
+                            } else {
+                                body.push_str(&line);
+                                body.push('\n');
+                            }
+                            continue;
+                        }
+                        let verb = line.split_whitespace().next().unwrap_or("").to_uppercase();
+                        let reply: &[u8] = match verb.as_str() {
+                            "DATA" => {
+                                data = Some(String::new());
+                                b"354 go on\r\n"
+                            }
+                            "QUIT" => {
+                                let _ = write.write_all(b"221 bye\r\n").await;
+                                break;
+                            }
+                            _ => b"250 ok\r\n",
+                        };
+                        let _ = write.write_all(reply).await;
+                    }
+                });
+            }
+        });
+        port
+    }
+
+    pub fn count(&self, needle: &str) -> usize {
+        self.messages
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|m| m.contains(needle))
+            .count()
+    }
+}
+
+/// The `[alerts]` section for an [`SmtpSink`] on `port`.
+pub fn alerts(port: u16) -> String {
+    format!(
+        "[alerts]\nsmtp_host = \"127.0.0.1\"\nsmtp_port = {port}\nfrom = \"provring@example.test\"\nto = [\"ops@example.test\"]\ntimeout = \"5s\"\n"
+    )
 }

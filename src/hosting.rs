@@ -408,7 +408,13 @@ fn start_adaptor(
         .targets
         .get(&a.target)
         .ok_or_else(|| format!("target {:?} is not in the cluster file", a.target))?;
-    let target = targets::build(&a.target, target_config)
+    // Every socket write to the target checks that this server still hosts
+    // the adaptor under an open fence: a process resuming from a freeze
+    // sends nothing for an adaptor it was relieved of meanwhile.
+    let fence = ctx.fence.clone();
+    let adaptor = name.to_owned();
+    let gate: targets::Gate = Arc::new(move || fence.hosts(&adaptor));
+    let target = targets::build(&a.target, target_config, gate)
         .map_err(|reason| format!("target {}: {reason}", a.target))?;
     let (executor, items_tx) = Executor::new(
         name,

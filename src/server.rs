@@ -127,7 +127,8 @@ pub async fn start(config: &Config, node: &str) -> Result<Running, ServerError> 
     // Fail early on a target that cannot be built.
     for name in state.adaptors_of(node) {
         if let Some(a) = config.adaptors.get(&name) {
-            targets::build(&a.target, &config.targets[&a.target]).map_err(|reason| {
+            let gate = targets::open_gate();
+            targets::build(&a.target, &config.targets[&a.target], gate).map_err(|reason| {
                 ServerError::Target {
                     name: a.target.clone(),
                     reason,

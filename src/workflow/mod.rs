@@ -365,6 +365,11 @@ async fn attempt(w: Arc<Worker>, mut item: StoredItem) -> Outcome {
             return Outcome::Again(Box::new(item), Duration::from_millis(100));
         }
     };
+    // A failure while the fence shut (the target's sockets refuse to write
+    // then) is no attempt: nothing is counted, saved or parked from here.
+    if result.is_err() && !w.fence.hosts(&w.adaptor) {
+        return Outcome::Again(Box::new(item), Duration::from_millis(100));
+    }
     item.state.attempts += 1;
     match result {
         Ok(()) => {

@@ -2,9 +2,11 @@
 //! server: a [`Target`] takes an event and says whether it was applied, and
 //! if not, whether a retry can help.
 
+pub mod http;
 mod scim;
 mod webhook;
 
+pub use http::{Gate, HttpClient, open_gate};
 pub use scim::ScimTarget;
 pub use webhook::WebhookTarget;
 
@@ -41,8 +43,9 @@ pub trait Target: Send + Sync {
     fn deliver<'a>(&'a self, delivery: Delivery<'a>) -> BoxFuture<'a, Result<(), TargetError>>;
 }
 
-/// Build the target described by `config`.
-pub fn build(name: &str, config: &TargetConfig) -> Result<Arc<dyn Target>, String> {
+/// Build the target described by `config`; its requests leave only while
+/// `gate` is open (see [`http`]).
+pub fn build(name: &str, config: &TargetConfig, gate: Gate) -> Result<Arc<dyn Target>, String> {
     let url = || {
         config
             .url
@@ -53,12 +56,12 @@ pub fn build(name: &str, config: &TargetConfig) -> Result<Arc<dyn Target>, Strin
         TargetKind::Null => Arc::new(NullTarget),
         TargetKind::Webhook => Arc::new(WebhookTarget::new(
             url()?,
-            http_client(config)?,
+            HttpClient::new(config.timeout, gate)?,
             Auth::from_config(config.auth.as_ref())?,
         )),
         TargetKind::Scim => Arc::new(ScimTarget::new(
             url()?,
-            http_client(config)?,
+            HttpClient::new(config.timeout, gate)?,
             Auth::from_config(config.auth.as_ref())?,
         )),
     })
@@ -73,64 +76,55 @@ impl Target for NullTarget {
     }
 }
 
-fn http_client(config: &TargetConfig) -> Result<reqwest::Client, String> {
-    reqwest::Client::builder()
-        .timeout(config.timeout)
-        .connect_timeout(config.timeout)
-        .pool_max_idle_per_host(64)
-        .user_agent(concat!("provring/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .map_err(|e| format!("cannot build HTTP client: {e}"))
-}
-
-/// Resolved credentials. `Debug` never shows them.
+/// Resolved credentials: the `Authorization` header value, marked
+/// sensitive. `Debug` never shows it.
 #[derive(Clone)]
-pub enum Auth {
-    None,
-    Bearer(String),
-    Basic(String, String),
-}
+pub struct Auth(Option<::http::HeaderValue>);
 
 impl std::fmt::Debug for Auth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Auth::None => "Auth::None",
-            Auth::Bearer(_) => "Auth::Bearer(<redacted>)",
-            Auth::Basic(..) => "Auth::Basic(<redacted>)",
+        f.write_str(match self.0 {
+            None => "Auth(none)",
+            Some(_) => "Auth(<redacted>)",
         })
     }
 }
 
 impl Auth {
     pub fn from_config(config: Option<&AuthConfig>) -> Result<Auth, String> {
+        use base64::Engine;
         let Some(c) = config else {
-            return Ok(Auth::None);
+            return Ok(Auth(None));
         };
-        if let Some(token) = &c.bearer_token {
-            return Ok(Auth::Bearer(token.clone()));
-        }
-        if let Some(path) = &c.bearer_token_file {
+        let (value, what) = if let Some(token) = &c.bearer_token {
+            (format!("Bearer {}", token.trim()), "bearer_token")
+        } else if let Some(path) = &c.bearer_token_file {
             let token = std::fs::read_to_string(path)
                 .map_err(|e| format!("cannot read bearer token file {}: {e}", path.display()))?;
-            return Ok(Auth::Bearer(token.trim().to_owned()));
-        }
-        match (&c.username, &c.password) {
-            (Some(u), Some(p)) => Ok(Auth::Basic(u.clone(), p.clone())),
-            _ => Ok(Auth::None),
-        }
+            (format!("Bearer {}", token.trim()), "bearer_token_file")
+        } else if let (Some(u), Some(p)) = (&c.username, &c.password) {
+            let pair = base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"));
+            (format!("Basic {pair}"), "username/password")
+        } else {
+            return Ok(Auth(None));
+        };
+        let mut header = ::http::HeaderValue::try_from(value)
+            .map_err(|_| format!("auth {what}: holds a character not allowed in an HTTP header"))?;
+        header.set_sensitive(true);
+        Ok(Auth(Some(header)))
     }
 
-    pub fn apply(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
-        match self {
-            Auth::None => request,
-            Auth::Bearer(token) => request.bearer_auth(token),
-            Auth::Basic(u, p) => request.basic_auth(u, Some(p)),
+    /// Add the `Authorization` header, if any.
+    pub fn apply(&self, request: ::http::request::Builder) -> ::http::request::Builder {
+        match &self.0 {
+            None => request,
+            Some(v) => request.header(::http::header::AUTHORIZATION, v.clone()),
         }
     }
 }
 
 /// Classify an HTTP status: `None` for success.
-pub fn classify_status(status: reqwest::StatusCode, context: &str) -> Option<TargetError> {
+pub fn classify_status(status: ::http::StatusCode, context: &str) -> Option<TargetError> {
     if status.is_success() {
         return None;
     }
@@ -143,24 +137,10 @@ pub fn classify_status(status: reqwest::StatusCode, context: &str) -> Option<Tar
     }
 }
 
-/// Classify a transport error (always transient: the request may not have
-/// reached the target, and the idempotency key makes a retry safe).
-pub fn classify_transport(error: &reqwest::Error, context: &str) -> TargetError {
-    let what = if error.is_timeout() {
-        "timed out".to_owned()
-    } else if error.is_connect() {
-        "connection failed".to_owned()
-    } else {
-        "request failed".to_owned()
-    };
-    // reqwest's Display may include the URL but never headers or bodies.
-    TargetError::Transient(format!("{context} {what}: {error}"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use reqwest::StatusCode;
+    use ::http::StatusCode;
 
     #[test]
     fn statuses_are_classified() {
@@ -184,7 +164,18 @@ mod tests {
 
     #[test]
     fn auth_debug_hides_secrets() {
-        let a = Auth::Bearer("s3cret".into());
+        let config = AuthConfig {
+            bearer_token: Some("s3cret".into()),
+            ..AuthConfig::default()
+        };
+        let a = Auth::from_config(Some(&config)).expect("auth");
         assert!(!format!("{a:?}").contains("s3cret"));
+        let request = a
+            .apply(::http::Request::builder())
+            .body(())
+            .expect("request");
+        let header = &request.headers()[::http::header::AUTHORIZATION];
+        assert_eq!(header, "Bearer s3cret");
+        assert!(header.is_sensitive());
     }
 }

@@ -11,9 +11,12 @@
 //! A user that an update, enable, disable or password change needs but that
 //! the service does not have is a permanent error (parked with the reason).
 
-use super::{Auth, Delivery, Target, TargetError, classify_status, classify_transport};
+use super::http::Response;
+use super::{Auth, Delivery, HttpClient, Target, TargetError, classify_status};
 use crate::event::EventType;
+use bytes::Bytes;
 use futures::future::BoxFuture;
+use http::Method;
 use serde_json::{Map, Value, json};
 
 const USER_SCHEMA: &str = "urn:ietf:params:scim:schemas:core:2.0:User";
@@ -23,12 +26,12 @@ const SCIM_JSON: &str = "application/scim+json";
 
 pub struct ScimTarget {
     base: String,
-    client: reqwest::Client,
+    client: HttpClient,
     auth: Auth,
 }
 
 impl ScimTarget {
-    pub fn new(base: String, client: reqwest::Client, auth: Auth) -> ScimTarget {
+    pub fn new(base: String, client: HttpClient, auth: Auth) -> ScimTarget {
         ScimTarget {
             base: base.trim_end_matches('/').to_owned(),
             client,
@@ -53,16 +56,32 @@ impl ScimTarget {
         Ok(url)
     }
 
+    /// Send a SCIM request: `body` is JSON (sent as `application/scim+json`)
+    /// unless `None`; `key` goes as `Idempotency-Key`.
     async fn send(
         &self,
-        request: reqwest::RequestBuilder,
+        method: Method,
+        url: &str,
+        key: Option<&str>,
+        body: Option<&Value>,
         what: &str,
-    ) -> Result<reqwest::Response, TargetError> {
-        self.auth
-            .apply(request.header("accept", SCIM_JSON))
-            .send()
+    ) -> Result<Response, TargetError> {
+        let mut request = HttpClient::request(method, url).header("accept", SCIM_JSON);
+        if let Some(key) = key {
+            request = request.header("idempotency-key", key);
+        }
+        let bytes = match body {
+            Some(body) => {
+                request = request.header("content-type", SCIM_JSON);
+                Bytes::from(serde_json::to_vec(body).map_err(|e| {
+                    TargetError::Permanent(format!("{what}: cannot encode the body: {e}"))
+                })?)
+            }
+            None => Bytes::new(),
+        };
+        self.client
+            .send(self.auth.apply(request), bytes, what)
             .await
-            .map_err(|e| classify_transport(&e, what))
     }
 
     /// The service's id of `user_name`, if it has that user.
@@ -75,11 +94,13 @@ impl ScimTarget {
             TargetError::Permanent(format!("SCIM base URL {:?} is unusable: {e}", self.base))
         })?;
         url.query_pairs_mut().append_pair("filter", &filter);
-        let response = self.send(self.client.get(url), "SCIM user lookup").await?;
-        if let Some(e) = classify_status(response.status(), "SCIM user lookup") {
+        let response = self
+            .send(Method::GET, url.as_str(), None, None, "SCIM user lookup")
+            .await?;
+        if let Some(e) = classify_status(response.status, "SCIM user lookup") {
             return Err(e);
         }
-        let body: Value = response.json().await.map_err(|e| {
+        let body: Value = serde_json::from_slice(&response.body).map_err(|e| {
             TargetError::Transient(format!("SCIM user lookup returned unreadable JSON: {e}"))
         })?;
         // Take only a resource whose userName matches (case-insensitively,
@@ -108,28 +129,24 @@ impl ScimTarget {
 
     async fn expect_ok(
         &self,
-        request: reqwest::RequestBuilder,
+        method: Method,
+        url: &str,
+        key: &str,
+        body: Option<&Value>,
         what: &str,
-    ) -> Result<reqwest::StatusCode, TargetError> {
-        let status = self.send(request, what).await?.status();
+    ) -> Result<(), TargetError> {
+        let status = self.send(method, url, Some(key), body, what).await?.status;
         match classify_status(status, what) {
-            None => Ok(status),
+            None => Ok(()),
             Some(e) => Err(e),
         }
     }
 
     async fn patch(&self, id: &str, ops: Value, key: &str) -> Result<(), TargetError> {
         let body = json!({"schemas": [PATCH_SCHEMA], "Operations": ops});
-        self.expect_ok(
-            self.client
-                .patch(self.user(id)?)
-                .header("idempotency-key", key)
-                .header("content-type", SCIM_JSON)
-                .json(&body),
-            "SCIM PATCH",
-        )
-        .await
-        .map(|_| ())
+        let url = self.user(id)?;
+        self.expect_ok(Method::PATCH, url.as_str(), key, Some(&body), "SCIM PATCH")
+            .await
     }
 }
 
@@ -158,29 +175,23 @@ impl Target for ScimTarget {
             let key = d.identity.idempotency_key();
             match d.event_type {
                 EventType::AccountCreate => {
+                    let resource = user_resource(data);
                     let status = self
                         .send(
-                            self.client
-                                .post(self.users())
-                                .header("idempotency-key", &key)
-                                .header("content-type", SCIM_JSON)
-                                .json(&user_resource(data)),
+                            Method::POST,
+                            &self.users(),
+                            Some(&key),
+                            Some(&resource),
                             "SCIM POST",
                         )
                         .await?
-                        .status();
+                        .status;
                     if status.as_u16() == 409 {
                         let id = self.require(user_name).await?;
-                        self.expect_ok(
-                            self.client
-                                .put(self.user(&id)?)
-                                .header("idempotency-key", &key)
-                                .header("content-type", SCIM_JSON)
-                                .json(&user_resource(data)),
-                            "SCIM PUT",
-                        )
-                        .await?;
-                        return Ok(());
+                        let url = self.user(&id)?;
+                        return self
+                            .expect_ok(Method::PUT, url.as_str(), &key, Some(&resource), "SCIM PUT")
+                            .await;
                     }
                     match classify_status(status, "SCIM POST") {
                         None => Ok(()),
@@ -218,15 +229,17 @@ impl Target for ScimTarget {
                     let Some(id) = self.lookup(user_name).await? else {
                         return Ok(());
                     };
+                    let url = self.user(&id)?;
                     let status = self
                         .send(
-                            self.client
-                                .delete(self.user(&id)?)
-                                .header("idempotency-key", &key),
+                            Method::DELETE,
+                            url.as_str(),
+                            Some(&key),
+                            None,
                             "SCIM DELETE",
                         )
                         .await?
-                        .status();
+                        .status;
                     if status.as_u16() == 404 {
                         return Ok(());
                     }

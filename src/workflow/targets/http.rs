@@ -1,0 +1,312 @@
+//! The targets' HTTP client: hyper over sockets that ask a [`Gate`] before
+//! every write.
+//!
+//! The fence check at the start of an attempt is not enough on its own: a
+//! server frozen (SIGSTOP, a paused VM) between that check and the moment
+//! its request reaches the socket would, once resumed, send a request for an
+//! adaptor that was taken over meanwhile. Checking at the socket closes
+//! that window: after a freeze the fence stays shut until the topology
+//! reader has caught up, so no byte for a surrendered adaptor leaves the
+//! process. A write refused by the gate fails the request like a broken
+//! connection (a transient error; the item is retried, same key, by
+//! whoever hosts it).
+
+use super::TargetError;
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::Uri;
+use hyper::rt::{Read, ReadBufCursor, Write};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
+use hyper_util::rt::TokioExecutor;
+use rustls_platform_verifier::ConfigVerifierExt;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+/// Whether this server may send to the target now.
+pub type Gate = Arc<dyn Fn() -> bool + Send + Sync>;
+
+/// A gate that is always open (building a target only to check it).
+pub fn open_gate() -> Gate {
+    Arc::new(|| true)
+}
+
+/// Largest response body read (SCIM lookups); more is a transient error.
+const MAX_BODY: usize = 4 << 20;
+
+/// A target's answer: status and body.
+pub struct Response {
+    pub status: http::StatusCode,
+    pub body: Bytes,
+}
+
+/// HTTP/1.1 and HTTP/2 client (TLS with the platform's roots) whose every
+/// socket write passes the gate.
+#[derive(Clone)]
+pub struct HttpClient {
+    client: Client<HttpsConnector<GatedConnector>, Full<Bytes>>,
+    timeout: Duration,
+}
+
+impl HttpClient {
+    /// `timeout` bounds connecting and each whole request.
+    pub fn new(timeout: Duration, gate: Gate) -> Result<HttpClient, String> {
+        let tls = rustls::ClientConfig::with_platform_verifier()
+            .map_err(|e| format!("cannot load the TLS root certificates: {e}"))?;
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_connect_timeout(Some(timeout));
+        http.set_nodelay(true);
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(GatedConnector { inner: http, gate });
+        let client = Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(64)
+            .build(connector);
+        Ok(HttpClient { client, timeout })
+    }
+
+    /// A request to `url` with the user agent set.
+    pub fn request(method: http::Method, url: &str) -> http::request::Builder {
+        http::Request::builder().method(method).uri(url).header(
+            http::header::USER_AGENT,
+            concat!("provring/", env!("CARGO_PKG_VERSION")),
+        )
+    }
+
+    /// Send `request` with `body`; `what` names it in errors. Transport
+    /// failures and timeouts are transient; a request that cannot be built
+    /// (bad URL or header) is permanent.
+    pub async fn send(
+        &self,
+        request: http::request::Builder,
+        body: Bytes,
+        what: &str,
+    ) -> Result<Response, TargetError> {
+        let request = request.body(Full::new(body)).map_err(|e| {
+            TargetError::Permanent(format!("{what}: cannot build the request: {e}"))
+        })?;
+        let exchange = async {
+            let response = self.client.request(request).await.map_err(|e| {
+                let kind = if e.is_connect() {
+                    "connection failed"
+                } else {
+                    "request failed"
+                };
+                TargetError::Transient(format!("{what} {kind}: {}", error_chain(&e)))
+            })?;
+            let status = response.status();
+            let body = Limited::new(response.into_body(), MAX_BODY)
+                .collect()
+                .await
+                .map_err(|e| {
+                    TargetError::Transient(format!("{what}: cannot read the answer: {e}"))
+                })?
+                .to_bytes();
+            Ok(Response { status, body })
+        };
+        match tokio::time::timeout(self.timeout, exchange).await {
+            Ok(result) => result,
+            Err(_) => Err(TargetError::Transient(format!(
+                "{what} timed out after {}",
+                humantime::format_duration(self.timeout)
+            ))),
+        }
+    }
+}
+
+/// An error and its causes, `: `-separated (hyper's own text is terse).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// Plain TCP connector whose connections carry the gate.
+#[derive(Clone)]
+pub struct GatedConnector {
+    inner: HttpConnector,
+    gate: Gate,
+}
+
+impl tower_service::Service<Uri> for GatedConnector {
+    type Response = GatedIo<<HttpConnector as tower_service::Service<Uri>>::Response>;
+    type Error = <HttpConnector as tower_service::Service<Uri>>::Error;
+    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let gate = self.gate.clone();
+        let connecting = self.inner.call(uri);
+        Box::pin(async move {
+            Ok(GatedIo {
+                io: connecting.await?,
+                gate,
+            })
+        })
+    }
+}
+
+/// A connection that refuses to write while the gate is shut.
+pub struct GatedIo<T> {
+    io: T,
+    gate: Gate,
+}
+
+impl<T> GatedIo<T> {
+    fn check(&self) -> io::Result<()> {
+        if (self.gate)() {
+            Ok(())
+        } else {
+            Err(io::Error::other(
+                "fenced: this server may not deliver for this adaptor now",
+            ))
+        }
+    }
+}
+
+impl<T: Read + Unpin> Read for GatedIo<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: Write + Unpin> Write for GatedIo<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if let Err(e) = self.check() {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        if let Err(e) = self.check() {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+impl<T: Connection> Connection for GatedIo<T> {
+    fn connected(&self) -> Connected {
+        self.io.connected()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A one-request-per-connection HTTP server on loopback that counts
+    /// the requests it saw.
+    async fn server() -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let seen = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let counter = counter.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    let mut got = Vec::new();
+                    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match socket.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => got.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    let _ = socket
+                        .write_all(b"HTTP/1.1 204 No Content\r\nconnection: close\r\n\r\n")
+                        .await;
+                });
+            }
+        });
+        (format!("http://{addr}/"), seen)
+    }
+
+    #[tokio::test]
+    async fn a_shut_gate_sends_nothing() {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let (url, seen) = server().await;
+        let open = Arc::new(AtomicBool::new(true));
+        let flag = open.clone();
+        let client = HttpClient::new(
+            Duration::from_secs(5),
+            Arc::new(move || flag.load(Ordering::SeqCst)),
+        )
+        .expect("client");
+        let send = || {
+            client.send(
+                HttpClient::request(http::Method::POST, &url),
+                Bytes::from_static(b"{}"),
+                "test",
+            )
+        };
+        let first = send().await.expect("open gate");
+        assert_eq!(first.status, http::StatusCode::NO_CONTENT);
+        assert_eq!(seen.load(Ordering::SeqCst), 1);
+
+        open.store(false, Ordering::SeqCst);
+        match send().await {
+            Err(TargetError::Transient(reason)) => assert!(reason.contains("fenced"), "{reason}"),
+            Err(e) => panic!("expected a transient error, got {e:?}"),
+            Ok(r) => panic!("sent through a shut gate: {}", r.status),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(
+            seen.load(Ordering::SeqCst),
+            1,
+            "a request left through a shut gate"
+        );
+
+        open.store(true, Ordering::SeqCst);
+        send().await.expect("gate open again");
+        assert_eq!(seen.load(Ordering::SeqCst), 2);
+    }
+}

@@ -166,18 +166,24 @@ pub async fn publish_bodies(
     let mut last_report = Instant::now();
     let mut pending = FuturesUnordered::new();
     // Bodies the broker refused, with the attempts made: a nack means the
-    // message was not taken, so it goes out again (after the rest, so a
-    // stream of nacks cannot hold up the others).
+    // message was not taken, so it goes out again, after the rest (so a
+    // stream of nacks cannot hold up the others; a re-sent event may thus
+    // come after later events of the same account).
     let mut refused: VecDeque<(Vec<u8>, u32)> = VecDeque::new();
-    let (mut published, mut republished, mut nacked) = (0u64, 0u64, 0u64);
-    let mut bodies = bodies.map(|b| (b, 1u32));
+    let mut counts = Counts::default();
+    let mut bodies = bodies.map(|b| (b, 1u32)).fuse();
+    let mut retrying = false;
     loop {
-        let Some((body, attempt)) = bodies.next().or_else(|| refused.pop_front()) else {
+        let next = match bodies.next() {
+            Some(fresh) => Some(fresh),
+            None => refused.pop_front(),
+        };
+        let Some((body, attempt)) = next else {
             // Nothing to send now: wait for a confirm, which may bring a
             // refused body back.
             match pending.next().await {
                 Some(c) => {
-                    settle(c, &mut refused, &mut nacked, timeout)?;
+                    settle(c, &mut refused, &mut counts, timeout)?;
                     continue;
                 }
                 None => break,
@@ -186,12 +192,13 @@ pub async fn publish_bodies(
         if pending.len() >= IN_FLIGHT
             && let Some(c) = pending.next().await
         {
-            settle(c, &mut refused, &mut nacked, timeout)?;
+            settle(c, &mut refused, &mut counts, timeout)?;
         }
-        if attempt > 1 {
-            republished += 1;
-            tokio::time::sleep(Duration::from_millis(20 * u64::from(attempt))).await;
+        // One short pause per round of re-sends gives the broker a moment.
+        if attempt > 1 && !retrying {
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        retrying = attempt > 1;
         let confirm = channel
             .basic_publish(
                 exchange.as_str().into(),
@@ -202,27 +209,36 @@ pub async fn publish_bodies(
             )
             .await
             .map_err(BrokerError::op("basic.publish"))?;
-        pending.push(async move { (tokio::time::timeout(timeout, confirm).await, body, attempt) });
+        let confirm = tokio::time::timeout(timeout, confirm);
+        pending.push(async move { (confirm.await, body, attempt) });
         if attempt == 1 {
-            published += 1;
+            counts.published += 1;
         }
         if progress && last_report.elapsed() > Duration::from_secs(5) {
-            eprintln!("published {published} so far...");
+            eprintln!("published {} so far...", counts.published);
             last_report = Instant::now();
         }
     }
     let elapsed = started.elapsed();
     let _ = channel.close(200, "done".into()).await;
     broker.close().await;
-    if nacked > 0 {
-        return Err(PublishCmdError::Nacked(nacked));
+    if counts.nacked > 0 {
+        return Err(PublishCmdError::Nacked(counts.nacked));
     }
     Ok(Summary {
-        published,
+        published: counts.published,
         queue: full,
         elapsed,
-        republished,
+        republished: counts.republished,
     })
+}
+
+/// Messages published, taken only on a later attempt, and refused for good.
+#[derive(Default)]
+struct Counts {
+    published: u64,
+    republished: u64,
+    nacked: u64,
 }
 
 /// What one publish came to: the confirm (or its timeout), the body, and
@@ -238,7 +254,7 @@ type Settled = (
 fn settle(
     (confirm, body, attempt): Settled,
     refused: &mut VecDeque<(Vec<u8>, u32)>,
-    nacked: &mut u64,
+    counts: &mut Counts,
     timeout: Duration,
 ) -> Result<(), BrokerError> {
     match confirm {
@@ -247,10 +263,15 @@ fn settle(
             Ok(())
         }
         Ok(Ok(Confirmation::Nack(_))) => {
-            *nacked += 1;
+            counts.nacked += 1;
             Ok(())
         }
-        Ok(Ok(_)) => Ok(()),
+        Ok(Ok(_)) => {
+            if attempt > 1 {
+                counts.republished += 1;
+            }
+            Ok(())
+        }
         Ok(Err(e)) => Err(BrokerError::Op {
             op: "publisher confirm",
             source: e,

@@ -72,6 +72,9 @@ kind = "provisioning"
 queue = "q"
 server = "zz"
 target = "t"
+[targets.u]
+kind = "webhook"
+url = "https://user:s3cret@example.com/hook"
 [retry]
 jitter = 4.0
 "#,
@@ -94,10 +97,12 @@ jitter = 4.0
         "adaptors.x.server",
         "adaptors.x.target",
         "retry.jitter",
+        "targets.u.url: holds credentials",
     ] {
         assert!(text.contains(key), "missing problem for {key}");
     }
-    assert!(text.contains("7 problems"));
+    assert!(!text.contains("s3cret"), "a secret reached the output");
+    assert!(text.contains("8 problems"));
 }
 
 #[test]

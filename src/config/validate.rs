@@ -260,6 +260,10 @@ pub fn validate(config: &Config) -> Vec<Problem> {
             (TargetKind::Null, _) => {}
             (_, None) => add(key("url"), "is required for this kind of target".into()),
             (_, Some(url)) => match url::Url::parse(url) {
+                Ok(u) if !u.username().is_empty() || u.password().is_some() => add(
+                    key("url"),
+                    format!("holds credentials, which are not sent; use targets.{name}.auth"),
+                ),
                 Ok(u) if u.scheme() == "http" || u.scheme() == "https" => {}
                 Ok(u) => add(
                     key("url"),

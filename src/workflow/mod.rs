@@ -365,9 +365,9 @@ async fn attempt(w: Arc<Worker>, mut item: StoredItem) -> Outcome {
             return Outcome::Again(Box::new(item), Duration::from_millis(100));
         }
     };
-    // A failure while the fence shut (the target's sockets refuse to write
-    // then) is no attempt: nothing is counted, saved or parked from here.
-    if result.is_err() && !w.fence.hosts(&w.adaptor) {
+    // A request the fence stopped at the socket is no attempt: nothing is
+    // counted, saved or parked from here.
+    if let Err(TargetError::Fenced(_)) = result {
         return Outcome::Again(Box::new(item), Duration::from_millis(100));
     }
     item.state.attempts += 1;
@@ -380,7 +380,7 @@ async fn attempt(w: Arc<Worker>, mut item: StoredItem) -> Outcome {
         Err(TargetError::Permanent(reason)) => {
             park(&w, item, format!("target refused the event: {reason}")).await
         }
-        Err(TargetError::Transient(reason)) => {
+        Err(TargetError::Transient(reason) | TargetError::Fenced(reason)) => {
             w.stats.retries.fetch_add(1, Relaxed);
             if item.state.attempts >= w.retry.attempts {
                 let reason = format!(

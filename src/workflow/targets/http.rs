@@ -8,8 +8,14 @@
 //! that window: after a freeze the fence stays shut until the topology
 //! reader has caught up, so no byte for a surrendered adaptor leaves the
 //! process. A write refused by the gate fails the request like a broken
-//! connection (a transient error; the item is retried, same key, by
-//! whoever hosts it).
+//! connection and counts as no attempt; the item is retried, same key, by
+//! whoever hosts it. What is left is the instant between the check and the
+//! write itself, and bytes already in the kernel's send buffer, which the
+//! idempotency key covers.
+//!
+//! Redirects are not followed (a 3xx is a permanent error: an event is not
+//! sent somewhere the configuration does not name), and no proxy
+//! environment variable is read.
 
 use super::TargetError;
 use bytes::Bytes;
@@ -20,7 +26,7 @@ use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls_platform_verifier::ConfigVerifierExt;
 use std::io;
 use std::pin::Pin;
@@ -36,8 +42,27 @@ pub fn open_gate() -> Gate {
     Arc::new(|| true)
 }
 
-/// Largest response body read (SCIM lookups); more is a transient error.
+/// Largest response body read when the body matters (SCIM lookups); more
+/// is a transient error.
 const MAX_BODY: usize = 4 << 20;
+
+/// When only the status matters, this much of the body is read (so the
+/// connection can be used again), for at most [`DRAIN_TIME`]; the rest
+/// is left and the connection closed.
+const DRAIN_BODY: usize = 64 << 10;
+const DRAIN_TIME: Duration = Duration::from_secs(1);
+
+/// The refusal a shut gate gives a write.
+#[derive(Debug)]
+struct Fenced;
+
+impl std::fmt::Display for Fenced {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("fenced: this server may not deliver for this adaptor now")
+    }
+}
+
+impl std::error::Error for Fenced {}
 
 /// A target's answer: status and body.
 pub struct Response {
@@ -62,6 +87,7 @@ impl HttpClient {
         http.enforce_http(false);
         http.set_connect_timeout(Some(timeout));
         http.set_nodelay(true);
+        http.set_keepalive(Some(Duration::from_secs(15)));
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(tls)
             .https_or_http()
@@ -70,6 +96,7 @@ impl HttpClient {
             .wrap_connector(GatedConnector { inner: http, gate });
         let client = Client::builder(TokioExecutor::new())
             .pool_max_idle_per_host(64)
+            .pool_timer(TokioTimer::new())
             .build(connector);
         Ok(HttpClient { client, timeout })
     }
@@ -82,28 +109,61 @@ impl HttpClient {
         )
     }
 
-    /// Send `request` with `body`; `what` names it in errors. Transport
-    /// failures and timeouts are transient; a request that cannot be built
-    /// (bad URL or header) is permanent.
+    /// Send `request` with `body` and read the answer's body too; `what`
+    /// names it in errors. Transport failures and timeouts are transient;
+    /// a request that cannot be built is permanent.
+    pub async fn fetch(
+        &self,
+        request: http::request::Builder,
+        body: Bytes,
+        what: &str,
+    ) -> Result<Response, TargetError> {
+        self.exchange(request, body, what, true).await
+    }
+
+    /// Like [`fetch`](Self::fetch) when only the status matters: a body
+    /// that is large, slow or broken does not change the outcome.
     pub async fn send(
         &self,
         request: http::request::Builder,
         body: Bytes,
         what: &str,
     ) -> Result<Response, TargetError> {
+        self.exchange(request, body, what, false).await
+    }
+
+    async fn exchange(
+        &self,
+        request: http::request::Builder,
+        body: Bytes,
+        what: &str,
+        read_body: bool,
+    ) -> Result<Response, TargetError> {
         let request = request.body(Full::new(body)).map_err(|e| {
             TargetError::Permanent(format!("{what}: cannot build the request: {e}"))
         })?;
         let exchange = async {
             let response = self.client.request(request).await.map_err(|e| {
+                let text = error_chain(&e);
+                if fenced(&e) {
+                    return TargetError::Fenced(format!("{what} not sent: {text}"));
+                }
                 let kind = if e.is_connect() {
                     "connection failed"
                 } else {
                     "request failed"
                 };
-                TargetError::Transient(format!("{what} {kind}: {}", error_chain(&e)))
+                TargetError::Transient(format!("{what} {kind}: {text}"))
             })?;
             let status = response.status();
+            if !read_body {
+                let drain = Limited::new(response.into_body(), DRAIN_BODY).collect();
+                let _ = tokio::time::timeout(DRAIN_TIME, drain).await;
+                return Ok(Response {
+                    status,
+                    body: Bytes::new(),
+                });
+            }
             let body = Limited::new(response.into_body(), MAX_BODY)
                 .collect()
                 .await
@@ -121,6 +181,23 @@ impl HttpClient {
             ))),
         }
     }
+}
+
+/// Whether the gate refused a write somewhere under `e`.
+fn fenced(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(e);
+    while let Some(err) = next {
+        if err.is::<Fenced>()
+            || err
+                .downcast_ref::<io::Error>()
+                .and_then(|io| io.get_ref())
+                .is_some_and(|inner| inner.is::<Fenced>())
+        {
+            return true;
+        }
+        next = err.source();
+    }
+    false
 }
 
 /// An error and its causes, `: `-separated (hyper's own text is terse).
@@ -174,9 +251,7 @@ impl<T> GatedIo<T> {
         if (self.gate)() {
             Ok(())
         } else {
-            Err(io::Error::other(
-                "fenced: this server may not deliver for this adaptor now",
-            ))
+            Err(io::Error::other(Fenced))
         }
     }
 }
@@ -239,31 +314,44 @@ mod tests {
     use std::sync::atomic::{AtomicBool, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    /// A one-request-per-connection HTTP server on loopback that counts
-    /// the requests it saw.
-    async fn server() -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+    /// An HTTP/1.1 server on loopback that answers 204 to every request
+    /// (bodies of the test are `{}`), keeping connections open unless
+    /// `close`, and counts the requests it saw.
+    async fn server(close: bool) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
         let seen = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let counter = seen.clone();
+        let answer: &'static [u8] = if close {
+            b"HTTP/1.1 204 No Content\r\nconnection: close\r\n\r\n"
+        } else {
+            b"HTTP/1.1 204 No Content\r\n\r\n"
+        };
         tokio::spawn(async move {
             while let Ok((mut socket, _)) = listener.accept().await {
                 let counter = counter.clone();
                 tokio::spawn(async move {
                     let mut buf = vec![0u8; 4096];
                     let mut got = Vec::new();
-                    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    loop {
                         match socket.read(&mut buf).await {
                             Ok(0) | Err(_) => return,
                             Ok(n) => got.extend_from_slice(&buf[..n]),
                         }
+                        // Each request is a header block and `{}`.
+                        while let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                            if got.len() < end + 6 {
+                                break;
+                            }
+                            got.drain(..end + 6);
+                            counter.fetch_add(1, Ordering::SeqCst);
+                            if socket.write_all(answer).await.is_err() || close {
+                                return;
+                            }
+                        }
                     }
-                    counter.fetch_add(1, Ordering::SeqCst);
-                    let _ = socket
-                        .write_all(b"HTTP/1.1 204 No Content\r\nconnection: close\r\n\r\n")
-                        .await;
                 });
             }
         });
@@ -272,8 +360,14 @@ mod tests {
 
     #[tokio::test]
     async fn a_shut_gate_sends_nothing() {
+        for close in [true, false] {
+            a_shut_gate_sends_nothing_over(close).await;
+        }
+    }
+
+    async fn a_shut_gate_sends_nothing_over(close: bool) {
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-        let (url, seen) = server().await;
+        let (url, seen) = server(close).await;
         let open = Arc::new(AtomicBool::new(true));
         let flag = open.clone();
         let client = HttpClient::new(
@@ -294,15 +388,15 @@ mod tests {
 
         open.store(false, Ordering::SeqCst);
         match send().await {
-            Err(TargetError::Transient(reason)) => assert!(reason.contains("fenced"), "{reason}"),
-            Err(e) => panic!("expected a transient error, got {e:?}"),
+            Err(TargetError::Fenced(reason)) => assert!(reason.contains("fenced"), "{reason}"),
+            Err(e) => panic!("expected a fenced error, got {e:?}"),
             Ok(r) => panic!("sent through a shut gate: {}", r.status),
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(
             seen.load(Ordering::SeqCst),
             1,
-            "a request left through a shut gate"
+            "a request left through a shut gate (close = {close})"
         );
 
         open.store(true, Ordering::SeqCst);

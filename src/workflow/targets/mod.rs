@@ -35,6 +35,10 @@ pub enum TargetError {
     /// A retry will not help (other 4xx, unusable event).
     #[error("{0}")]
     Permanent(String),
+    /// The fence stopped the request at the socket: this server may not
+    /// deliver for the adaptor now. No attempt.
+    #[error("{0}")]
+    Fenced(String),
 }
 
 /// A system that events are delivered to.
@@ -46,11 +50,21 @@ pub trait Target: Send + Sync {
 /// Build the target described by `config`; its requests leave only while
 /// `gate` is open (see [`http`]).
 pub fn build(name: &str, config: &TargetConfig, gate: Gate) -> Result<Arc<dyn Target>, String> {
+    // The URL as `url` normalises it (IDN hosts in punycode, the path
+    // percent-encoded), which is what an HTTP request line can carry.
     let url = || {
-        config
+        let text = config
             .url
-            .clone()
-            .ok_or_else(|| format!("targets.{name}.url is required"))
+            .as_deref()
+            .ok_or_else(|| format!("targets.{name}.url is required"))?;
+        let url = url::Url::parse(text)
+            .map_err(|e| format!("targets.{name}.url: {text:?} is not a URL ({e})"))?;
+        if !url.username().is_empty() || url.password().is_some() {
+            return Err(format!(
+                "targets.{name}.url: credentials in the URL are not sent; use targets.{name}.auth"
+            ));
+        }
+        Ok::<String, String>(url.into())
     };
     Ok(match config.kind {
         TargetKind::Null => Arc::new(NullTarget),

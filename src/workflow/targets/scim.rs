@@ -66,6 +66,7 @@ impl ScimTarget {
         body: Option<&Value>,
         what: &str,
     ) -> Result<Response, TargetError> {
+        let method_is_get = method == Method::GET;
         let mut request = HttpClient::request(method, url).header("accept", SCIM_JSON);
         if let Some(key) = key {
             request = request.header("idempotency-key", key);
@@ -79,9 +80,13 @@ impl ScimTarget {
             }
             None => Bytes::new(),
         };
-        self.client
-            .send(self.auth.apply(request), bytes, what)
-            .await
+        let request = self.auth.apply(request);
+        // Only a lookup's answer is read; for the rest the status decides.
+        if method_is_get {
+            self.client.fetch(request, bytes, what).await
+        } else {
+            self.client.send(request, bytes, what).await
+        }
     }
 
     /// The service's id of `user_name`, if it has that user.

@@ -22,6 +22,7 @@ impl Target for WebhookTarget {
     fn deliver<'a>(&'a self, d: Delivery<'a>) -> BoxFuture<'a, Result<(), TargetError>> {
         Box::pin(async move {
             let request = HttpClient::request(http::Method::POST, &self.url)
+                .header("accept", "*/*")
                 .header("content-type", "application/cloudevents+json")
                 .header("idempotency-key", d.identity.idempotency_key())
                 .header("ce-type", d.event_type.as_str())

@@ -16,11 +16,12 @@
 //! broker redelivers what was not acked, and the loop reconnects with
 //! back-off.
 
-use crate::broker::declare::{declare_adaptor_queue, parking_queue};
-use crate::broker::{Backoff, Broker, BrokerError, PublishError, Publisher};
+use crate::broker::declare::declare_adaptor_queue;
+use crate::broker::{Backoff, Broker, BrokerError};
 use crate::config::AdaptorKind;
 use crate::event::{Invalid, decode};
 use crate::mirror::Mirror;
+use crate::parking::Parking;
 use crate::repository::{Repository, RepositoryError, Stored};
 use crate::stats::Stats;
 use crate::topology::Fence;
@@ -29,7 +30,7 @@ use futures::{FutureExt, StreamExt};
 use lapin::Channel;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::FieldTable;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
@@ -42,7 +43,7 @@ pub enum AdaptorError {
     #[error(transparent)]
     Broker(#[from] BrokerError),
     #[error("parking an invalid message failed: {0}")]
-    Park(#[from] PublishError),
+    Park(#[from] crate::parking::ParkError),
     #[error(transparent)]
     Repository(#[from] RepositoryError),
     #[error("the broker closed the consumer")]
@@ -69,8 +70,8 @@ struct Parts {
     queue: String,
     broker: Broker,
     repo: Repository,
-    parking: Publisher,
-    max_message_size: usize,
+    parking: Parking,
+    limits: crate::config::LimitsConfig,
     items_tx: ItemSender,
     mirror: Mirror,
     stats: Arc<Stats>,
@@ -102,8 +103,8 @@ impl Adaptor {
         queue: &str,
         broker: Broker,
         repo: Repository,
-        parking: Publisher,
-        max_message_size: usize,
+        parking: Parking,
+        limits: crate::config::LimitsConfig,
         items_tx: ItemSender,
         mirror: Mirror,
         stats: Arc<Stats>,
@@ -119,7 +120,7 @@ impl Adaptor {
                 broker,
                 repo,
                 parking,
-                max_message_size,
+                limits,
                 items_tx,
                 mirror,
                 stats,
@@ -285,7 +286,6 @@ async fn write_loop(
     channel: Channel,
     mut batches: mpsc::Receiver<Vec<Delivery>>,
 ) -> Result<(), AdaptorError> {
-    let parking = parking_queue(&p.broker.config().namespace);
     while let Some(batch) = batches.recv().await {
         let Some(last_tag) = batch.last().map(|d| d.delivery_tag) else {
             continue;
@@ -298,9 +298,9 @@ async fn write_loop(
         }
         let mut events = Vec::with_capacity(batch.len());
         for delivery in &batch {
-            match decode(&delivery.data, p.kind, p.max_message_size) {
+            match decode(&delivery.data, p.kind, &p.limits) {
                 Ok(event) => events.push(event),
-                Err(reason) => park_invalid(&p, &parking, delivery, reason).await?,
+                Err(reason) => park_invalid(&p, delivery, reason).await?,
             }
         }
         drop(batch);
@@ -371,24 +371,10 @@ fn hand_over(p: &Parts, stored: Vec<Stored>) {
     }
 }
 
-async fn park_invalid(
-    p: &Parts,
-    parking: &str,
-    delivery: &Delivery,
-    reason: Invalid,
-) -> Result<(), AdaptorError> {
+async fn park_invalid(p: &Parts, delivery: &Delivery, reason: Invalid) -> Result<(), AdaptorError> {
     tracing::warn!(adaptor = %p.name, %reason, bytes = delivery.data.len(), "Invalid message parked.");
-    let mut headers = FieldTable::default();
-    headers.insert(
-        "x-provring-reason".into(),
-        AMQPValue::LongString(reason.0.as_str().into()),
-    );
-    headers.insert(
-        "x-provring-adaptor".into(),
-        AMQPValue::LongString(p.name.as_str().into()),
-    );
     p.parking
-        .publish("", parking, &delivery.data, headers)
+        .park_bytes(&p.name, &delivery.data, &reason.0)
         .await?;
     p.stats.invalid.fetch_add(1, Relaxed);
     Ok(())

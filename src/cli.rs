@@ -141,6 +141,36 @@ pub enum Command {
         #[command(flatten)]
         config: ConfigArgs,
     },
+    /// Write a new random cluster key (256 bits as 64 hex digits, file
+    /// mode 0600) and print its fingerprint.
+    ///
+    /// Every server of a cluster needs the same key file
+    /// (`[security] key_file`): it seals every event body provring stores
+    /// or forwards, and signs the topology log and the mirror records. An
+    /// existing file is never overwritten.
+    Keygen {
+        /// Where to write the key.
+        #[arg(long)]
+        out: std::path::PathBuf,
+        /// Succeed without writing when the file exists already (and print
+        /// its fingerprint), for container start-up scripts.
+        #[arg(long)]
+        if_missing: bool,
+    },
+    /// Re-seal a stopped server's repository under the newest key.
+    ///
+    /// Rotation: write a new key with `keygen`, make it `key_file` and the
+    /// old one `previous_key_files` on every server, restart them one by
+    /// one, run `rekey` on each while it is stopped, and drop the old key
+    /// once every server has been re-keyed and nothing parked under it is
+    /// still wanted. Exits 0 when every record was re-sealed.
+    Rekey {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// The (stopped) server whose repository to re-seal.
+        #[arg(long)]
+        node: String,
+    },
     /// Measure throughput against the raw broker in the same run.
     Bench {
         #[command(subcommand)]

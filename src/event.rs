@@ -12,7 +12,7 @@
 //! either returns the [`Event`] or an [`Invalid`] reason fit for the parking
 //! queue's `x-provring-reason` header. Reasons never quote a password.
 
-use crate::config::AdaptorKind;
+use crate::config::{AdaptorKind, LimitsConfig};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -157,8 +157,10 @@ struct AccountData<'a> {
 /// Longest `id` or `source` accepted (they become keys and header values).
 pub const MAX_ID_LEN: usize = 1024;
 
-/// Decode and validate a delivery body for an adaptor of `kind`.
-pub fn decode(body: &[u8], kind: AdaptorKind, max_size: usize) -> Result<Event, Invalid> {
+/// Decode and validate a delivery body for an adaptor of `kind` within
+/// `limits` (size of the body, nesting depth of `data`).
+pub fn decode(body: &[u8], kind: AdaptorKind, limits: &LimitsConfig) -> Result<Event, Invalid> {
+    let max_size = limits.max_message_size;
     if body.len() > max_size {
         return Err(Invalid(format!(
             "body of {} bytes exceeds limits.max_message_size ({max_size} bytes)",
@@ -226,6 +228,12 @@ pub fn decode(body: &[u8], kind: AdaptorKind, max_size: usize) -> Result<Event, 
     let data = env
         .data
         .ok_or_else(|| Invalid("missing attribute \"data\"".into()))?;
+    if let Some(depth) = deeper_than(data.get(), limits.max_depth) {
+        return Err(Invalid(format!(
+            "data is nested more than {depth} levels deep (limits.max_depth = {})",
+            limits.max_depth
+        )));
+    }
     let data: AccountData<'_> = serde_json::from_str(data.get())
         .map_err(|_| Invalid("data must be an object with a string \"userName\"".into()))?;
     let subject = match data.user_name {
@@ -252,6 +260,38 @@ pub fn decode(body: &[u8], kind: AdaptorKind, max_size: usize) -> Result<Event, 
         subject,
         body: text.to_owned(),
     })
+}
+
+/// `Some(max)` if the JSON text `json` (already known to be valid) nests
+/// arrays and objects deeper than `max`. One pass over the bytes, no
+/// recursion, whatever the depth.
+fn deeper_than(json: &str, max: usize) -> Option<usize> {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for b in json.bytes() {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return Some(max);
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    None
 }
 
 /// The event's `deadline` extension, ms since the Unix epoch, if it has a
@@ -336,11 +376,40 @@ mod tests {
 
     const MAX: usize = 1024 * 1024;
 
+    fn limits() -> LimitsConfig {
+        LimitsConfig {
+            max_message_size: MAX,
+            ..LimitsConfig::default()
+        }
+    }
     fn ok(body: &str) -> Event {
-        decode(body.as_bytes(), AdaptorKind::Provisioning, MAX).expect("valid")
+        decode(body.as_bytes(), AdaptorKind::Provisioning, &limits()).expect("valid")
     }
     fn bad(body: &[u8], kind: AdaptorKind) -> String {
-        decode(body, kind, MAX).expect_err("invalid").0
+        decode(body, kind, &limits()).expect_err("invalid").0
+    }
+
+    fn nested(levels: usize) -> String {
+        format!(
+            r#"{{"specversion":"1.0","id":"d","source":"/hr","type":"io.provring.account.create","data":{{"userName":"jdoe","x":{}1{}}}}}"#,
+            "[".repeat(levels),
+            "]".repeat(levels)
+        )
+    }
+
+    #[test]
+    fn deeply_nested_data_is_parked_with_a_reason() {
+        // data itself is level 1; 63 more arrays reach the default 64.
+        ok(&nested(63));
+        let reason = bad(nested(64).as_bytes(), AdaptorKind::Provisioning);
+        assert!(reason.contains("limits.max_depth = 64"), "{reason}");
+        let reason = bad(nested(100_000).as_bytes(), AdaptorKind::Provisioning);
+        assert!(reason.contains("nested"), "{reason}");
+        // Brackets inside strings, escaped quotes included, do not count.
+        ok(&format!(
+            r#"{{"specversion":"1.0","id":"s","source":"/hr","type":"io.provring.account.create","data":{{"userName":"j\"{}"}}}}"#,
+            "[".repeat(500)
+        ));
     }
 
     #[test]
@@ -357,7 +426,7 @@ mod tests {
     fn synthetic_events_are_valid() {
         for t in EventType::ALL {
             let body = synthetic(t, "r", 7);
-            decode(body.as_bytes(), t.adaptor_kind(), MAX).expect("synthetic event is valid");
+            decode(body.as_bytes(), t.adaptor_kind(), &limits()).expect("synthetic event is valid");
         }
     }
 

@@ -16,10 +16,11 @@
 //! item is a duplicate, not a second delivery. If the old host fails during
 //! the handover, its taker adopts its copies and becomes the sender.
 
-use crate::broker::declare::{declare_handover_queue, handover_queue, parking_queue};
+use crate::broker::declare::{declare_handover_queue, handover_queue};
 use crate::broker::{Broker, BrokerError, Publisher};
+use crate::crypto::Context;
 use crate::mirror::Mirror;
-use crate::repository::{Repository, Stored, handover_events};
+use crate::repository::{Repository, Stored};
 use crate::topology::{Change, Fence, Topology};
 use crate::workflow::ItemSender;
 use lapin::types::{AMQPValue, FieldTable};
@@ -113,7 +114,8 @@ impl Sender<'_> {
                     "x-provring-from".into(),
                     AMQPValue::LongString(self.node.into()),
                 );
-                self.publisher.publish("", &queue, record, headers).await?;
+                let signed = self.repo.keys().sign(Context::Handover, record.clone());
+                self.publisher.publish("", &queue, &signed, headers).await?;
             }
         }
         // What was published is on the queue: if the handover stops being
@@ -153,7 +155,7 @@ pub struct Receiver<'a> {
     pub node: &'a str,
     pub broker: &'a Broker,
     /// Where an unreadable record goes, with its reason.
-    pub parking: &'a Publisher,
+    pub parking: &'a crate::parking::Parking,
     pub repo: &'a Repository,
     pub mirror: &'a Mirror,
     pub fence: &'a Fence,
@@ -183,25 +185,26 @@ impl Receiver<'_> {
                 return Err(format!("{adaptor} is no longer hosted here"));
             }
             for body in bodies {
-                let (received_ms, events) = match handover_events(adaptor, &body) {
+                let record = match self.repo.keys().verify(Context::Handover, &body) {
+                    Ok(record) => record,
+                    Err(e) => {
+                        // Not written by a server of this cluster: never applied.
+                        tracing::warn!(%adaptor, error = %e, bytes = body.len(), "Handover record without a valid MAC ignored.");
+                        continue;
+                    }
+                };
+                let (received_ms, events) = match self.repo.handover_events(adaptor, record) {
                     Ok(x) => x,
                     Err(reason) => {
                         // Not expected from this version's sender; kept
                         // on the parking queue, never dropped.
                         tracing::error!(%adaptor, %reason, bytes = body.len(), "Unreadable handover record parked.");
-                        let mut headers = FieldTable::default();
-                        headers.insert(
-                            "x-provring-reason".into(),
-                            AMQPValue::LongString(
-                                format!("unreadable handover record: {reason}").as_str().into(),
-                            ),
-                        );
-                        headers.insert(
-                            "x-provring-adaptor".into(),
-                            AMQPValue::LongString(adaptor.into()),
-                        );
                         self.parking
-                            .publish("", &parking_queue(&cfg.namespace), &body, headers)
+                            .park_bytes(
+                                adaptor,
+                                record,
+                                &format!("unreadable handover record: {reason}"),
+                            )
                             .await
                             .map_err(|e| e.to_string())?;
                         continue;

@@ -16,7 +16,7 @@
 use crate::adaptor::Adaptor;
 use crate::alert::Alerter;
 use crate::broker::declare::backup_queue;
-use crate::broker::{Backoff, Broker, BrokerError, Publisher};
+use crate::broker::{Backoff, Broker, BrokerError};
 use crate::config::Config;
 use crate::mirror::Mirror;
 use crate::repository::{Repository, Stored};
@@ -37,7 +37,7 @@ pub struct Ctx {
     pub node: String,
     pub repo: Repository,
     pub broker: Broker,
-    pub parking: Publisher,
+    pub parking: crate::parking::Parking,
     pub mirror: Mirror,
     pub stats: Arc<Stats>,
     pub fatal: CancellationToken,
@@ -215,7 +215,7 @@ pub async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
             let task = crate::scheduler::Scheduler {
                 config: ctx.config.clone(),
                 node: ctx.node.clone(),
-                publisher: ctx.parking.clone(),
+                publisher: ctx.parking.publisher().clone(),
                 topology: ctx.topology.clone(),
                 fence: ctx.fence.clone(),
             };
@@ -321,7 +321,7 @@ async fn rejoin(ctx: &Ctx, state: &State) -> Result<(), String> {
                     crate::topology::Change::Joined {
                         node: node.clone(),
                         version: env!("CARGO_PKG_VERSION").to_owned(),
-                        key_fingerprint: None,
+                        key_fingerprint: Some(ctx.topology.keys().fingerprint()),
                     }
                 })
             })
@@ -358,7 +358,7 @@ fn send_backlog(
             let sender = crate::handover::Sender {
                 node: &ctx.node,
                 broker: &ctx.broker,
-                publisher: &ctx.parking,
+                publisher: ctx.parking.publisher(),
                 repo: &ctx.repo,
                 topology: &ctx.topology,
                 fence: &ctx.fence,
@@ -422,7 +422,6 @@ fn start_adaptor(
         ctx.repo.clone(),
         target,
         ctx.parking.clone(),
-        &ctx.config.broker.namespace,
         ctx.config.retry.clone(),
         ctx.stats.clone(),
         ctx.fence.clone(),
@@ -436,7 +435,7 @@ fn start_adaptor(
         ctx.broker.clone(),
         ctx.repo.clone(),
         ctx.parking.clone(),
-        ctx.config.limits.max_message_size,
+        ctx.config.limits.clone(),
         items_tx.clone(),
         ctx.mirror.clone(),
         ctx.stats.clone(),

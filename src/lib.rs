@@ -25,6 +25,8 @@
 //! - [`hosting`]: runs the adaptors the topology gives this server; adoption; fencing.
 //! - [`scheduler`], [`timeout`]: the singleton services.
 //! - [`alert`]: e-mail alerts.
+//! - [`crypto`]: the cluster key: sealed bodies, MACs on the ring's records.
+//! - [`parking`]: the parking queue (sealed bodies, clear headers, TTL).
 //! - [`stats`]: counters for progress logs and benchmarks.
 #![forbid(unsafe_code)]
 
@@ -35,10 +37,12 @@ pub mod bench;
 pub mod broker;
 pub mod cli;
 pub mod config;
+pub mod crypto;
 pub mod event;
 pub mod handover;
 pub mod hosting;
 pub mod mirror;
+pub mod parking;
 pub mod publish;
 pub mod repository;
 pub mod ring;

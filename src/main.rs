@@ -119,7 +119,19 @@ async fn run(command: Command) -> ExitCode {
                         None => println!("  {id}: {}", hosts.join(", ")),
                     }
                 }
-                ExitCode::SUCCESS
+                match c.security.key_ring() {
+                    Ok(keys) => {
+                        println!("  cluster key: fingerprint {}", keys.fingerprint());
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!(
+                            "provring: security.key_file: {e}\n  (a new cluster writes one with `provring keygen --out {}`; `provring ring` does so on first start)",
+                            c.security.key_file.display()
+                        );
+                        ExitCode::from(EXIT_CONFIG)
+                    }
+                }
             }
             Err(code) => code,
         },
@@ -176,6 +188,53 @@ async fn run(command: Command) -> ExitCode {
                 Ok((text, code)) => {
                     println!("{text}");
                     ExitCode::from(code)
+                }
+                Err(e) => {
+                    eprintln!("provring: {e}");
+                    ExitCode::from(EXIT_FAILURE)
+                }
+            }
+        }
+        Command::Keygen { out, if_missing } => {
+            if if_missing && out.exists() {
+                return match provring::crypto::KeyRing::load(&out, &[]) {
+                    Ok(k) => {
+                        println!(
+                            "key {} exists (fingerprint {}); left as it is",
+                            out.display(),
+                            k.fingerprint()
+                        );
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("provring: {e}");
+                        ExitCode::from(EXIT_CONFIG)
+                    }
+                };
+            }
+            match provring::crypto::keygen(&out) {
+                Ok(fingerprint) => {
+                    println!(
+                        "wrote a new cluster key to {} (fingerprint {fingerprint}); copy it to every server and set [security] key_file",
+                        out.display()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("provring: {e}");
+                    ExitCode::from(EXIT_FAILURE)
+                }
+            }
+        }
+        Command::Rekey { config, node } => {
+            let config = match load(&config.files) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match rekey(&config, &node) {
+                Ok(done) => {
+                    println!("{done}");
+                    ExitCode::SUCCESS
                 }
                 Err(e) => {
                     eprintln!("provring: {e}");
@@ -245,6 +304,28 @@ async fn run(command: Command) -> ExitCode {
             }
         },
     }
+}
+
+/// `provring rekey`: re-seal the repository of stopped server `node`.
+fn rekey(config: &config::Config, node: &str) -> Result<String, String> {
+    let server = config.servers.get(node).ok_or_else(|| {
+        format!(
+            "node {node:?} is not in the configuration; known servers: {}",
+            config.server_names()
+        )
+    })?;
+    let keys = config
+        .security
+        .key_ring()
+        .map_err(|e| format!("security.key_file: {e}"))?;
+    let fingerprint = keys.fingerprint();
+    let repo = provring::repository::Repository::open(&server.data_dir, std::sync::Arc::new(keys))
+        .map_err(|e| e.to_string())?;
+    let done = repo.rekey().map_err(|e| e.to_string())?;
+    Ok(format!(
+        "rekey {node}: {} records ({} events) re-sealed under key {fingerprint}, {} already under it",
+        done.records, done.events, done.current
+    ))
 }
 
 async fn topology_command(command: TopologyCommand) -> ExitCode {

@@ -22,6 +22,8 @@ pub enum RingError {
     },
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error("security.key_file: {0}")]
+    Key(#[from] crate::crypto::KeyError),
 }
 
 /// Start one `provring server` per `[servers.<id>]` and wait for them.
@@ -30,6 +32,16 @@ pub async fn run(config: &Config, files: &[PathBuf]) -> Result<bool, RingError> 
     let mut sigterm = signal(SignalKind::terminate()).map_err(RingError::Signals)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(RingError::Signals)?;
     let exe = std::env::current_exe().map_err(RingError::Exe)?;
+    // On one machine every server reads the same key file: a first start
+    // writes one.
+    let key = &config.security.key_file;
+    if !key.exists() {
+        let fingerprint = crate::crypto::keygen(key)?;
+        println!(
+            "ring: wrote a new cluster key to {} (fingerprint {fingerprint})",
+            key.display()
+        );
+    }
     let mut children: Vec<(String, Child)> = Vec::new();
     for node in config.servers.keys() {
         let mut cmd = Command::new(&exe);

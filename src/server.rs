@@ -5,7 +5,7 @@
 //! within `shutdown.grace` → flush the repository → exit. When the grace
 //! period runs out, the components still running are named.
 
-use crate::broker::{Broker, Publisher};
+use crate::broker::Broker;
 use crate::config::Config;
 use crate::mirror::Mirror;
 use crate::repository::{Repository, RepositoryError};
@@ -23,6 +23,8 @@ pub enum ServerError {
     UnknownNode { node: String, known: String },
     #[error(transparent)]
     Repository(#[from] RepositoryError),
+    #[error("security.key_file: {0}")]
+    Key(#[from] crate::crypto::KeyError),
     #[error("topology: {0}")]
     Topology(#[from] crate::topology::TopologyError),
     #[error("target {name}: {reason}")]
@@ -76,10 +78,11 @@ pub async fn start(config: &Config, node: &str) -> Result<Running, ServerError> 
             node: node.to_owned(),
             known: config.server_names(),
         })?;
-    let repo = Repository::open(&server.data_dir)?;
+    let keys = Arc::new(config.security.key_ring()?);
+    let repo = Repository::open(&server.data_dir, keys.clone())?;
     let stats = Arc::new(Stats::default());
     let broker = Broker::new(config.broker.clone(), format!("provring {node}"));
-    let parking = Publisher::for_parking(broker.clone());
+    let parking = crate::parking::Parking::new(broker.clone(), keys.clone(), config.parking.ttl);
     let shutdown = CancellationToken::new();
     // Cancelled by a component that cannot go on safely (repository failure).
     let fatal = CancellationToken::new();
@@ -90,7 +93,7 @@ pub async fn start(config: &Config, node: &str) -> Result<Running, ServerError> 
         node,
     ));
     let (topology, before) =
-        Topology::join(broker.clone(), config, node, None, shutdown.child_token()).await?;
+        Topology::join(broker.clone(), config, node, keys, shutdown.child_token()).await?;
     let state = topology.state();
     tracing::info!(epoch = state.epoch, monitor = ?state.monitor_of(node), monitors = ?state.monitors.get(node), "Joined the topology.");
     let alerter = crate::alert::Alerter::new(config.alerts.clone(), node);

@@ -17,7 +17,6 @@
 //!    same mail again (same `Message-ID`); nothing else repeats.
 
 use crate::alert::Alerter;
-use crate::broker::Publisher;
 use crate::config::Config;
 use crate::event::Identity;
 use crate::repository::{ClaimRefused, OverdueItem, Repository, now_ms};
@@ -112,7 +111,7 @@ pub struct Local {
     pub config: Config,
     pub node: String,
     pub repo: Repository,
-    pub parking: Publisher,
+    pub parking: crate::parking::Parking,
     pub topology: Topology,
     pub fence: Fence,
     pub stats: Arc<Stats>,
@@ -126,7 +125,7 @@ impl Local {
         config: Config,
         node: &str,
         repo: Repository,
-        parking: Publisher,
+        parking: crate::parking::Parking,
         topology: Topology,
         fence: Fence,
         stats: Arc<Stats>,
@@ -280,9 +279,7 @@ impl Local {
         if !self.fence.is_open() || !self.fence.hosts(r.adaptor.as_str()) {
             return ParkResult::NotHere;
         }
-        let queue = crate::broker::declare::parking_queue(&self.config.broker.namespace);
-        if let Err(e) = crate::workflow::publish_parked(&self.parking, &queue, &item, reason).await
-        {
+        if let Err(e) = self.parking.park_item(&item, reason).await {
             return ParkResult::Failed(format!("cannot publish to the parking queue: {e}"));
         }
         // Remembered before the item is finished, so that a second asker

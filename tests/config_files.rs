@@ -44,7 +44,7 @@ fn example_events_are_valid() {
         } else {
             provring::config::AdaptorKind::Provisioning
         };
-        provring::event::decode(&body, kind, 1 << 20)
+        provring::event::decode(&body, kind, &provring::config::LimitsConfig::default())
             .unwrap_or_else(|e| panic!("{} is not a valid event: {e}", path.display()));
         n += 1;
     }
@@ -98,11 +98,12 @@ jitter = 4.0
         "adaptors.x.target",
         "retry.jitter",
         "targets.u.url: holds credentials",
+        "security: missing section [security]",
     ] {
         assert!(text.contains(key), "missing problem for {key}");
     }
     assert!(!text.contains("s3cret"), "a secret reached the output");
-    assert!(text.contains("8 problems"));
+    assert!(text.contains("9 problems"));
 }
 
 #[test]

@@ -43,7 +43,7 @@ async fn delivers_ten_thousand_events_once_each() {
         "repository not empty"
     );
     assert!(
-        drain_parking(&cfg.broker).await.is_empty(),
+        drain_parking(&cfg).await.is_empty(),
         "nothing should be parked"
     );
 }
@@ -126,7 +126,7 @@ async fn retries_transient_errors_and_parks_permanent_ones() {
         let mut parked = Vec::new();
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         while parked.is_empty() && std::time::Instant::now() < deadline {
-            parked = drain_parking(&cfg.broker).await;
+            parked = drain_parking(&cfg).await;
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         parked
@@ -181,7 +181,7 @@ async fn parks_bad_input_and_keeps_running() {
     let mut parked = Vec::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while parked.len() < 5 && std::time::Instant::now() < deadline {
-        parked.extend(drain_parking(&cfg.broker).await);
+        parked.extend(drain_parking(&cfg).await);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let reasons: Vec<&str> = parked.iter().map(|(_, r)| r.as_str()).collect();

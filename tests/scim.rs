@@ -514,8 +514,12 @@ deadline = "10m"
 
 [shutdown]
 grace = "5s"
+
+[security]
+key_file = {key:?}
 "#,
         uri = amqp_uri(),
+        key = cluster_key(dir).display().to_string(),
         data = dir.join("data-a").display().to_string(),
     );
     let path = dir.join("cluster.toml");
@@ -541,7 +545,7 @@ fn event(id: &str, kind: &str, data: Value) -> Vec<u8> {
 /// Drain the parking queue into `parked` until `pred` holds for one of
 /// them, or panic after `within`.
 async fn wait_parked(
-    broker: &provring::config::BrokerConfig,
+    config: &provring::config::Config,
     parked: &mut Vec<(Vec<u8>, String)>,
     within: Duration,
     what: &str,
@@ -549,7 +553,7 @@ async fn wait_parked(
 ) {
     let deadline = Instant::now() + within;
     loop {
-        parked.extend(drain_parking(broker).await);
+        parked.extend(drain_parking(config).await);
         if parked.iter().any(|(body, reason)| {
             serde_json::from_slice::<Value>(body).is_ok_and(|b| pred(&b, reason))
         }) {
@@ -719,7 +723,7 @@ async fn provisions_users_at_a_scim_service() {
     .await;
 
     wait_parked(
-        &cfg.broker,
+        &cfg,
         &mut parked,
         WAIT,
         "update of an unknown user parked",
@@ -860,7 +864,7 @@ async fn provisions_users_at_a_scim_service() {
         0,
         "every event finished"
     );
-    parked.extend(drain_parking(&cfg.broker).await);
+    parked.extend(drain_parking(&cfg).await);
     let parked_ids: Vec<String> = parked
         .iter()
         .map(|(b, r)| {

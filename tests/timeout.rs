@@ -118,9 +118,9 @@ async fn parking_len(broker: &provring::config::BrokerConfig) -> u32 {
 }
 
 /// Parked event id → the reasons it was parked with.
-async fn parked(broker: &provring::config::BrokerConfig) -> BTreeMap<String, Vec<String>> {
+async fn parked(config: &provring::config::Config) -> BTreeMap<String, Vec<String>> {
     let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for (body, reason) in drain_parking(broker).await {
+    for (body, reason) in drain_parking(config).await {
         let v: serde_json::Value = serde_json::from_slice(&body).expect("parked body");
         let id = v["id"].as_str().expect("id").to_owned();
         out.entry(id).or_default().push(reason);
@@ -247,7 +247,7 @@ async fn overdue_events_are_parked_once_and_reported_in_one_mail() {
     let took = published.elapsed();
     // Three more checks: nothing is parked again.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let parked = parked(&broker).await;
+    let parked = parked(&config).await;
     let mails = mails(&smtp);
     let mut ids: BTreeSet<String> = (0..30).map(|i| format!("plain-{i}")).collect();
     ids.insert("later".into());
@@ -343,7 +343,7 @@ async fn check_cut_short(test: &str, how: CutShort) {
     assert_eq!(state.servers["a"].failed, how == CutShort::Kill);
     assert_eq!(state.singletons["timeout-checker"], "c");
     assert!(state.timeout_checks.pending.is_none());
-    let parked = parked(&broker).await;
+    let parked = parked(&config).await;
     let mails = mails(&smtp);
     assert_parked_once_and_mailed_once(&ids, &parked, &mails);
     assert_eq!(parked.len(), ids.len());
@@ -408,7 +408,7 @@ async fn an_event_is_never_both_delivered_and_parked() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let parked = parked(&config.broker).await;
+    let parked = parked(&config).await;
     let delivered: BTreeSet<String> = recorder
         .record
         .lock()

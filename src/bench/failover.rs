@@ -227,12 +227,16 @@ pub async fn failover(args: &FailoverArgs) -> Result<FailoverReport, BenchError>
     });
 
     let mut admins = HashMap::new();
+    let key = dir.path().join("cluster.key");
+    crate::crypto::keygen(&key).map_err(|e| BenchError::Stalled(e.to_string()))?;
     let mut toml = format!(
-        "[broker]\nuris = {uris:?}\nnamespace = {namespace:?}\nqueue_type = {qt:?}\nprefetch = 200\n\n\
+        "[security]\nkey_file = {key:?}\n\n\
+         [broker]\nuris = {uris:?}\nnamespace = {namespace:?}\nqueue_type = {qt:?}\nprefetch = 200\n\n\
          [targets.hook]\nkind = \"webhook\"\nurl = {hook:?}\ntimeout = \"5s\"\n\n\
          [retry]\nattempts = 100\ninitial_backoff = \"100ms\"\nmax_backoff = \"1s\"\n\n",
         uris = broker_config.uris,
         qt = broker_config.queue_type.as_str(),
+        key = key.display().to_string(),
     );
     for n in NODES {
         let addr = std::net::TcpListener::bind("127.0.0.1:0")

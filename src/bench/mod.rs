@@ -91,7 +91,8 @@ impl PipelineReport {
 pub(crate) fn bench_broker(args: &BenchArgs, namespace: &str) -> Result<BrokerConfig, BenchError> {
     let mut broker = if args.config.is_empty() {
         let toml = format!(
-            "[broker]\nuris = [{:?}]\n[servers.x]\nadmin_listen = \"127.0.0.1:1\"\ndata_dir = \"x\"\n",
+            "[broker]\nuris = [{:?}]\n[servers.x]\nadmin_listen = \"127.0.0.1:1\"\ndata_dir = \"x\"\n\
+             [security]\nkey_file = \"unused\"\n",
             args.amqp
         );
         config::Config::builder_from_toml(&toml)?.broker
@@ -290,8 +291,13 @@ async fn consume_raw(
 /// `ns.bench-<i>`, from the first delivery.
 async fn run_pipeline(broker: &BrokerConfig, n: u64, servers: u16) -> Result<f64, BenchError> {
     let dir = tempfile_dir()?;
-    let mut toml =
-        String::from("[broker]\nuris = [\"amqp://x\"]\n[targets.null]\nkind = \"null\"\n");
+    let key = dir.path().join("cluster.key");
+    crate::crypto::keygen(&key).map_err(|e| BenchError::Stalled(e.to_string()))?;
+    let mut toml = format!(
+        "[broker]\nuris = [\"amqp://x\"]\n[targets.null]\nkind = \"null\"\n\
+         [security]\nkey_file = {key:?}\n",
+        key = key.display().to_string()
+    );
     for i in 1..=servers {
         toml.push_str(&format!(
             "[servers.s{i}]\nadmin_listen = \"127.0.0.1:0\"\ndata_dir = {dir:?}\n\

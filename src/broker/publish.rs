@@ -72,7 +72,8 @@ impl Publisher {
         *self.channel.lock().await = None;
     }
 
-    /// Publish one persistent message and wait for its confirm.
+    /// Publish one persistent message (a CloudEvent, with `headers`) and
+    /// wait for its confirm.
     pub async fn publish(
         &self,
         exchange: &str,
@@ -80,13 +81,24 @@ impl Publisher {
         body: &[u8],
         headers: FieldTable,
     ) -> Result<(), PublishError> {
+        let props = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type("application/cloudevents+json".into())
+            .with_headers(headers);
+        self.publish_with(exchange, routing_key, body, props).await
+    }
+
+    /// Publish one message with `props` and wait for its confirm.
+    pub async fn publish_with(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        props: BasicProperties,
+    ) -> Result<(), PublishError> {
         let timeout = self.broker.config().publish_timeout;
         let result = tokio::time::timeout(timeout, async {
             let ch = self.current().await?;
-            let props = BasicProperties::default()
-                .with_delivery_mode(2)
-                .with_content_type("application/cloudevents+json".into())
-                .with_headers(headers);
             let confirm = ch
                 .basic_publish(
                     exchange.into(),

@@ -113,6 +113,8 @@ const SECTIONS: &[&str] = &[
     "alerts",
     "schedules",
     "timeout_checker",
+    "security",
+    "parking",
 ];
 
 /// Deserialise section by section, collecting every problem. A section or
@@ -142,6 +144,18 @@ fn from_sections(mut sections: BTreeMap<String, config::Value>) -> Result<Config
             None
         }
     };
+    let security = match take("security") {
+        Some(v) => ctx.section("security", v),
+        None => {
+            ctx.fail(
+                "security",
+                "missing section [security]: every server needs the cluster key; create one with \
+                 `provring keygen --out FILE` and set security.key_file = \"FILE\""
+                    .into(),
+            );
+            None
+        }
+    };
     let config = Config {
         broker: broker.unwrap_or_else(placeholder_broker),
         servers: ctx.entries("servers", take("servers"), placeholder_server),
@@ -155,6 +169,11 @@ fn from_sections(mut sections: BTreeMap<String, config::Value>) -> Result<Config
         alerts: take("alerts").and_then(|v| ctx.section("alerts", v)),
         schedules: ctx.entries("schedules", take("schedules"), placeholder_schedule),
         timeout_checker: ctx.optional("timeout_checker", take("timeout_checker")),
+        security: security.unwrap_or_else(|| crate::config::SecurityConfig {
+            key_file: PathBuf::new(),
+            previous_key_files: Vec::new(),
+        }),
+        parking: ctx.optional("parking", take("parking")),
     };
     let under_failed = |key: &str| {
         failed.iter().any(|f| {

@@ -57,6 +57,55 @@ pub struct Config {
     /// their deadline.
     #[serde(default)]
     pub timeout_checker: TimeoutCheckerConfig,
+    /// `[security]`: the cluster key (required).
+    pub security: SecurityConfig,
+    /// `[parking]`: the parking queue.
+    #[serde(default)]
+    pub parking: ParkingConfig,
+}
+
+/// `[security]`: the cluster key that seals every stored and forwarded
+/// event body and authenticates the ring's records (see [`crate::crypto`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecurityConfig {
+    /// File holding the cluster key, as `provring keygen --out FILE` writes
+    /// it (64 hex digits, mode 0600). Every server of the cluster needs the
+    /// same key; the newest key seals and signs.
+    pub key_file: PathBuf,
+    /// Older keys, still accepted to open sealed bodies and verify records
+    /// while a rotation is under way (see `provring rekey`).
+    #[serde(default)]
+    pub previous_key_files: Vec<PathBuf>,
+}
+
+impl SecurityConfig {
+    /// Load the key ring from the configured files.
+    pub fn key_ring(&self) -> Result<crate::crypto::KeyRing, crate::crypto::KeyError> {
+        crate::crypto::KeyRing::load(&self.key_file, &self.previous_key_files)
+    }
+}
+
+/// `[parking]`: where events that cannot be delivered wait for a person.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParkingConfig {
+    /// How long a parked message stays on the parking queue before the
+    /// broker discards it (per-message expiration).
+    #[serde(default = "default_parking_ttl", with = "humantime_serde")]
+    pub ttl: Duration,
+}
+
+fn default_parking_ttl() -> Duration {
+    Duration::from_secs(14 * 24 * 3600)
+}
+
+impl Default for ParkingConfig {
+    fn default() -> Self {
+        ParkingConfig {
+            ttl: default_parking_ttl(),
+        }
+    }
 }
 
 /// `[timeout_checker]`
@@ -378,16 +427,25 @@ pub struct LimitsConfig {
     /// Largest message body accepted, in bytes; larger ones are parked.
     #[serde(default = "default_max_message_size")]
     pub max_message_size: usize,
+    /// Deepest nesting of arrays and objects accepted in an event's
+    /// `data`; deeper events are parked (a downstream parser may crash on
+    /// them).
+    #[serde(default = "default_max_depth")]
+    pub max_depth: usize,
 }
 
 fn default_max_message_size() -> usize {
     1024 * 1024
+}
+fn default_max_depth() -> usize {
+    64
 }
 
 impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
             max_message_size: default_max_message_size(),
+            max_depth: default_max_depth(),
         }
     }
 }

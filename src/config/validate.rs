@@ -346,6 +346,23 @@ pub fn validate(config: &Config) -> Vec<Problem> {
             format!("{max} must be between 1024 (1 KiB) and 67108864 (64 MiB)"),
         );
     }
+    if !(2..=10_000).contains(&config.limits.max_depth) {
+        add(
+            "limits.max_depth".into(),
+            format!("{} must be between 2 and 10000", config.limits.max_depth),
+        );
+    }
+    if config.parking.ttl < std::time::Duration::from_secs(60)
+        || config.parking.ttl > std::time::Duration::from_secs(365 * 24 * 3600)
+    {
+        add(
+            "parking.ttl".into(),
+            format!(
+                "{} must be between 1 minute and 365 days",
+                humantime::format_duration(config.parking.ttl)
+            ),
+        );
+    }
     if config.done_ledger.max_entries == 0 {
         add(
             "done_ledger.max_entries".into(),
@@ -388,7 +405,14 @@ fn check_schedules(config: &Config, add: &mut impl FnMut(String, String)) {
             continue;
         };
         let body = crate::scheduler::render(name, s, 0);
-        if let Err(reason) = crate::event::decode(body.as_bytes(), adaptor.kind, usize::MAX) {
+        if let Err(reason) = crate::event::decode(
+            body.as_bytes(),
+            adaptor.kind,
+            &crate::config::LimitsConfig {
+                max_message_size: usize::MAX,
+                ..config.limits.clone()
+            },
+        ) {
             add(
                 key("event"),
                 format!("the event it publishes would be parked: {}", reason.0),
@@ -481,6 +505,8 @@ mod tests {
             [targets.hook]
             kind = "webhook"
             url = "http://127.0.0.1:9000/events"
+            [security]
+            key_file = "/tmp/cluster.key"
         "#;
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("c.toml");

@@ -324,6 +324,14 @@ pub async fn apply_records(
         let mut completed = false;
         let mut generation = repo.copies_generation(&origin);
         for data in &records {
+            // Authenticate before anything of the record is read.
+            let data = match repo.keys().verify(crate::crypto::Context::Mirror, data) {
+                Ok(payload) => payload,
+                Err(e) => {
+                    ignored.add(format!("mirror record without a valid MAC: {e}"));
+                    continue;
+                }
+            };
             let frame = match wire::decode(data) {
                 Ok(f) => f,
                 Err(e) => {

@@ -340,15 +340,17 @@ impl MirrorTask {
             },
         );
         bytes.extend_from_slice(record);
-        self.publish_bytes(&bytes).await
+        self.publish_bytes(bytes).await
     }
 
     async fn publish(&mut self, body: &Body) -> Result<PublisherConfirm, MirrorError> {
         let bytes = wire::encode(&self.node, self.generation, body);
-        self.publish_bytes(&bytes).await
+        self.publish_bytes(bytes).await
     }
 
-    async fn publish_bytes(&mut self, bytes: &[u8]) -> Result<PublisherConfirm, MirrorError> {
+    /// Sign (see [`wire`]) and publish one record.
+    async fn publish_bytes(&mut self, bytes: Vec<u8>) -> Result<PublisherConfirm, MirrorError> {
+        let bytes = self.repo.keys().sign(crate::crypto::Context::Mirror, bytes);
         let ch = self.channel().await?;
         let cfg = self.broker.config();
         let monitor = self.monitor.as_deref().unwrap_or_default();
@@ -360,7 +362,7 @@ impl MirrorTask {
                 mandatory: true,
                 ..BasicPublishOptions::default()
             },
-            bytes,
+            &bytes,
             BasicProperties::default()
                 .with_delivery_mode(2)
                 .with_content_type("application/x-provring-mirror".into()),

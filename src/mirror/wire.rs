@@ -9,6 +9,13 @@
 //! ```
 //! Strings are a `u32` big-endian length and UTF-8 bytes. Decoding checks
 //! every length: a damaged record is an error, never a panic.
+//!
+//! On the broker every record carries a MAC trailer under the cluster key
+//! ([`crate::crypto::KeyRing::sign`], context `Mirror`); the backup adaptor
+//! verifies it before it decodes anything, so a record that a broker user
+//! without the key published is ignored, never stored. The batch records
+//! inside `copy` hold sealed event bodies (see the repository's record
+//! format).
 
 const MAGIC: &[u8; 4] = b"PRM1";
 

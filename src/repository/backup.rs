@@ -63,7 +63,7 @@ pub struct ItemKey {
 /// Check a batch record received from another server: `(received_ms,
 /// items)`, or why it is unreadable.
 pub fn check_record(bytes: &[u8]) -> Result<(u64, usize), String> {
-    record::read(bytes).map(|r| (r.received_ms, r.items.len()))
+    record::check(bytes)
 }
 
 fn origin_key(tag: u8, origin: &str) -> Vec<u8> {
@@ -121,20 +121,21 @@ pub(super) fn rebuild(tree: &sled::Tree) -> Result<CopiesIndex, RepositoryError>
                 reason: "malformed copy key".into(),
             });
         };
-        let rec = record::read(&v).map_err(|reason| RepositoryError::Corrupt {
-            key: describe_key(&k),
-            reason,
-        })?;
+        let (received_ms, count) =
+            record::check(&v).map_err(|reason| RepositoryError::Corrupt {
+                key: describe_key(&k),
+                reason,
+            })?;
         let bits = tree
             .get(copy_key(b'Y', &origin, &adaptor, seq))?
             .map(|b| b.to_vec())
             .unwrap_or_default();
-        let finished: Vec<bool> = (0..rec.items.len()).map(|i| bit(&bits, i)).collect();
+        let finished: Vec<bool> = (0..count).map(|i| bit(&bits, i)).collect();
         let remaining = finished.iter().filter(|f| !**f).count();
         index.origins.entry(origin).or_default().batches.insert(
             (adaptor, seq),
             CopyBatch {
-                received_ms: rec.received_ms,
+                received_ms,
                 finished,
                 remaining,
             },
@@ -332,17 +333,18 @@ impl Repository {
             let Some(v) = self.inner.copies.get(&key)? else {
                 continue;
             };
-            let rec = record::read(&v).map_err(|reason| RepositoryError::Corrupt {
-                key: describe_key(&key),
-                reason,
-            })?;
-            for (i, e) in rec.items.into_iter().enumerate() {
+            let (received_ms, ids) =
+                record::identities(&v).map_err(|reason| RepositoryError::Corrupt {
+                    key: describe_key(&key),
+                    reason,
+                })?;
+            for (i, (source, id)) in ids.into_iter().enumerate() {
                 if !finished.get(i).copied().unwrap_or(true) {
                     out.push(ItemKey {
                         adaptor: adaptor.clone(),
-                        source: e.source,
-                        id: e.id,
-                        received_ms: rec.received_ms,
+                        source,
+                        id,
+                        received_ms,
                     });
                 }
             }
@@ -354,17 +356,18 @@ impl Repository {
     pub fn own_items(&self) -> Result<Vec<ItemKey>, RepositoryError> {
         let mut out = Vec::new();
         for (adaptor, seq, done, bytes) in self.unfinished_batches()? {
-            let rec = record::read(&bytes).map_err(|reason| RepositoryError::Corrupt {
-                key: format!("{adaptor}/{seq}"),
-                reason,
-            })?;
-            for (i, e) in rec.items.into_iter().enumerate() {
+            let (received_ms, ids) =
+                record::identities(&bytes).map_err(|reason| RepositoryError::Corrupt {
+                    key: format!("{adaptor}/{seq}"),
+                    reason,
+                })?;
+            for (i, (source, id)) in ids.into_iter().enumerate() {
                 if !bit(&done, i) {
                     out.push(ItemKey {
                         adaptor: adaptor.to_string(),
-                        source: e.source,
-                        id: e.id,
-                        received_ms: rec.received_ms,
+                        source,
+                        id,
+                        received_ms,
                     });
                 }
             }
@@ -435,10 +438,11 @@ impl Repository {
             let Some(v) = self.inner.copies.get(&key)? else {
                 continue;
             };
-            let rec = record::read(&v).map_err(|reason| RepositoryError::Corrupt {
-                key: describe_key(&key),
-                reason,
-            })?;
+            let rec =
+                record::read(&v, &self.inner.keys).map_err(|reason| RepositoryError::Corrupt {
+                    key: describe_key(&key),
+                    reason,
+                })?;
             let items = rec
                 .items
                 .into_iter()

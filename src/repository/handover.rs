@@ -20,7 +20,10 @@ impl Repository {
                 if let Some((_, w)) = current.take() {
                     out.push(w.finish());
                 }
-                current = Some((item.received_ms, record::Writer::new(item.received_ms)));
+                current = Some((
+                    item.received_ms,
+                    record::Writer::new(item.received_ms, &self.inner.keys),
+                ));
             }
             if let Some((_, w)) = current.as_mut() {
                 w.push(
@@ -29,7 +32,8 @@ impl Repository {
                     &item.event_type,
                     &item.subject,
                     &item.body,
-                );
+                )
+                .map_err(|e| RepositoryError::Seal(e.to_string()))?;
             }
         }
         if let Some((_, w)) = current {
@@ -39,9 +43,17 @@ impl Repository {
     }
 }
 
-/// The receipt time and events of one handover record; `from` names the
-/// sender in warnings.
-pub fn handover_events(from: &str, bytes: &[u8]) -> Result<(u64, Vec<Event>), String> {
-    let rec = record::read(bytes)?;
-    Ok((rec.received_ms, record_events(from, rec.items)))
+impl Repository {
+    /// The receipt time and events of one handover record; `from` names
+    /// the sender in warnings.
+    pub fn handover_events(&self, from: &str, bytes: &[u8]) -> Result<(u64, Vec<Event>), String> {
+        let rec = record::read(bytes, &self.inner.keys)?;
+        Ok((rec.received_ms, record_events(from, rec.items)))
+    }
+
+    /// The key ring this repository seals with (shared with the mirror,
+    /// the handover and the parking publishers).
+    pub fn keys(&self) -> &std::sync::Arc<crate::crypto::KeyRing> {
+        &self.inner.keys
+    }
 }

@@ -39,12 +39,14 @@ mod backup;
 mod handover;
 mod marker;
 mod record;
+mod rekey;
 mod timeout;
 
 pub use backup::{CopiesView, ItemKey, check_record};
-pub use handover::handover_events;
+pub use rekey::Rekeyed;
 pub use timeout::{Claim, ClaimRefused, OverdueItem};
 
+use crate::crypto::KeyRing;
 use crate::event::{Event, EventType, Identity};
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
@@ -70,6 +72,8 @@ pub enum RepositoryError {
     Flush(String),
     #[error("repository flusher has stopped")]
     FlusherGone,
+    #[error("cannot seal an event: {0}")]
+    Seal(String),
 }
 
 /// The mutable part of an item, saved under `S` when it changes.
@@ -146,6 +150,8 @@ struct Inner {
     copies_index: Mutex<backup::CopiesIndex>,
     /// Told of every finished item (the mirror batches them into removals).
     finished_sink: std::sync::OnceLock<mpsc::UnboundedSender<Finished>>,
+    /// Seals and opens event bodies (see [`record`]).
+    keys: Arc<KeyRing>,
 }
 
 /// A batch record as written: `seq` and bytes.
@@ -218,7 +224,7 @@ pub fn now_ms() -> u64 {
 impl Repository {
     /// Open (or create) the repository at `path` and rebuild the index. Must
     /// be called inside a tokio runtime (it spawns the group-commit flusher).
-    pub fn open(path: &Path) -> Result<Repository, RepositoryError> {
+    pub fn open(path: &Path, keys: Arc<KeyRing>) -> Result<Repository, RepositoryError> {
         let open_err = |reason: String| RepositoryError::Open {
             path: path.to_owned(),
             reason,
@@ -257,7 +263,7 @@ impl Repository {
                 key
             }
         };
-        let index = rebuild_index(&db, hash_key).map_err(|e| open_err(e.to_string()))?;
+        let index = rebuild_index(&db, hash_key, &keys).map_err(|e| open_err(e.to_string()))?;
         let copies = db
             .open_tree(backup::TREE)
             .map_err(|e| open_err(e.to_string()))?;
@@ -273,6 +279,7 @@ impl Repository {
                 copies,
                 copies_index: Mutex::new(copies_index),
                 finished_sink: std::sync::OnceLock::new(),
+                keys,
             }),
         })
     }
@@ -371,7 +378,7 @@ impl Repository {
         let mut records = Vec::new();
         while fresh.peek().is_some() {
             let seq = self.inner.db.generate_id()?;
-            let mut rec = record::Writer::new(now);
+            let mut rec = record::Writer::new(now, &self.inner.keys);
             let mut hashes = Vec::new();
             let mut deadline: Option<u64> = None;
             while let Some((h, event)) = fresh.next_if(|(_, e)| {
@@ -385,7 +392,8 @@ impl Repository {
                     event.event_type.as_str(),
                     &event.subject,
                     &event.body,
-                );
+                )
+                .map_err(|e| RepositoryError::Seal(e.to_string()))?;
                 hashes.push(h);
                 new_items.push(StoredItem {
                     seq,
@@ -668,7 +676,11 @@ fn new_hash_key(db: &sled::Db) -> Result<(u64, u64), sled::Error> {
 
 /// Rebuild the in-memory index from `D`, `B` and `X`; finish batches whose
 /// items are all done (a crash between writing `D` and removing `B`).
-fn rebuild_index(db: &sled::Db, hash_key: (u64, u64)) -> Result<Index, RepositoryError> {
+fn rebuild_index(
+    db: &sled::Db,
+    hash_key: (u64, u64),
+    keys: &KeyRing,
+) -> Result<Index, RepositoryError> {
     let mut index = Index::default();
     for entry in db.scan_prefix([b'D']) {
         let (_, v) = entry?;
@@ -695,7 +707,7 @@ fn rebuild_index(db: &sled::Db, hash_key: (u64, u64)) -> Result<Index, Repositor
                 reason: "malformed batch key".into(),
             });
         };
-        let rec = record::read(&v).map_err(|reason| RepositoryError::Corrupt {
+        let rec = record::read(&v, keys).map_err(|reason| RepositoryError::Corrupt {
             key: describe_key(&k),
             reason,
         })?;
@@ -853,7 +865,7 @@ mod tests {
     #[tokio::test]
     async fn stores_once_completes_and_remembers() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let repo = Repository::open(dir.path()).expect("open");
+        let repo = Repository::open(dir.path(), crate::crypto::KeyRing::test_ring()).expect("open");
         let out = repo
             .store("a", vec![event("1"), event("2"), event("1")])
             .expect("store");
@@ -895,7 +907,8 @@ mod tests {
     async fn state_survives_reopen() {
         let dir = tempfile::tempdir().expect("tempdir");
         {
-            let repo = Repository::open(dir.path()).expect("open");
+            let repo =
+                Repository::open(dir.path(), crate::crypto::KeyRing::test_ring()).expect("open");
             let mut items = new_items(
                 repo.store("a", (0..5).map(|i| event(&i.to_string())).collect())
                     .expect("store"),
@@ -909,7 +922,8 @@ mod tests {
             repo.complete(&done[0]).expect("complete");
             repo.flush_blocking().expect("flush");
         }
-        let repo = Repository::open(dir.path()).expect("reopen");
+        let repo =
+            Repository::open(dir.path(), crate::crypto::KeyRing::test_ring()).expect("reopen");
         assert_eq!(repo.count_all(), 4);
         let pending = repo.pending("a", 0, 100).expect("pending");
         assert_eq!(
@@ -929,7 +943,7 @@ mod tests {
     #[tokio::test]
     async fn big_batches_are_split_into_bounded_records() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let repo = Repository::open(dir.path()).expect("open");
+        let repo = Repository::open(dir.path(), crate::crypto::KeyRing::test_ring()).expect("open");
         let events: Vec<Event> = (0..300)
             .map(|i| Event {
                 body: "x".repeat(1000),
@@ -950,13 +964,16 @@ mod tests {
     async fn a_damaged_repository_is_refused_not_replaced() {
         let dir = tempfile::tempdir().expect("tempdir");
         {
-            let repo = Repository::open(dir.path()).expect("open");
+            let repo =
+                Repository::open(dir.path(), crate::crypto::KeyRing::test_ring()).expect("open");
             repo.store("a", vec![event("1")]).expect("store");
             repo.flush_blocking().expect("flush");
         }
         tokio::task::yield_now().await;
         std::fs::write(dir.path().join("db"), vec![0x5a; 4096]).expect("damage");
-        let err = Repository::open(dir.path()).err().expect("refused");
+        let err = Repository::open(dir.path(), crate::crypto::KeyRing::test_ring())
+            .err()
+            .expect("refused");
         let text = err.to_string();
         assert!(text.contains(&dir.path().display().to_string()), "{text}");
         assert!(text.contains("will not start empty"), "{text}");
@@ -965,8 +982,9 @@ mod tests {
     #[tokio::test]
     async fn a_locked_repository_names_its_path() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let _first = Repository::open(dir.path()).expect("open");
-        let err = Repository::open(dir.path())
+        let _first =
+            Repository::open(dir.path(), crate::crypto::KeyRing::test_ring()).expect("open");
+        let err = Repository::open(dir.path(), crate::crypto::KeyRing::test_ring())
             .err()
             .expect("second open fails");
         assert!(err.to_string().contains(&dir.path().display().to_string()));

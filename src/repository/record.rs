@@ -1,32 +1,65 @@
-//! Binary encoding of a batch record (`B` value):
+//! Binary encoding of a batch record (`B` value, backup copies, mirror
+//! and handover frames all carry these bytes):
 //!
 //! ```text
-//! version u8 = 1 | received_ms u64 | count u32 | count × (source, id, type, subject, body)
+//! version u8 = 2 | received_ms u64 | count u32 | count × (source, id, type, sealed)
+//! sealed = crypto::KeyRing::seal(identity_ad(source, id), subject str | body bytes)
 //! ```
-//! Each string is a `u32` big-endian length and UTF-8 bytes. Decoding
-//! checks every length, so a damaged record is reported, never a panic.
+//! Each string is a `u32` big-endian length and UTF-8 bytes; `sealed` is a
+//! `u32` length and bytes. The account (`subject`) and the event JSON are
+//! sealed with the cluster key, the event identity as associated data, so
+//! that a record reveals no event data without the key and a sealed body
+//! cannot be moved to another identity. Decoding checks every length, so a
+//! damaged record is reported, never a panic.
 
-const VERSION: u8 = 1;
+use crate::crypto::{KeyRing, identity_ad};
 
-pub struct Writer {
+const VERSION: u8 = 2;
+
+pub struct Writer<'k> {
     buf: Vec<u8>,
     count: u32,
+    keys: &'k KeyRing,
+    plain: Vec<u8>,
 }
 
-impl Writer {
-    pub fn new(received_ms: u64) -> Writer {
+impl<'k> Writer<'k> {
+    pub fn new(received_ms: u64, keys: &'k KeyRing) -> Writer<'k> {
         let mut buf = Vec::with_capacity(16 * 1024);
         buf.push(VERSION);
         buf.extend_from_slice(&received_ms.to_be_bytes());
         buf.extend_from_slice(&0u32.to_be_bytes());
-        Writer { buf, count: 0 }
+        Writer {
+            buf,
+            count: 0,
+            keys,
+            plain: Vec::new(),
+        }
     }
 
-    pub fn push(&mut self, source: &str, id: &str, event_type: &str, subject: &str, body: &str) {
-        for s in [source, id, event_type, subject, body] {
+    pub fn push(
+        &mut self,
+        source: &str,
+        id: &str,
+        event_type: &str,
+        subject: &str,
+        body: &str,
+    ) -> Result<(), crate::crypto::SealError> {
+        self.plain.clear();
+        super::push_str(&mut self.plain, subject);
+        self.plain.extend_from_slice(body.as_bytes());
+        let sealed = self.keys.seal(&identity_ad(source, id), &self.plain);
+        // The plaintext buffer is reused; leave nothing of it behind.
+        self.plain.fill(0);
+        let sealed = sealed?;
+        for s in [source, id, event_type] {
             super::push_str(&mut self.buf, s);
         }
+        self.buf
+            .extend_from_slice(&(sealed.len() as u32).to_be_bytes());
+        self.buf.extend_from_slice(&sealed);
         self.count += 1;
+        Ok(())
     }
 
     pub fn len(&self) -> usize {
@@ -52,33 +85,97 @@ pub struct RecordItem {
     pub body: String,
 }
 
-pub fn read(v: &[u8]) -> Result<Record, String> {
+/// Decode a record and open every item's sealed part with `keys`.
+pub fn read(v: &[u8], keys: &KeyRing) -> Result<Record, String> {
+    let (received_ms, count, mut pos) = header(v)?;
+    let mut items = Vec::with_capacity(count.min(100_000) as usize);
+    for _ in 0..count {
+        let source = text(v, &mut pos)?;
+        let id = text(v, &mut pos)?;
+        let event_type = text(v, &mut pos)?;
+        let sealed = bytes(v, &mut pos)?;
+        let plain = keys
+            .open(&identity_ad(&source, &id), sealed)
+            .map_err(|e| format!("event {source}|{id}: {e}"))?;
+        let mut at = 0;
+        let subject = text(&plain, &mut at)?;
+        let body = String::from_utf8(plain[at..].to_vec())
+            .map_err(|e| format!("event {source}|{id}: body is not UTF-8: {e}"))?;
+        items.push(RecordItem {
+            source,
+            id,
+            event_type,
+            subject,
+            body,
+        });
+    }
+    if pos != v.len() {
+        return Err(format!("{} bytes after the last item", v.len() - pos));
+    }
+    Ok(Record { received_ms, items })
+}
+
+/// Receipt time and number of items, checking the record's structure but
+/// opening nothing.
+pub fn check(v: &[u8]) -> Result<(u64, usize), String> {
+    identities(v).map(|(ms, ids)| (ms, ids.len()))
+}
+
+/// Receipt time and the identities (`source`, `id`) of the items, without
+/// opening their sealed parts.
+pub fn identities(v: &[u8]) -> Result<(u64, Vec<(String, String)>), String> {
+    let (received_ms, count, mut pos) = header(v)?;
+    let mut out = Vec::with_capacity(count.min(100_000) as usize);
+    for _ in 0..count {
+        let source = text(v, &mut pos)?;
+        let id = text(v, &mut pos)?;
+        text(v, &mut pos)?;
+        bytes(v, &mut pos)?;
+        out.push((source, id));
+    }
+    if pos != v.len() {
+        return Err(format!("{} bytes after the last item", v.len() - pos));
+    }
+    Ok((received_ms, out))
+}
+
+/// Whether every item of the record is sealed under the key `fingerprint`.
+pub fn sealed_under(v: &[u8], fingerprint: &str) -> Result<bool, String> {
+    let (_, count, mut pos) = header(v)?;
+    for _ in 0..count {
+        for _ in 0..3 {
+            text(v, &mut pos)?;
+        }
+        let sealed = bytes(v, &mut pos)?;
+        if KeyRing::sealed_key_id(sealed).as_deref() != Some(fingerprint) {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+fn header(v: &[u8]) -> Result<(u64, u32, usize), String> {
     if v.first() != Some(&VERSION) {
         return Err(format!("unknown record version {:?}", v.first()));
     }
     let received_ms = u64::from_be_bytes(take(v, 1, 8)?.try_into().map_err(|_| "short record")?);
     let count = u32::from_be_bytes(take(v, 9, 4)?.try_into().map_err(|_| "short record")?);
-    let mut pos = 13;
-    let mut items = Vec::with_capacity(count.min(100_000) as usize);
-    for _ in 0..count {
-        let mut next = || -> Result<String, String> {
-            let len = u32::from_be_bytes(take(v, pos, 4)?.try_into().map_err(|_| "short record")?)
-                as usize;
-            let s = std::str::from_utf8(take(v, pos + 4, len)?)
-                .map_err(|e| format!("invalid UTF-8 at byte {pos}: {e}"))?
-                .to_owned();
-            pos += 4 + len;
-            Ok(s)
-        };
-        items.push(RecordItem {
-            source: next()?,
-            id: next()?,
-            event_type: next()?,
-            subject: next()?,
-            body: next()?,
-        });
-    }
-    Ok(Record { received_ms, items })
+    Ok((received_ms, count, 13))
+}
+
+fn bytes<'a>(v: &'a [u8], pos: &mut usize) -> Result<&'a [u8], String> {
+    let len =
+        u32::from_be_bytes(take(v, *pos, 4)?.try_into().map_err(|_| "short record")?) as usize;
+    let s = take(v, *pos + 4, len)?;
+    *pos += 4 + len;
+    Ok(s)
+}
+
+fn text(v: &[u8], pos: &mut usize) -> Result<String, String> {
+    let at = *pos;
+    std::str::from_utf8(bytes(v, pos)?)
+        .map(str::to_owned)
+        .map_err(|e| format!("invalid UTF-8 at byte {at}: {e}"))
 }
 
 fn take(v: &[u8], at: usize, len: usize) -> Result<&[u8], String> {
@@ -95,18 +192,32 @@ fn take(v: &[u8], at: usize, len: usize) -> Result<&[u8], String> {
 mod tests {
     use super::*;
 
+    fn keys() -> KeyRing {
+        KeyRing::from_keys(&[7; 32], &[])
+    }
+
     #[test]
     fn round_trip_and_damage() {
-        let mut w = Writer::new(7);
-        w.push("/s", "1", "t", "u", "{}");
-        w.push("/s", "2", "t", "u", "é");
+        let k = keys();
+        let mut w = Writer::new(7, &k);
+        w.push("/s", "1", "t", "jdoe", "{\"password\":\"hunter2\"}")
+            .expect("push");
+        w.push("/s", "2", "t", "u", "é").expect("push");
         let bytes = w.finish();
-        let r = read(&bytes).expect("read");
+        assert!(!bytes.windows(7).any(|w| w == b"hunter2"));
+        assert!(!bytes.windows(4).any(|w| w == b"jdoe"));
+        let r = read(&bytes, &k).expect("read");
         assert_eq!(r.received_ms, 7);
         assert_eq!(r.items.len(), 2);
+        assert_eq!(r.items[0].subject, "jdoe");
         assert_eq!(r.items[1].body, "é");
-        assert!(read(&bytes[..bytes.len() - 1]).is_err());
-        assert!(read(&[9]).is_err());
-        assert!(read(&[]).is_err());
+        assert_eq!(check(&bytes), Ok((7, 2)));
+        assert!(read(&bytes[..bytes.len() - 1], &k).is_err());
+        assert!(check(&bytes[..bytes.len() - 1]).is_err());
+        assert!(read(&[9], &k).is_err());
+        assert!(read(&[], &k).is_err());
+        let other = KeyRing::from_keys(&[8; 32], &[]);
+        let e = read(&bytes, &other).err().expect("wrong key");
+        assert!(e.contains("/s|1"), "{e}");
     }
 }

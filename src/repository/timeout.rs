@@ -183,10 +183,11 @@ impl Repository {
         bytes: &[u8],
         wanted: impl Fn(usize) -> bool,
     ) -> Result<Vec<StoredItem>, RepositoryError> {
-        let rec = record::read(bytes).map_err(|reason| RepositoryError::Corrupt {
-            key: describe_key(key),
-            reason,
-        })?;
+        let rec =
+            record::read(bytes, &self.inner.keys).map_err(|reason| RepositoryError::Corrupt {
+                key: describe_key(key),
+                reason,
+            })?;
         let finished: Vec<bool> = match self.index().batches.get(&(adaptor.clone(), seq)) {
             Some(b) => b.finished.clone(),
             None => return Ok(Vec::new()), // finished meanwhile
@@ -243,7 +244,7 @@ mod tests {
     #[tokio::test]
     async fn overdue_items_by_adaptor_timeout_and_by_event_deadline() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let repo = Repository::open(dir.path()).expect("open");
+        let repo = Repository::open(dir.path(), crate::crypto::KeyRing::test_ring()).expect("open");
         // Received at t = 1,000,000 ms.
         let t0 = 1_000_000;
         repo.store_received(

@@ -5,11 +5,21 @@
 //! until it finds that record and learns what every replica did with it
 //! ([`Outcome`]). A `sync` record is a read barrier: once a reader has read
 //! its own `sync`, it has read everything written before.
+//!
+//! Every record is JSON with a MAC trailer under the cluster key
+//! ([`crate::crypto::KeyRing::sign`], context `Topology`). A reader checks
+//! the trailer before it parses the record; a record without a valid MAC
+//! is never applied, and is logged (once per claimed proposer and minute)
+//! with the proposer it claims. A record signed with a key this server
+//! does not hold at all is how a server started with the wrong cluster key
+//! finds out: [`Topology::join`] refuses to join when such records come
+//! after the last one it could verify.
 
 use super::{Change, Outcome, Record, State, shape_differences};
 use crate::broker::declare::declare_topology;
 use crate::broker::{Backoff, Broker, BrokerError, PublishError, Publisher};
 use crate::config::Config;
+use crate::crypto::{Context, KeyRing, MacError};
 use futures::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::{AMQPValue, FieldTable};
@@ -47,6 +57,17 @@ pub enum TopologyError {
     NotInCluster { node: String, known: String },
     #[error("the topology reader has stopped")]
     Stopped,
+    #[error(
+        "this server's cluster key (fingerprint {ours}) is not the fleet's: the topology log \
+         is signed with key {theirs} (last record from {by}). Every server needs the same \
+         security.key_file; copy the fleet's key file here (or add this key to the other \
+         servers' previous_key_files during a rotation), then start again"
+    )]
+    KeyMismatch {
+        ours: String,
+        theirs: String,
+        by: String,
+    },
     #[error("the topology log refused the change: {0}")]
     Refused(String),
     #[error("gave up after {0} attempts: other changes kept winning")]
@@ -72,6 +93,11 @@ struct Shared {
     /// Bumped when a monitor asks this server to re-send its backlog.
     resync_requests: watch::Sender<u64>,
     shutdown: CancellationToken,
+    keys: Arc<KeyRing>,
+    /// The last record signed with a key this server does not hold
+    /// (key id, claimed proposer), if no record of another server that
+    /// verified came after it.
+    foreign: Mutex<Option<(String, String)>>,
 }
 
 impl Topology {
@@ -80,6 +106,7 @@ impl Topology {
     pub async fn connect(
         broker: Broker,
         proposer: &str,
+        keys: Arc<KeyRing>,
         shutdown: CancellationToken,
     ) -> Result<Topology, TopologyError> {
         let ns = broker.config().namespace.clone();
@@ -98,6 +125,8 @@ impl Topology {
             reading,
             resync_requests: watch::channel(0).0,
             shutdown,
+            keys,
+            foreign: Mutex::new(None),
         });
         tokio::spawn(read_loop(shared.clone(), broker));
         // A stream that was just declared can take a moment before it
@@ -121,11 +150,13 @@ impl Topology {
         broker: Broker,
         config: &Config,
         node: &str,
-        key_fingerprint: Option<String>,
+        keys: Arc<KeyRing>,
         shutdown: CancellationToken,
     ) -> Result<(Topology, Arc<State>), TopologyError> {
-        let topology = Topology::connect(broker, node, shutdown).await?;
+        let key_fingerprint = Some(keys.fingerprint());
+        let topology = Topology::connect(broker, node, keys, shutdown).await?;
         topology.sync().await?;
+        topology.check_key()?;
         if !topology.state().initialised() {
             let init = Change::Init {
                 state: State::initial(config),
@@ -187,6 +218,30 @@ impl Topology {
         Ok((topology, before))
     }
 
+    /// Refuse a log whose latest records are signed with a key this server
+    /// does not hold: the fleet uses another cluster key.
+    fn check_key(&self) -> Result<(), TopologyError> {
+        let foreign = self
+            .shared
+            .foreign
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        match foreign {
+            Some((theirs, by)) => Err(TopologyError::KeyMismatch {
+                ours: self.shared.keys.fingerprint(),
+                theirs,
+                by,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// The key ring records are signed with.
+    pub fn keys(&self) -> &Arc<KeyRing> {
+        &self.shared.keys
+    }
+
     /// The current state of this replica.
     pub fn state(&self) -> Arc<State> {
         self.shared.state.borrow().clone()
@@ -239,7 +294,7 @@ impl Topology {
             expected_epoch,
             change,
         };
-        let body = serde_json::to_vec(&record).unwrap_or_default();
+        let body = encode(&self.shared.keys, &record);
         let (tx, rx) = oneshot::channel();
         self.waiters().insert(id.clone(), tx);
         let mut published = Err(TopologyError::Stopped);
@@ -313,7 +368,7 @@ impl Topology {
                 state: state.clone(),
             },
         };
-        let body = serde_json::to_vec(&record).unwrap_or_default();
+        let body = encode(&self.shared.keys, &record);
         if let Err(e) = self
             .shared
             .publisher
@@ -392,6 +447,7 @@ async fn read_session(
     let mut caught_up = false;
     let mut last_tick = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut refused = RefusedLog::default();
     loop {
         let delivery = tokio::select! {
             _ = shared.shutdown.cancelled() => return Ok(()),
@@ -437,13 +493,31 @@ async fn read_session(
         if let Some(o) = offset {
             *next_offset = Some(o + 1);
         }
-        let record: Record = match serde_json::from_slice(&delivery.data) {
+        let record = match decode(&shared.keys, &delivery.data) {
             Ok(r) => r,
-            Err(e) => {
+            Err(Unverified::Mac { error, claimed }) => {
+                if let MacError::UnknownKey(kid) = &error {
+                    *shared
+                        .foreign
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                        Some((kid.clone(), claimed.clone()));
+                }
+                refused.warn(&claimed, offset, &error);
+                continue;
+            }
+            Err(Unverified::Json(e)) => {
                 tracing::warn!(offset = ?offset, error = %e, "Unreadable topology record ignored.");
                 continue;
             }
         };
+        if record.proposer != shared.proposer {
+            // A server holding this server's key wrote after any foreign record.
+            *shared
+                .foreign
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+        }
         if record.id == barrier {
             caught_up = true;
             if let Ok(mut t) = shared.last_read.lock() {
@@ -576,6 +650,75 @@ impl Fence {
     }
 }
 
+/// Sign a record for the log.
+fn encode(keys: &KeyRing, record: &Record) -> Vec<u8> {
+    keys.sign(
+        Context::Topology,
+        serde_json::to_vec(record).unwrap_or_default(),
+    )
+}
+
+/// Why a record from the log is not applied.
+#[derive(Debug)]
+pub enum Unverified {
+    /// No valid MAC; `claimed` is the proposer the record names (unverified).
+    Mac { error: MacError, claimed: String },
+    /// Verified but not a record of this version.
+    Json(serde_json::Error),
+}
+
+/// Check a record's MAC, then parse it.
+pub fn decode(keys: &KeyRing, bytes: &[u8]) -> Result<Record, Unverified> {
+    match keys.verify(Context::Topology, bytes) {
+        Ok(payload) => serde_json::from_slice(payload).map_err(Unverified::Json),
+        Err(error) => Err(Unverified::Mac {
+            claimed: claimed_proposer(bytes),
+            error,
+        }),
+    }
+}
+
+/// The proposer an unverified record names, for the warning only.
+fn claimed_proposer(bytes: &[u8]) -> String {
+    #[derive(serde::Deserialize)]
+    struct Claim {
+        proposer: String,
+    }
+    let payload = bytes
+        .len()
+        .checked_sub(crate::crypto::MAC_OVERHEAD)
+        .and_then(|n| bytes.get(..n))
+        .unwrap_or(bytes);
+    serde_json::from_slice::<Claim>(payload)
+        .or_else(|_| serde_json::from_slice::<Claim>(bytes))
+        .map(|c| c.proposer.chars().take(64).collect())
+        .unwrap_or_else(|_| "(unknown)".into())
+}
+
+/// Warnings about records without a valid MAC: once per claimed proposer
+/// and minute, with the number refused meanwhile.
+#[derive(Default)]
+struct RefusedLog {
+    last: HashMap<String, (Option<Instant>, u64)>,
+}
+
+impl RefusedLog {
+    fn warn(&mut self, claimed: &str, offset: Option<i64>, error: &MacError) {
+        if self.last.len() > 1000 {
+            self.last.clear();
+        }
+        let entry = self.last.entry(claimed.to_owned()).or_insert((None, 0));
+        entry.1 += 1;
+        if entry
+            .0
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(60))
+        {
+            tracing::warn!(claimed_proposer = %claimed, offset = ?offset, refused = entry.1, %error, "Topology record without a valid MAC ignored; it is not applied.");
+            *entry = (Some(Instant::now()), 0);
+        }
+    }
+}
+
 /// A tick of the reader's 100 ms clock this late means the process was held up.
 const LATE_TICK: Duration = Duration::from_millis(300);
 
@@ -593,7 +736,7 @@ async fn write_barrier(shared: &Shared) -> Result<String, BrokerError> {
         .publish(
             "",
             &shared.queue,
-            &serde_json::to_vec(&sync).unwrap_or_default(),
+            &encode(&shared.keys, &sync),
             FieldTable::default(),
         )
         .await

@@ -10,7 +10,17 @@ async fn connect(config: &Config) -> Result<(Topology, Broker, CancellationToken
     let broker = Broker::new(config.broker.clone(), "provring topology");
     let stop = CancellationToken::new();
     let proposer = format!("tool@{}", std::process::id());
-    let topology = Topology::connect(broker.clone(), &proposer, stop.clone()).await?;
+    let keys = config
+        .security
+        .key_ring()
+        .map_err(|e| TopologyError::Refused(e.to_string()))?;
+    let topology = Topology::connect(
+        broker.clone(),
+        &proposer,
+        std::sync::Arc::new(keys),
+        stop.clone(),
+    )
+    .await?;
     topology.sync().await?;
     Ok((topology, broker, stop))
 }

@@ -16,15 +16,14 @@
 
 pub mod targets;
 
-use crate::broker::{Publisher, declare::parking_queue};
 use crate::config::RetryConfig;
+use crate::parking::Parking;
 use crate::repository::{ClaimRefused, Repository, StoredItem, now_ms};
 use crate::stats::Stats;
 use crate::topology::Fence;
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
-use lapin::types::{AMQPValue, FieldTable};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -65,8 +64,7 @@ struct Worker {
     adaptor: String,
     repo: Repository,
     target: Arc<dyn Target>,
-    parking: Publisher,
-    parking_queue: String,
+    parking: Parking,
     retry: RetryConfig,
     stats: Arc<Stats>,
     /// Closed while this server may not deliver.
@@ -92,8 +90,7 @@ impl Executor {
         concurrency: usize,
         repo: Repository,
         target: Arc<dyn Target>,
-        parking: Publisher,
-        namespace: &str,
+        parking: Parking,
         retry: RetryConfig,
         stats: Arc<Stats>,
         fence: Fence,
@@ -105,7 +102,6 @@ impl Executor {
             repo,
             target,
             parking,
-            parking_queue: parking_queue(namespace),
             retry,
             stats,
             fence,
@@ -408,33 +404,9 @@ async fn attempt(w: Arc<Worker>, mut item: StoredItem) -> Outcome {
     }
 }
 
-/// Publish `item` to the parking queue `queue` with its reason (headers
-/// `x-provring-reason`, `-adaptor`, `-source`, `-id`, `-attempts`), with
-/// publisher confirm. The caller removes it from the repository.
-pub async fn publish_parked(
-    parking: &Publisher,
-    queue: &str,
-    item: &StoredItem,
-    reason: &str,
-) -> Result<(), crate::broker::PublishError> {
-    let mut headers = FieldTable::default();
-    let text = |s: &str| AMQPValue::LongString(s.into());
-    headers.insert("x-provring-reason".into(), text(reason));
-    headers.insert("x-provring-adaptor".into(), text(&item.adaptor));
-    headers.insert("x-provring-source".into(), text(&item.source));
-    headers.insert("x-provring-id".into(), text(&item.id));
-    headers.insert(
-        "x-provring-attempts".into(),
-        AMQPValue::LongUInt(item.state.attempts),
-    );
-    parking
-        .publish("", queue, item.body.as_bytes(), headers)
-        .await
-}
-
 /// Publish the item to the parking queue with its reason, then remove it.
 async fn park(w: &Worker, mut item: StoredItem, reason: String) -> Outcome {
-    match publish_parked(&w.parking, &w.parking_queue, &item, &reason).await {
+    match w.parking.park_item(&item, &reason).await {
         Ok(()) => {
             tracing::warn!(adaptor = %w.adaptor, event = %item.identity(), %reason, "Event parked.");
             w.stats.parked.fetch_add(1, Relaxed);

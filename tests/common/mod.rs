@@ -156,8 +156,12 @@ max_message_size = {max}
 
 [shutdown]
 grace = {grace:?}
+
+[security]
+key_file = {key:?}
 {extra}
 "#,
+            key = cluster_key(dir).display().to_string(),
             uri = self.uri,
             ns = self.namespace,
             data = dir.join("data-a").display().to_string(),
@@ -225,8 +229,12 @@ max_message_size = {max}
 
 [shutdown]
 grace = {grace:?}
+
+[security]
+key_file = {key:?}
 {extra}
 "#,
+            key = cluster_key(dir).display().to_string(),
             uri = self.uri,
             ns = self.namespace,
             hook = self.webhook,
@@ -240,6 +248,22 @@ grace = {grace:?}
         std::fs::write(&path, toml).expect("write cluster.toml");
         (path, admins)
     }
+}
+
+/// The test's cluster key, `<dir>/cluster.key`, written on first use.
+pub fn cluster_key(dir: &Path) -> PathBuf {
+    let path = dir.join("cluster.key");
+    if !path.exists() {
+        provring::crypto::keygen(&path).expect("write the cluster key");
+    }
+    path
+}
+
+/// The key ring of the test in `dir` (see [`cluster_key`]).
+pub fn key_ring(dir: &Path) -> std::sync::Arc<provring::crypto::KeyRing> {
+    std::sync::Arc::new(
+        provring::crypto::KeyRing::load(&cluster_key(dir), &[]).expect("load the cluster key"),
+    )
 }
 
 /// Start one server per node of `config` (logs `<dir>/<node>.log`) and wait
@@ -580,9 +604,12 @@ pub fn events(run: &str, n: u64) -> Vec<Vec<u8>> {
     .collect()
 }
 
-/// Take every message from the namespace's parking queue:
-/// (body, x-provring-reason).
-pub async fn drain_parking(broker: &BrokerConfig) -> Vec<(Vec<u8>, String)> {
+/// Take every message from the namespace's parking queue and open its
+/// sealed body with the cluster key: (body, x-provring-reason).
+pub async fn drain_parking(config: &Config) -> Vec<(Vec<u8>, String)> {
+    let keys =
+        provring::crypto::KeyRing::load(&config.security.key_file, &[]).expect("cluster key");
+    let broker = &config.broker;
     let b = provring::broker::Broker::new(broker.clone(), "test");
     let ch = b.channel().await.expect("channel");
     let queue = format!("{}.parking", broker.namespace);
@@ -591,20 +618,26 @@ pub async fn drain_parking(broker: &BrokerConfig) -> Vec<(Vec<u8>, String)> {
         .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true })
         .await
     {
-        let reason = m
-            .delivery
-            .properties
-            .headers()
-            .as_ref()
-            .and_then(|h| h.inner().get("x-provring-reason").cloned())
-            .map(|v| match v {
-                lapin::types::AMQPValue::LongString(s) => {
-                    String::from_utf8_lossy(s.as_bytes()).into_owned()
-                }
-                other => format!("{other:?}"),
-            })
-            .unwrap_or_default();
-        out.push((m.delivery.data, reason));
+        let header = |name: &str| {
+            m.delivery
+                .properties
+                .headers()
+                .as_ref()
+                .and_then(|h| h.inner().get(name).cloned())
+                .map(|v| match v {
+                    lapin::types::AMQPValue::LongString(s) => {
+                        String::from_utf8_lossy(s.as_bytes()).into_owned()
+                    }
+                    other => format!("{other:?}"),
+                })
+                .unwrap_or_default()
+        };
+        let ad =
+            provring::crypto::identity_ad(&header("x-provring-source"), &header("x-provring-id"));
+        let body = keys
+            .open(&ad, &m.delivery.data)
+            .expect("a parked body opens with the cluster key and its identity");
+        out.push((body, header("x-provring-reason")));
     }
     b.close().await;
     out
@@ -688,7 +721,8 @@ pub async fn repository_items(data_dir: &Path) -> usize {
             .build()
             .expect("runtime");
         let n = rt.block_on(async {
-            let repo = provring::repository::Repository::open(&dir).expect("open repository");
+            let keys = key_ring(dir.parent().expect("data dirs sit in the test directory"));
+            let repo = provring::repository::Repository::open(&dir, keys).expect("open repository");
             let n = repo.count_all();
             if n > 0 {
                 let left = repo.pending("hr", 0, 20).unwrap_or_default();

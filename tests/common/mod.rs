@@ -329,13 +329,18 @@ pub struct ServerProc {
 
 impl ServerProc {
     pub fn start(config: &Path, node: &str, log: PathBuf) -> ServerProc {
+        ServerProc::start_logging(config, node, log, "info,lapin=off")
+    }
+
+    /// Start with the log filter `rust_log` (`RUST_LOG`).
+    pub fn start_logging(config: &Path, node: &str, log: PathBuf, rust_log: &str) -> ServerProc {
         // A fresh log per start, so that readiness is read from this run.
         let file = std::fs::File::create(&log).expect("open server log");
         let child = Command::new(env!("CARGO_BIN_EXE_provring"))
             .args(["server", "--config"])
             .arg(config)
             .args(["--node", node])
-            .env("RUST_LOG", "info,lapin=off")
+            .env("RUST_LOG", rust_log)
             .stdout(Stdio::null())
             .stderr(file)
             .spawn()
@@ -834,6 +839,9 @@ impl SmtpSink {
                         }
                         let verb = line.split_whitespace().next().unwrap_or("").to_uppercase();
                         let reply: &[u8] = match verb.as_str() {
+                            // Offer authentication, and take any credentials.
+                            "EHLO" => b"250-sink\r\n250 AUTH PLAIN LOGIN\r\n",
+                            "AUTH" => b"235 accepted\r\n",
                             "DATA" => {
                                 data = Some(String::new());
                                 b"354 go on\r\n"

@@ -38,6 +38,11 @@ pub struct ConfigArgs {
     /// Cluster file (TOML); repeat to layer node files on top.
     #[arg(long = "config", short = 'c', required = true, value_name = "FILE")]
     pub files: Vec<PathBuf>,
+    /// File holding the bearer token for servers' admin APIs (`provring
+    /// token` makes one). Without it: `PROVRING_TOKEN`, else the cluster
+    /// key's peer token where `security.key_file` is readable.
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -156,6 +161,22 @@ pub enum Command {
         /// its fingerprint), for container start-up scripts.
         #[arg(long)]
         if_missing: bool,
+    },
+    /// Make an operator token for the admin API.
+    ///
+    /// Writes the token to --out (mode 0600) for `--token-file`, and prints
+    /// the `[[security.admin_tokens]]` entry (name, role, SHA-256) to add to
+    /// the cluster file; servers store only the hash.
+    Token {
+        /// Who will hold it (logged with each operating request).
+        #[arg(long)]
+        name: String,
+        /// `read` (state, backlog, topology) or `operate` (also stop).
+        #[arg(long, value_parser = ["read", "operate"])]
+        role: String,
+        /// Where to write the token.
+        #[arg(long)]
+        out: std::path::PathBuf,
     },
     /// Re-seal a stopped server's repository under the newest key.
     ///

@@ -9,6 +9,7 @@
 //! | `provring seal v1` | AES-256-GCM over event bodies ([`KeyRing::seal`]) |
 //! | `provring sign v1` | HMAC-SHA256 over topology records and mirror/handover frames ([`KeyRing::sign`]) |
 //! | `provring fingerprint v1` | the key's fingerprint: first 8 bytes of SHA-256 of this value |
+//! | `provring peer v1` | the bearer token servers present to each other's admin API |
 //!
 //! The fingerprint is public (servers publish it in `Joined`) and doubles
 //! as the *key id* written into every sealed body and MAC trailer, so that
@@ -116,6 +117,8 @@ struct ClusterKey {
     id: [u8; KEY_ID_LEN],
     seal: LessSafeKey,
     sign: hmac::Key,
+    /// The admin API's peer token (hex).
+    peer: String,
 }
 
 /// The cluster key and the previous keys still accepted; cheap to share
@@ -157,6 +160,7 @@ impl ClusterKey {
         let mut seal = derive(raw, "provring seal v1");
         let mut sign = derive(raw, "provring sign v1");
         let fp = derive(raw, "provring fingerprint v1");
+        let mut peer = derive(raw, "provring peer v1");
         let mut id = [0u8; KEY_ID_LEN];
         id.copy_from_slice(&digest::digest(&digest::SHA256, &fp).as_ref()[..KEY_ID_LEN]);
         let key = ClusterKey {
@@ -165,7 +169,9 @@ impl ClusterKey {
                 UnboundKey::new(&AES_256_GCM, &seal).expect("AES-256-GCM takes a 32-byte key"),
             ),
             sign: hmac::Key::new(hmac::HMAC_SHA256, &sign),
+            peer: hex(&peer),
         };
+        peer.fill(0);
         seal.fill(0);
         sign.fill(0);
         key
@@ -228,6 +234,12 @@ impl KeyRing {
     /// Fingerprints of every key, newest first.
     pub fn fingerprints(&self) -> Vec<String> {
         self.keys.iter().map(|k| hex(&k.id)).collect()
+    }
+
+    /// The admin API peer token of every key, newest first (the newest is
+    /// the one to present).
+    pub fn peer_tokens(&self) -> Vec<String> {
+        self.keys.iter().map(|k| k.peer.clone()).collect()
     }
 
     /// Whether `fingerprint` names one of this ring's keys.

@@ -136,11 +136,17 @@ async fn run(command: Command) -> ExitCode {
             Err(code) => code,
         },
         Command::Backlog { config, node, json } => {
+            let token_file = config.token_file.clone();
             let config = match load(&config.files) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            match provring::admin::client::backlog(&config, node.as_deref()).await {
+            let token = match command_token(&config, token_file.as_deref()) {
+                Ok(t) => t,
+                Err(code) => return code,
+            };
+            match provring::admin::client::backlog(&config, node.as_deref(), token.as_deref()).await
+            {
                 Ok(report) => {
                     println!("{}", report.render(json));
                     if report.all_reachable() {
@@ -157,11 +163,16 @@ async fn run(command: Command) -> ExitCode {
         }
         Command::Topology { command } => topology_command(command).await,
         Command::Stop { config, node } => {
+            let token_file = config.token_file.clone();
             let config = match load(&config.files) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            match provring::admin::client::stop(&config, &node).await {
+            let token = match command_token(&config, token_file.as_deref()) {
+                Ok(t) => t,
+                Err(code) => return code,
+            };
+            match provring::admin::client::stop(&config, &node, token.as_deref()).await {
                 Ok(text) => {
                     println!("{text}");
                     ExitCode::SUCCESS
@@ -226,6 +237,19 @@ async fn run(command: Command) -> ExitCode {
                 }
             }
         }
+        Command::Token { name, role, out } => match write_token(&out) {
+            Ok(hash) => {
+                println!(
+                    "wrote a new token to {} (present it with --token-file {0} or PROVRING_TOKEN); add to the cluster file:\n\n[[security.admin_tokens]]\nname = {name:?}\nrole = {role:?}\nsha256 = {hash:?}",
+                    out.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("provring: {e}");
+                ExitCode::from(EXIT_FAILURE)
+            }
+        },
         Command::Rekey { config, node } => {
             let config = match load(&config.files) {
                 Ok(c) => c,
@@ -304,6 +328,34 @@ async fn run(command: Command) -> ExitCode {
             }
         },
     }
+}
+
+/// Write a new operator token to `out` (mode 0600, never overwriting);
+/// returns its SHA-256.
+fn write_token(out: &std::path::Path) -> Result<String, String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let token = provring::admin::auth::new_token().map_err(|e| e.to_string())?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(out)
+        .map_err(|e| format!("cannot write token file {}: {e}", out.display()))?;
+    file.write_all(format!("{token}\n").as_bytes())
+        .map_err(|e| format!("cannot write token file {}: {e}", out.display()))?;
+    Ok(provring::admin::auth::token_hash(&token))
+}
+
+/// The admin API token a command presents (see `admin::client::command_token`).
+fn command_token(
+    config: &config::Config,
+    file: Option<&std::path::Path>,
+) -> Result<Option<String>, ExitCode> {
+    provring::admin::client::command_token(config, file).map_err(|e| {
+        eprintln!("provring: {e}");
+        ExitCode::from(EXIT_CONFIG)
+    })
 }
 
 /// `provring rekey`: re-seal the repository of stopped server `node`.

@@ -200,7 +200,7 @@ impl Scheduler {
         }
         tracing::info!(schedules = cadences.len(), "Scheduler running here.");
         let started = now_ms();
-        let client = reqwest::Client::builder()
+        let client = crate::admin::client::peer_builder(self.topology.keys())
             .timeout(Duration::from_secs(2))
             .build()
             .ok();

@@ -25,6 +25,8 @@ pub enum ServerError {
     Repository(#[from] RepositoryError),
     #[error("security.key_file: {0}")]
     Key(#[from] crate::crypto::KeyError),
+    #[error("{0}")]
+    Auth(String),
     #[error("topology: {0}")]
     Topology(#[from] crate::topology::TopologyError),
     #[error("target {name}: {reason}")]
@@ -188,13 +190,22 @@ pub async fn start(config: &Config, node: &str) -> Result<Running, ServerError> 
         stop_requested: stop_requested.clone(),
     };
 
+    let auth = crate::admin::auth::Auth::new(&config.security, topology.keys())
+        .map_err(|e| ServerError::Auth(e.to_string()))?;
+    if !auth.enabled() {
+        tracing::warn!(admin_listen = %server.admin_listen, "The admin API checks no token (security.admin_auth = \"none\"); anyone on this machine may stop this server.");
+    }
     let (admin_addr, admin) = crate::admin::bind(
         &server.admin_listen,
-        node,
-        repo.clone(),
-        Some(topology.clone()),
-        Some(health),
-        Some(timeouts),
+        crate::admin::AdminParts {
+            node: node.to_owned(),
+            repo: repo.clone(),
+            topology: Some(topology.clone()),
+            health: Some(health),
+            timeouts: Some(timeouts),
+            auth: Arc::new(auth),
+            limits: config.admin.clone(),
+        },
         shutdown.child_token(),
     )
     .await

@@ -30,7 +30,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let sup: SupervisorConfig = config.supervisor.clone();
-    let client = match reqwest::Client::builder()
+    let client = match crate::admin::client::peer_builder(topology.keys())
         .timeout(sup.request_timeout)
         .connect_timeout(sup.request_timeout)
         .build()

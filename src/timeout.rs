@@ -343,7 +343,7 @@ impl Checker {
     pub async fn run(self, stop: CancellationToken) {
         let every = self.config.timeout_checker.check_interval;
         tracing::info!(check_interval = ?every, "Timeout checker running here.");
-        let client = match reqwest::Client::builder()
+        let client = match crate::admin::client::peer_builder(self.topology.keys())
             .timeout(Duration::from_secs(10))
             .build()
         {

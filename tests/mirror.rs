@@ -22,9 +22,7 @@ fn keys(items: &[provring::repository::ItemKey]) -> BTreeSet<Key> {
 }
 
 async fn items(admin: &str) -> ItemsView {
-    admin_get::<ItemsView>(admin, "/backlog/items")
-        .await
-        .expect("GET /backlog/items")
+    all_items(admin).await.expect("GET /backlog/items")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

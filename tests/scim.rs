@@ -515,11 +515,10 @@ deadline = "10m"
 [shutdown]
 grace = "5s"
 
-[security]
-key_file = {key:?}
+{security}
 "#,
         uri = amqp_uri(),
-        key = cluster_key(dir).display().to_string(),
+        security = security_section(dir),
         data = dir.join("data-a").display().to_string(),
     );
     let path = dir.join("cluster.toml");

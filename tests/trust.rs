@@ -494,3 +494,145 @@ fn hex_id(fingerprint: &str) -> Vec<u8> {
         .map(|i| u8::from_str_radix(&fingerprint[i..i + 2], 16).expect("hex"))
         .collect()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_admin_api_wants_tokens_and_cuts_off_slow_clients() {
+    let recorder = Recorder::default();
+    let hook = recorder.start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut setup = Setup::new("trust_admin", &hook);
+    setup.admin = free_addr();
+    setup.extra = "[admin]\nheader_read_timeout = \"1s\"\nmax_body = 4096\n".into();
+    let path = setup.write(dir.path());
+    let config = load(&path);
+    let _cleanup = Cleanup::new(&config.broker, &["hr"]);
+    let mut server = ServerProc::start(&path, "a", dir.path().join("a.log"));
+    server.wait_started(Duration::from_secs(60));
+    let base = format!("http://{}", setup.admin);
+    let http = reqwest::Client::new();
+    let peer = key_ring(dir.path()).peer_tokens()[0].clone();
+    let status = |r: reqwest::Response| r.status().as_u16();
+
+    let get = |path: &str, token: Option<&str>| {
+        let mut r = http.get(format!("{base}{path}"));
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        r.send()
+    };
+    assert_eq!(status(get("/health", None).await.expect("health")), 200);
+    let no_token = get("/backlog", None).await.expect("backlog");
+    assert_eq!(no_token.status().as_u16(), 401);
+    assert_eq!(
+        no_token
+            .headers()
+            .get("www-authenticate")
+            .and_then(|v| v.to_str().ok()),
+        Some("Bearer")
+    );
+    assert_eq!(
+        status(get("/backlog", Some("prt_guess")).await.expect("backlog")),
+        401
+    );
+    assert_eq!(
+        status(get("/state", Some(TEST_READ_TOKEN)).await.expect("state")),
+        200
+    );
+    let page: provring::admin::ItemsView = get("/backlog/items?limit=5", Some(TEST_READ_TOKEN))
+        .await
+        .expect("items")
+        .json()
+        .await
+        .expect("items json");
+    assert_eq!((page.total, page.next), (0, None));
+
+    let post = |path: &str, token: &str, body: Vec<u8>| {
+        http.post(format!("{base}{path}"))
+            .bearer_auth(token)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    // A read token does not stop a server; an operate token does not
+    // reach the peer routes.
+    assert_eq!(
+        status(
+            post("/stop", TEST_READ_TOKEN, Vec::new())
+                .await
+                .expect("stop")
+        ),
+        403
+    );
+    assert!(server.is_running());
+    assert_eq!(
+        status(
+            post("/timeout/park", TEST_TOKEN, b"{}".to_vec())
+                .await
+                .expect("park")
+        ),
+        403
+    );
+    assert_eq!(
+        status(
+            post("/timeout/park", &peer, b"{not json".to_vec())
+                .await
+                .expect("park")
+        ),
+        400
+    );
+    assert_eq!(
+        status(
+            post("/timeout/park", &peer, vec![b' '; 10_000])
+                .await
+                .expect("park")
+        ),
+        413
+    );
+
+    // A client that sends its headers a byte at a time is cut off after
+    // admin.header_read_timeout (1 s).
+    let started = Instant::now();
+    let cut_off = tokio::spawn({
+        let addr = setup.admin.clone();
+        async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut stream = tokio::net::TcpStream::connect(&addr)
+                .await
+                .expect("connect");
+            let request = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n";
+            for b in request {
+                if stream.write_all(&[*b]).await.is_err() {
+                    return "write refused".to_string();
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let mut buf = [0u8; 256];
+                match tokio::time::timeout(Duration::from_millis(1), stream.read(&mut buf)).await {
+                    Ok(Ok(0)) => return "closed".to_string(),
+                    Ok(Ok(n)) => return String::from_utf8_lossy(&buf[..n]).into_owned(),
+                    Ok(Err(_)) => return "reset".to_string(),
+                    Err(_) => {}
+                }
+            }
+            "served".to_string()
+        }
+    });
+    let outcome = cut_off.await.expect("slow client");
+    println!("slow client: {outcome} after {:?}", started.elapsed());
+    assert_ne!(outcome, "served", "the slow client was served in full");
+    assert!(
+        !outcome.contains("200 OK"),
+        "the slow client was answered: {outcome}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "cut off only after {:?}",
+        started.elapsed()
+    );
+    // The server still serves, and an operate token stops it.
+    assert_eq!(status(get("/health", None).await.expect("health")), 200);
+    assert_eq!(
+        status(post("/stop", TEST_TOKEN, Vec::new()).await.expect("stop")),
+        202
+    );
+    assert!(server.wait(Duration::from_secs(30)).success());
+}

@@ -80,8 +80,71 @@ impl BacklogReport {
     }
 }
 
+/// A client builder whose requests present `token` as a bearer token
+/// (the header is marked sensitive, so it is never logged).
+pub fn builder_with_token(token: Option<&str>) -> reqwest::ClientBuilder {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(t) = token
+        && let Ok(mut v) = reqwest::header::HeaderValue::from_str(&format!("Bearer {t}"))
+    {
+        v.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, v);
+    }
+    reqwest::Client::builder().default_headers(headers)
+}
+
+/// A client builder for a server of the cluster talking to its peers.
+pub fn peer_builder(keys: &crate::crypto::KeyRing) -> reqwest::ClientBuilder {
+    builder_with_token(keys.peer_tokens().first().map(String::as_str))
+}
+
+/// The token a command presents: from `--token-file`, else
+/// `PROVRING_TOKEN`, else the cluster key's peer token if the key file is
+/// readable here, else none.
+pub fn command_token(
+    config: &Config,
+    token_file: Option<&std::path::Path>,
+) -> Result<Option<String>, String> {
+    if let Some(path) = token_file {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read token file {}: {e}", path.display()))?;
+        let token = text.trim().to_owned();
+        if token.is_empty() {
+            return Err(format!("token file {} is empty", path.display()));
+        }
+        return Ok(Some(token));
+    }
+    if let Ok(t) = std::env::var("PROVRING_TOKEN")
+        && !t.trim().is_empty()
+    {
+        return Ok(Some(t.trim().to_owned()));
+    }
+    Ok(config
+        .security
+        .key_ring()
+        .ok()
+        .and_then(|k| k.peer_tokens().into_iter().next()))
+}
+
+/// The error text for an admin API's refusal.
+fn refused(node: &str, status: reqwest::StatusCode) -> String {
+    match status.as_u16() {
+        401 => format!(
+            "{node} answered 401: give a token (--token-file or PROVRING_TOKEN), or run where security.key_file is readable"
+        ),
+        403 => format!(
+            "{node} answered 403: the token's role does not allow this (stop needs operate)"
+        ),
+        _ => format!("{node} answered HTTP {status}"),
+    }
+}
+
 /// Ask every server (or `only` one) of `config`.
-pub async fn backlog(config: &Config, only: Option<&str>) -> Result<BacklogReport, String> {
+pub async fn backlog(
+    config: &Config,
+    only: Option<&str>,
+    token: Option<&str>,
+) -> Result<BacklogReport, String> {
     if let Some(node) = only
         && !config.servers.contains_key(node)
     {
@@ -90,7 +153,7 @@ pub async fn backlog(config: &Config, only: Option<&str>) -> Result<BacklogRepor
             config.server_names()
         ));
     }
-    let client = reqwest::Client::builder()
+    let client = builder_with_token(token)
         .timeout(Duration::from_secs(3))
         .build()
         .map_err(|e| format!("cannot build HTTP client: {e}"))?;
@@ -103,7 +166,7 @@ pub async fn backlog(config: &Config, only: Option<&str>) -> Result<BacklogRepor
         let view = async {
             let response = client.get(&url).send().await.map_err(|e| e.to_string())?;
             if !response.status().is_success() {
-                return Err(format!("HTTP {}", response.status()));
+                return Err(refused(node, response.status()));
             }
             response
                 .json::<BacklogView>()
@@ -121,7 +184,7 @@ pub async fn backlog(config: &Config, only: Option<&str>) -> Result<BacklogRepor
 }
 
 /// Ask server `node` to stop (`POST /stop`).
-pub async fn stop(config: &Config, node: &str) -> Result<String, String> {
+pub async fn stop(config: &Config, node: &str, token: Option<&str>) -> Result<String, String> {
     let Some(server) = config.servers.get(node) else {
         return Err(format!(
             "node {node:?} is not in the configuration; known servers: {}",
@@ -129,14 +192,16 @@ pub async fn stop(config: &Config, node: &str) -> Result<String, String> {
         ));
     };
     let url = format!("http://{}/stop", server.admin_listen);
-    let response = reqwest::Client::new()
+    let response = builder_with_token(token)
+        .build()
+        .map_err(|e| format!("cannot build HTTP client: {e}"))?
         .post(&url)
         .timeout(Duration::from_secs(5))
         .send()
         .await
         .map_err(|e| format!("cannot reach {node} at {}: {e}", server.admin_listen))?;
     if !response.status().is_success() {
-        return Err(format!("{node} answered HTTP {}", response.status()));
+        return Err(refused(node, response.status()));
     }
     Ok(format!(
         "{node} is stopping: it announces the stop in the topology log (no takeover) and exits once its in-flight work is done"

@@ -18,21 +18,35 @@
 //! - `POST /stop`: stop this server as SIGTERM does (the stop is announced
 //!   in the topology log, so it is not taken over).
 //!
-//! Read-only; it takes no locks that the pipeline waits on for longer than
-//! an index lookup.
+//! Who may call which route is [`auth`]'s business: `/health` is open,
+//! the rest need a bearer token (`read`, `operate` for `/stop`, the peer
+//! token for `/timeout/*`), unless `security.admin_auth = "none"`. The
+//! server closes connections that do not send their headers within
+//! `admin.header_read_timeout`, ends requests that take longer than
+//! `admin.request_timeout`, serves at most `admin.max_connections` at once
+//! and refuses bodies over `admin.max_body` (413). Bad JSON gets 400.
+//!
+//! It takes no locks that the pipeline waits on for longer than an index
+//! lookup.
 
+pub mod auth;
 pub mod client;
 
+use crate::config::AdminConfig;
 use crate::repository::{CopiesView, ItemKey, Repository, now_ms};
 use crate::topology::Topology;
+use auth::{Auth, Need, Refusal};
 use axum::Json;
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{Request, State};
 use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 /// What `GET /backlog` returns.
@@ -55,16 +69,27 @@ pub struct OriginCopies {
     pub oldest_age_ms: u64,
 }
 
-/// What `GET /backlog/items` returns.
+/// What `GET /backlog/items?limit=M[&after=CURSOR]` returns: one page of
+/// the list "own items, then each origin's copies", each sorted by item
+/// (default and largest page: [`ITEMS_PAGE_MAX`] items).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ItemsView {
     pub node: String,
-    /// This server's unfinished items.
+    /// This server's unfinished items (of this page).
     pub own: Vec<ItemKey>,
-    /// Copies held, per origin.
+    /// Copies held, per origin (of this page).
     pub copies: BTreeMap<String, Vec<ItemKey>>,
     pub generations: BTreeMap<String, u64>,
+    /// Items in all pages.
+    #[serde(default)]
+    pub total: usize,
+    /// Cursor of the next page (`after=`), if there is one.
+    #[serde(default)]
+    pub next: Option<String>,
 }
+
+/// Largest page of `GET /backlog/items`.
+pub const ITEMS_PAGE_MAX: usize = 10_000;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AdaptorBacklog {
@@ -110,45 +135,169 @@ struct AppState {
     timeouts: Option<std::sync::Arc<crate::timeout::Local>>,
 }
 
+/// What the admin server serves, and how.
+pub struct AdminParts {
+    pub node: String,
+    pub repo: Repository,
+    pub topology: Option<Topology>,
+    pub health: Option<Health>,
+    pub timeouts: Option<Arc<crate::timeout::Local>>,
+    pub auth: Arc<Auth>,
+    pub limits: AdminConfig,
+}
+
+/// The routes, each behind what it needs.
+fn router(parts: AdminParts) -> Router {
+    let app_state = AppState {
+        node: parts.node,
+        repo: parts.repo,
+        topology: parts.topology,
+        health: parts.health,
+        timeouts: parts.timeouts,
+    };
+    let guard =
+        |need: Need| axum::middleware::from_fn_with_state((parts.auth.clone(), need), require);
+    let read = Router::new()
+        .route("/backlog", get(backlog))
+        .route("/backlog/items", get(items))
+        .route("/item", get(item))
+        .route("/topology", get(topology_state))
+        .route("/state", get(state))
+        .route_layer(guard(Need::Read));
+    let operate = Router::new()
+        .route("/stop", axum::routing::post(stop))
+        .route_layer(guard(Need::Operate));
+    let peer = Router::new()
+        .route("/timeout/overdue", get(overdue))
+        .route("/timeout/park", axum::routing::post(park))
+        .route_layer(guard(Need::Peer));
+    let timeout = parts.limits.request_timeout;
+    Router::new()
+        .route("/health", get(|| async { "ok" }))
+        .merge(read)
+        .merge(operate)
+        .merge(peer)
+        .with_state(app_state)
+        .layer(axum::extract::DefaultBodyLimit::max(parts.limits.max_body))
+        .layer(axum::middleware::from_fn_with_state(timeout, limit_time))
+}
+
+/// The caller's token must reach `need`.
+async fn require(
+    State((auth, need)): State<(Arc<Auth>, Need)>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let header = request
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .map(|v| v.as_bytes());
+    match auth.check(header, need) {
+        Ok(who) => {
+            if need == Need::Operate {
+                tracing::info!(caller = %who, path = %request.uri().path(), "Operator request.");
+            }
+            next.run(request).await
+        }
+        Err(Refusal::Unauthorized(why)) => (
+            StatusCode::UNAUTHORIZED,
+            [(axum::http::header::WWW_AUTHENTICATE, "Bearer")],
+            Json(serde_json::json!({"error": format!("unauthorized: {why}")})),
+        )
+            .into_response(),
+        Err(Refusal::Forbidden { name, role }) => {
+            tracing::warn!(caller = %name, ?role, path = %request.uri().path(), "Admin request refused: role too weak.");
+            (
+                StatusCode::FORBIDDEN,
+                Json(serde_json::json!({
+                    "error": format!("token {name:?} has role {role:?}, which does not reach this route")
+                })),
+            )
+                .into_response()
+        }
+    }
+}
+
+/// End a request that takes longer than `limit`.
+async fn limit_time(
+    State(limit): State<std::time::Duration>,
+    request: Request,
+    next: Next,
+) -> Response {
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(r) => r,
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({"error": format!("request took longer than admin.request_timeout ({limit:?})")})),
+        )
+            .into_response(),
+    }
+}
+
 /// Bind `addr` now (so that a taken port stops the start with a clear
 /// error) and serve until `shutdown`.
 pub async fn bind(
     addr: &str,
-    node: &str,
-    repo: Repository,
-    topology: Option<Topology>,
-    health: Option<Health>,
-    timeouts: Option<std::sync::Arc<crate::timeout::Local>>,
+    parts: AdminParts,
     shutdown: CancellationToken,
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), std::io::Error> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
-    let app = Router::new()
-        .route("/health", get(|| async { "ok" }))
-        .route("/backlog", get(backlog))
-        .route("/backlog/items", get(items))
-        .route("/item", get(item))
-        .route("/timeout/overdue", get(overdue))
-        .route("/timeout/park", axum::routing::post(park))
-        .route("/topology", get(topology_state))
-        .route("/state", get(state))
-        .route("/stop", axum::routing::post(stop))
-        .with_state(AppState {
-            node: node.to_owned(),
-            repo,
-            topology,
-            health,
-            timeouts,
-        });
-    let handle = tokio::spawn(async move {
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown.cancelled_owned())
-            .await;
-        if let Err(e) = served {
-            tracing::error!(error = %e, "Admin API stopped.");
-        }
-    });
+    let limits = parts.limits.clone();
+    let app = router(parts);
+    let handle = tokio::spawn(serve(listener, app, limits, shutdown));
     Ok((local, handle))
+}
+
+async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    limits: AdminConfig,
+    shutdown: CancellationToken,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let mut refused_logged: Option<std::time::Instant> = None;
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of descriptors, say: wait a moment, keep serving.
+                    tracing::warn!(error = %e, "Admin API cannot accept a connection.");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            if refused_logged.is_none_or(|t| t.elapsed() > std::time::Duration::from_secs(60)) {
+                tracing::warn!(%peer, max = limits.max_connections, "Admin API at its connection limit (admin.max_connections); closing new connections.");
+                refused_logged = Some(std::time::Instant::now());
+            }
+            drop(stream);
+            continue;
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let shutdown = shutdown.clone();
+        let header_timeout = limits.header_read_timeout;
+        tokio::spawn(async move {
+            let _slot = slot;
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), conn).await;
+                }
+            }
+        });
+    }
 }
 
 async fn backlog(State(s): State<AppState>) -> Json<BacklogView> {
@@ -190,7 +339,18 @@ async fn backlog(State(s): State<AppState>) -> Json<BacklogView> {
     })
 }
 
-async fn items(State(s): State<AppState>) -> Result<Json<ItemsView>, (StatusCode, String)> {
+#[derive(Deserialize)]
+struct ItemsQuery {
+    /// The `next` cursor of the previous page.
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn items(
+    State(s): State<AppState>,
+    axum::extract::Query(q): axum::extract::Query<ItemsQuery>,
+) -> Result<Json<ItemsView>, (StatusCode, String)> {
+    let limit = q.limit.unwrap_or(ITEMS_PAGE_MAX).clamp(1, ITEMS_PAGE_MAX);
     let repo = s.repo.clone();
     let view = tokio::task::spawn_blocking(move || {
         let own = repo.own_items()?;
@@ -205,12 +365,94 @@ async fn items(State(s): State<AppState>) -> Result<Json<ItemsView>, (StatusCode
     .await
     .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
     .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let (own, copies, generations) = view;
+    let total = own.len() + copies.values().map(Vec::len).sum::<usize>();
+    let after = match q.after.as_deref().map(Cursor::decode) {
+        Some(Some(c)) => Some(c),
+        Some(None) => {
+            return Err((
+                StatusCode::BAD_REQUEST,
+                "unreadable cursor in after=".into(),
+            ));
+        }
+        None => None,
+    };
+    // One list, "own, then each origin's copies", each sorted by item,
+    // taken after the cursor: items that finish between two pages shift
+    // nothing, so none present throughout is skipped.
+    let mut sections: Vec<(Option<String>, Vec<ItemKey>)> = vec![(None, own)];
+    sections.extend(copies.into_iter().map(|(o, items)| (Some(o), items)));
+    let mut left = limit;
+    let mut last: Option<Cursor> = None;
+    let mut more = false;
+    let mut own_page = Vec::new();
+    let mut copies_page: BTreeMap<String, Vec<ItemKey>> = BTreeMap::new();
+    for (section, mut items) in sections {
+        items.sort_unstable();
+        let items: Vec<ItemKey> = match &after {
+            Some(c) if section < c.section => continue,
+            Some(c) if section == c.section => items.into_iter().filter(|i| *i > c.last).collect(),
+            _ => items,
+        };
+        if items.is_empty() {
+            continue;
+        }
+        if left == 0 {
+            more = true;
+            break;
+        }
+        let take: Vec<ItemKey> = items.iter().take(left).cloned().collect();
+        left -= take.len();
+        more |= take.len() < items.len();
+        if let Some(k) = take.last() {
+            last = Some(Cursor {
+                section: section.clone(),
+                last: k.clone(),
+            });
+        }
+        match section {
+            None => own_page = take,
+            Some(origin) => {
+                copies_page.insert(origin, take);
+            }
+        }
+        if more {
+            break;
+        }
+    }
     Ok(Json(ItemsView {
         node: s.node,
-        own: view.0,
-        copies: view.1,
-        generations: view.2,
+        own: own_page,
+        copies: copies_page,
+        generations,
+        total,
+        next: if more { last.map(|c| c.encode()) } else { None },
     }))
+}
+
+/// Where a page of `/backlog/items` ended: the section (`None`: this
+/// server's own items, else an origin) and its last item. Passed back as
+/// `after=`, base64url of JSON.
+#[derive(Serialize, Deserialize)]
+struct Cursor {
+    section: Option<String>,
+    last: ItemKey,
+}
+
+impl Cursor {
+    fn encode(&self) -> String {
+        use base64::Engine;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .encode(serde_json::to_vec(self).unwrap_or_default())
+    }
+
+    fn decode(text: &str) -> Option<Cursor> {
+        use base64::Engine;
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(text)
+            .ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
 }
 
 /// `GET /item?adaptor=A&source=S&id=I`.
@@ -258,9 +500,14 @@ async fn overdue(
 
 async fn park(
     State(s): State<AppState>,
-    Json(req): Json<crate::timeout::ParkRequest>,
+    req: Result<Json<crate::timeout::ParkRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<Vec<(crate::timeout::ItemRef, crate::timeout::ParkResult)>>, (StatusCode, String)>
 {
+    // Too large stays 413; any other unreadable body is 400.
+    let Json(req) = req.map_err(|e| match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => (StatusCode::PAYLOAD_TOO_LARGE, e.body_text()),
+        _ => (StatusCode::BAD_REQUEST, e.body_text()),
+    })?;
     let Some(t) = &s.timeouts else {
         return Err((StatusCode::NOT_FOUND, "no timeout checks here".into()));
     };

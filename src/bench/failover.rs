@@ -260,7 +260,9 @@ pub async fn failover(args: &FailoverArgs) -> Result<FailoverReport, BenchError>
     for n in NODES {
         ring.start(n)?;
     }
-    let client = reqwest::Client::builder()
+    let keys =
+        crate::crypto::KeyRing::load(&key, &[]).map_err(|e| BenchError::Stalled(e.to_string()))?;
+    let client = crate::admin::client::peer_builder(&keys)
         .timeout(Duration::from_millis(500))
         .build()
         .map_err(|e| BenchError::Stalled(e.to_string()))?;

@@ -115,6 +115,7 @@ const SECTIONS: &[&str] = &[
     "timeout_checker",
     "security",
     "parking",
+    "admin",
 ];
 
 /// Deserialise section by section, collecting every problem. A section or
@@ -172,8 +173,12 @@ fn from_sections(mut sections: BTreeMap<String, config::Value>) -> Result<Config
         security: security.unwrap_or_else(|| crate::config::SecurityConfig {
             key_file: PathBuf::new(),
             previous_key_files: Vec::new(),
+            admin_auth: crate::config::AdminAuth::Tokens,
+            admin_tokens: Vec::new(),
+            admin_token_file: None,
         }),
         parking: ctx.optional("parking", take("parking")),
+        admin: ctx.optional("admin", take("admin")),
     };
     let under_failed = |key: &str| {
         failed.iter().any(|f| {

@@ -9,7 +9,7 @@ mod load;
 mod validate;
 
 pub use load::{ConfigError, load};
-pub use validate::{Problem, validate};
+pub use validate::{Problem, is_loopback, validate};
 
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -62,6 +62,9 @@ pub struct Config {
     /// `[parking]`: the parking queue.
     #[serde(default)]
     pub parking: ParkingConfig,
+    /// `[admin]`: limits of the admin API's server.
+    #[serde(default)]
+    pub admin: AdminConfig,
 }
 
 /// `[security]`: the cluster key that seals every stored and forwarded
@@ -77,6 +80,92 @@ pub struct SecurityConfig {
     /// while a rotation is under way (see `provring rekey`).
     #[serde(default)]
     pub previous_key_files: Vec<PathBuf>,
+    /// `tokens` (default): every admin route but `/health` needs a bearer
+    /// token; `none`: nothing is checked, allowed only when every
+    /// `admin_listen` is a loopback address (one machine).
+    #[serde(default)]
+    pub admin_auth: AdminAuth,
+    /// Operator tokens of the admin API, by SHA-256
+    /// (`provring token` makes one).
+    #[serde(default)]
+    pub admin_tokens: Vec<AdminToken>,
+    /// A file of more operator tokens, one `name role sha256` per line
+    /// (`#` starts a comment).
+    #[serde(default)]
+    pub admin_token_file: Option<PathBuf>,
+}
+
+/// `security.admin_auth`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AdminAuth {
+    #[default]
+    Tokens,
+    None,
+}
+
+/// What an operator token may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TokenRole {
+    /// State, backlog, items, topology.
+    Read,
+    /// Also `POST /stop`.
+    Operate,
+}
+
+/// `[[security.admin_tokens]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminToken {
+    /// Who holds it (logged with each operating request).
+    pub name: String,
+    pub role: TokenRole,
+    /// SHA-256 of the token, 64 hex digits.
+    pub sha256: String,
+}
+
+/// `[admin]`: limits of the admin API's server.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// A connection that has not sent a request's headers within this long
+    /// is closed (slow clients).
+    #[serde(default = "default_header_read_timeout", with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// Longest time for one request, body and answer included.
+    #[serde(default = "default_admin_request_timeout", with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Connections served at once; more are closed at once.
+    #[serde(default = "default_admin_max_connections")]
+    pub max_connections: usize,
+    /// Largest request body, in bytes (larger: 413).
+    #[serde(default = "default_admin_max_body")]
+    pub max_body: usize,
+}
+
+fn default_header_read_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_admin_request_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_admin_max_connections() -> usize {
+    128
+}
+fn default_admin_max_body() -> usize {
+    1024 * 1024
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            header_read_timeout: default_header_read_timeout(),
+            request_timeout: default_admin_request_timeout(),
+            max_connections: default_admin_max_connections(),
+            max_body: default_admin_max_body(),
+        }
+    }
 }
 
 impl SecurityConfig {

@@ -29,6 +29,20 @@ impl std::fmt::Display for Problem {
     }
 }
 
+/// Whether an `admin_listen` address is on the loopback interface.
+pub fn is_loopback(addr: &str) -> bool {
+    let host = addr
+        .rsplit_once(':')
+        .map(|(h, _)| h)
+        .unwrap_or(addr)
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 /// Every problem of `config`, in key order of appearance; empty if it is usable.
 pub fn validate(config: &Config) -> Vec<Problem> {
     let mut p = Vec::new();
@@ -346,6 +360,51 @@ pub fn validate(config: &Config) -> Vec<Problem> {
             format!("{max} must be between 1024 (1 KiB) and 67108864 (64 MiB)"),
         );
     }
+    let sec = &config.security;
+    let mut names = std::collections::BTreeSet::new();
+    for (i, t) in sec.admin_tokens.iter().enumerate() {
+        let h = &t.sha256;
+        if h.len() != 64 || !h.chars().all(|c| c.is_ascii_hexdigit()) {
+            add(
+                format!("security.admin_tokens[{i}].sha256"),
+                "must be the SHA-256 of the token as 64 hex digits (provring token prints it)"
+                    .into(),
+            );
+        }
+        if !names.insert(t.name.as_str()) {
+            add(
+                format!("security.admin_tokens[{i}].name"),
+                format!("{:?} is used twice", t.name),
+            );
+        }
+    }
+    if sec.admin_auth == crate::config::AdminAuth::None {
+        for (id, s) in &config.servers {
+            if !is_loopback(&s.admin_listen) {
+                add(
+                    "security.admin_auth".into(),
+                    format!(
+                        "\"none\" is allowed only when every admin address is a loopback address; \
+                         servers.{id}.admin_listen is {:?}",
+                        s.admin_listen
+                    ),
+                );
+            }
+        }
+    }
+    let a = &config.admin;
+    if a.header_read_timeout.is_zero() || a.request_timeout.is_zero() {
+        add(
+            "admin".into(),
+            "header_read_timeout and request_timeout must be longer than 0".into(),
+        );
+    }
+    if a.max_connections == 0 || a.max_body < 1024 {
+        add(
+            "admin".into(),
+            "max_connections must be at least 1 and max_body at least 1024".into(),
+        );
+    }
     if !(2..=10_000).contains(&config.limits.max_depth) {
         add(
             "limits.max_depth".into(),
@@ -544,6 +603,28 @@ mod tests {
                 "retry.jitter"
             ]
         );
+    }
+
+    #[test]
+    fn no_token_mode_only_on_loopback_and_token_hashes_checked() {
+        let mut c = sample();
+        c.security.admin_auth = AdminAuth::None;
+        assert!(validate(&c).is_empty(), "127.0.0.1 is loopback");
+        if let Some(s) = c.servers.get_mut("a") {
+            s.admin_listen = "10.0.0.5:7101".into();
+        }
+        c.security.admin_tokens.push(AdminToken {
+            name: "ops".into(),
+            role: TokenRole::Operate,
+            sha256: "not-a-hash".into(),
+        });
+        let keys: Vec<String> = validate(&c).into_iter().map(|p| p.key).collect();
+        assert_eq!(
+            keys,
+            ["security.admin_tokens[0].sha256", "security.admin_auth"]
+        );
+        assert!(is_loopback("[::1]:7101") && is_loopback("localhost:1"));
+        assert!(!is_loopback("0.0.0.0:7101") && !is_loopback("provring-a:7101"));
     }
 
     #[test]

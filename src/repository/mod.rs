@@ -38,7 +38,7 @@
 mod backup;
 mod handover;
 mod marker;
-mod record;
+pub mod record;
 mod rekey;
 mod timeout;
 

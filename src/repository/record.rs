@@ -62,8 +62,14 @@ impl<'k> Writer<'k> {
         Ok(())
     }
 
+    /// Bytes written so far.
     pub fn len(&self) -> usize {
         self.buf.len()
+    }
+
+    /// Whether no item was pushed yet.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
     }
 
     pub fn finish(mut self) -> Vec<u8> {

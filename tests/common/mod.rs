@@ -157,11 +157,10 @@ max_message_size = {max}
 [shutdown]
 grace = {grace:?}
 
-[security]
-key_file = {key:?}
+{security}
 {extra}
 "#,
-            key = cluster_key(dir).display().to_string(),
+            security = security_section(dir),
             uri = self.uri,
             ns = self.namespace,
             data = dir.join("data-a").display().to_string(),
@@ -230,11 +229,10 @@ max_message_size = {max}
 [shutdown]
 grace = {grace:?}
 
-[security]
-key_file = {key:?}
+{security}
 {extra}
 "#,
-            key = cluster_key(dir).display().to_string(),
+            security = security_section(dir),
             uri = self.uri,
             ns = self.namespace,
             hook = self.webhook,
@@ -248,6 +246,23 @@ key_file = {key:?}
         std::fs::write(&path, toml).expect("write cluster.toml");
         (path, admins)
     }
+}
+
+/// The operator token every test cluster file accepts (role `operate`).
+pub const TEST_TOKEN: &str = "prt_test-operator-token";
+/// A token with role `read`.
+pub const TEST_READ_TOKEN: &str = "prt_test-read-token";
+
+/// The `[security]` section of a test cluster in `dir`.
+pub fn security_section(dir: &Path) -> String {
+    format!(
+        "[security]\nkey_file = {key:?}\n\n\
+         [[security.admin_tokens]]\nname = \"test-operator\"\nrole = \"operate\"\nsha256 = {op:?}\n\n\
+         [[security.admin_tokens]]\nname = \"test-reader\"\nrole = \"read\"\nsha256 = {read:?}\n",
+        key = cluster_key(dir).display().to_string(),
+        op = provring::admin::auth::token_hash(TEST_TOKEN),
+        read = provring::admin::auth::token_hash(TEST_READ_TOKEN),
+    )
 }
 
 /// The test's cluster key, `<dir>/cluster.key`, written on first use.
@@ -290,6 +305,7 @@ pub async fn admin_get<T: serde::de::DeserializeOwned>(
     let url = format!("http://{admin}{path}");
     let response = reqwest::Client::new()
         .get(&url)
+        .bearer_auth(TEST_TOKEN)
         .timeout(Duration::from_secs(10))
         .send()
         .await
@@ -301,6 +317,21 @@ pub async fn admin_get<T: serde::de::DeserializeOwned>(
         .json::<T>()
         .await
         .map_err(|e| format!("{url}: {e}"))
+}
+
+/// Every page of `GET /backlog/items`, merged into one view.
+pub async fn all_items(admin: &str) -> Result<provring::admin::ItemsView, String> {
+    let mut all: provring::admin::ItemsView = admin_get(admin, "/backlog/items").await?;
+    while let Some(after) = all.next.take() {
+        let page: provring::admin::ItemsView =
+            admin_get(admin, &format!("/backlog/items?after={after}")).await?;
+        all.own.extend(page.own);
+        for (origin, items) in page.copies {
+            all.copies.entry(origin).or_default().extend(items);
+        }
+        all.next = page.next;
+    }
+    Ok(all)
 }
 
 /// Run `provring` with `args`; (exit code, stdout, stderr).

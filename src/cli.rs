@@ -180,11 +180,12 @@ pub enum Command {
     },
     /// Re-seal a stopped server's repository under the newest key.
     ///
-    /// Rotation: write a new key with `keygen`, make it `key_file` and the
-    /// old one `previous_key_files` on every server, restart them one by
-    /// one, run `rekey` on each while it is stopped, and drop the old key
-    /// once every server has been re-keyed and nothing parked under it is
-    /// still wanted. Exits 0 when every record was re-sealed.
+    /// Rotation, in two steps: add a new key (`keygen`) to
+    /// `previous_key_files` on every server and restart each; then make it
+    /// `key_file` (the old one in `previous_key_files`), restart each, and
+    /// run `rekey` on each while it is stopped. Drop the old key once every
+    /// server was re-keyed and nothing parked under it is still wanted.
+    /// Exits 0 when every record was re-sealed.
     Rekey {
         #[command(flatten)]
         config: ConfigArgs,

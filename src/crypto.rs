@@ -22,9 +22,12 @@
 //! sealed body:  version u8 = 1 | key id [8] | nonce [12] | ciphertext + tag [16]
 //! MAC trailer:  payload | key id [8] | HMAC-SHA256(context u8 | payload | key id) [32]
 //! ```
-//! Nonces are random (96 bits from aws-lc's DRBG); the volume sealed under
-//! one key stays far below the birthday bound. A decoder checks a trailer
-//! before it parses anything of the payload.
+//! Nonces are random (96 bits from aws-lc's DRBG). NIST SP 800-38D bounds
+//! one key to 2^32 seals with random nonces: at a million events a day
+//! (each sealed once, plus a re-seal per move or rekey) that is over ten
+//! years; a fleet near that volume rotates its key sooner (`provring
+//! rekey`). A decoder checks a trailer before it parses anything of the
+//! payload.
 
 use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use aws_lc_rs::{digest, hkdf, hmac};
@@ -148,10 +151,11 @@ fn derive(key: &[u8; KEY_LEN], label: &str) -> [u8; KEY_LEN] {
     let mut out = [0u8; KEY_LEN];
     let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, b"provring cluster key").extract(key);
     let info = [label.as_bytes()];
-    // Expanding 32 bytes from SHA-256 cannot fail (the limit is 255 × 32).
-    if let Ok(okm) = prk.expand(&info, Len(KEY_LEN)) {
-        let _ = okm.fill(&mut out);
-    }
+    // Expanding 32 bytes from SHA-256 cannot fail (the limit is 255 × 32);
+    // never go on with an all-zero key if it did.
+    prk.expand(&info, Len(KEY_LEN))
+        .and_then(|okm| okm.fill(&mut out))
+        .expect("HKDF-SHA256 expands 32 bytes");
     out
 }
 
@@ -334,11 +338,25 @@ fn mac(key: &ClusterKey, context: Context, signed: &[u8]) -> hmac::Tag {
     ctx.sign()
 }
 
-/// Associated data of an event's sealed body: its identity, each part
-/// length-prefixed so that no two identities give the same bytes.
-pub fn identity_ad(source: &str, id: &str) -> Vec<u8> {
-    let mut ad = Vec::with_capacity(8 + source.len() + id.len());
-    for s in [source, id] {
+/// Where a sealed body lives; the first byte of its associated data, so
+/// that a body sealed for one place is refused in another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Sealed {
+    /// In a batch record (repository, copies, mirror, handover).
+    Record = b'r',
+    /// On the parking queue.
+    Parked = b'p',
+}
+
+/// Associated data of an event's sealed body: where it lives, then its
+/// identity and type, each length-prefixed so that no two events give
+/// the same bytes. The type is authenticated too, so that a record edited
+/// on disk cannot turn a create into a delete.
+pub fn event_ad(place: Sealed, source: &str, id: &str, event_type: &str) -> Vec<u8> {
+    let mut ad = Vec::with_capacity(13 + source.len() + id.len() + event_type.len());
+    ad.push(place as u8);
+    for s in [source, id, event_type] {
         ad.extend_from_slice(&(s.len() as u32).to_be_bytes());
         ad.extend_from_slice(s.as_bytes());
     }
@@ -346,12 +364,22 @@ pub fn identity_ad(source: &str, id: &str) -> Vec<u8> {
 }
 
 fn read_key_file(path: &Path) -> Result<[u8; KEY_LEN], KeyError> {
+    use std::io::Read;
     use std::os::unix::fs::PermissionsExt;
     let read_err = |e: std::io::Error| KeyError::Read {
         path: path.to_owned(),
         reason: e.to_string(),
     };
-    let meta = std::fs::metadata(path).map_err(read_err)?;
+    // One open, and the checks on what was opened (a symbolic link, as
+    // secret mounts use, is followed; what it points to is checked).
+    let file = std::fs::File::open(path).map_err(read_err)?;
+    let meta = file.metadata().map_err(read_err)?;
+    if !meta.is_file() {
+        return Err(KeyError::Read {
+            path: path.to_owned(),
+            reason: "not a regular file".into(),
+        });
+    }
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
         return Err(KeyError::Permissions {
@@ -359,7 +387,10 @@ fn read_key_file(path: &Path) -> Result<[u8; KEY_LEN], KeyError> {
             mode,
         });
     }
-    let mut text = std::fs::read_to_string(path).map_err(read_err)?;
+    let mut text = String::new();
+    file.take(4096)
+        .read_to_string(&mut text)
+        .map_err(read_err)?;
     let parsed = parse_hex_key(text.trim());
     let found = describe_found(text.trim());
     // Leave no copy of the key in the freed buffer.
@@ -444,7 +475,7 @@ mod tests {
     #[test]
     fn sealed_bodies_open_only_with_their_key_and_identity() {
         let k = ring(1);
-        let ad = identity_ad("/hr", "1");
+        let ad = event_ad(Sealed::Record, "/hr", "1", "t");
         let sealed = k.seal(&ad, b"{\"password\":\"s3cret\"}").expect("seal");
         assert!(!sealed.windows(6).any(|w| w == b"s3cret"));
         assert_eq!(
@@ -453,9 +484,16 @@ mod tests {
         );
         // Another identity, another key, a flipped bit: refused.
         assert!(matches!(
-            k.open(&identity_ad("/hr", "2"), &sealed),
+            k.open(&event_ad(Sealed::Record, "/hr", "2", "t"), &sealed),
             Err(SealError::Damaged(_))
         ));
+        for other in [
+            event_ad(Sealed::Parked, "/hr", "1", "t"),
+            event_ad(Sealed::Record, "/hr", "1", "u"),
+            event_ad(Sealed::Record, "/hr1", "", "t"),
+        ] {
+            assert!(k.open(&other, &sealed).is_err());
+        }
         assert!(matches!(
             ring(2).open(&ad, &sealed),
             Err(SealError::UnknownKey(_))
@@ -475,7 +513,7 @@ mod tests {
     fn previous_keys_open_and_verify_the_newest_seals_and_signs() {
         let old = ring(1);
         let both = KeyRing::from_keys(&[2; KEY_LEN], &[[1; KEY_LEN]]);
-        let ad = identity_ad("/s", "i");
+        let ad = event_ad(Sealed::Record, "/s", "i", "t");
         let sealed = old.seal(&ad, b"body").expect("seal");
         assert_eq!(both.open(&ad, &sealed).expect("old key opens"), b"body");
         let resealed = both.seal(&ad, b"body").expect("seal");

@@ -114,7 +114,10 @@ impl Sender<'_> {
                     "x-provring-from".into(),
                     AMQPValue::LongString(self.node.into()),
                 );
-                let signed = self.repo.keys().sign(Context::Handover, record.clone());
+                let signed = self
+                    .repo
+                    .keys()
+                    .sign(Context::Handover, handover_payload(adaptor, record));
                 self.publisher.publish("", &queue, &signed, headers).await?;
             }
         }
@@ -185,11 +188,16 @@ impl Receiver<'_> {
                 return Err(format!("{adaptor} is no longer hosted here"));
             }
             for body in bodies {
-                let record = match self.repo.keys().verify(Context::Handover, &body) {
+                let record = match open_handover(self.repo.keys(), adaptor, &body) {
                     Ok(record) => record,
-                    Err(e) => {
-                        // Not written by a server of this cluster: never applied.
-                        tracing::warn!(%adaptor, error = %e, bytes = body.len(), "Handover record without a valid MAC ignored.");
+                    Err(reason) => {
+                        // Never applied; parked rather than dropped, so that
+                        // a record of a misconfigured server is not lost.
+                        tracing::warn!(%adaptor, %reason, bytes = body.len(), "Handover record refused and parked.");
+                        self.parking
+                            .park_bytes(adaptor, &body, &format!("handover record refused: {reason}"))
+                            .await
+                            .map_err(|e| e.to_string())?;
                         continue;
                     }
                 };
@@ -248,5 +256,63 @@ impl Receiver<'_> {
             .await;
         let _ = channel.close(200, "deleted".into()).await;
         Ok(new.into_inner())
+    }
+}
+
+/// What a handover record's MAC covers: the adaptor (a `u32` length and
+/// its name), then the batch record, so that a record cannot be replayed
+/// onto another adaptor's queue.
+fn handover_payload(adaptor: &str, record: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4 + adaptor.len() + record.len());
+    out.extend_from_slice(&(adaptor.len() as u32).to_be_bytes());
+    out.extend_from_slice(adaptor.as_bytes());
+    out.extend_from_slice(record);
+    out
+}
+
+/// Check a handover record's MAC and that it was sent for `adaptor`;
+/// return the batch record.
+fn open_handover<'a>(
+    keys: &crate::crypto::KeyRing,
+    adaptor: &str,
+    body: &'a [u8],
+) -> Result<&'a [u8], String> {
+    let payload = keys
+        .verify(Context::Handover, body)
+        .map_err(|e| format!("no valid MAC: {e}"))?;
+    let len = payload
+        .get(..4)
+        .and_then(|b| b.try_into().ok())
+        .map(u32::from_be_bytes)
+        .ok_or("too short")? as usize;
+    let name = payload
+        .get(4..4usize.saturating_add(len))
+        .ok_or("too short")?;
+    if name != adaptor.as_bytes() {
+        return Err(format!(
+            "sent for adaptor {:?}, not {adaptor:?}",
+            String::from_utf8_lossy(name)
+        ));
+    }
+    Ok(&payload[4 + len..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_handover_record_opens_only_for_its_adaptor() {
+        let keys = crate::crypto::KeyRing::from_keys(&[4; 32], &[]);
+        let signed = keys.sign(Context::Handover, handover_payload("hr", b"record"));
+        assert_eq!(open_handover(&keys, "hr", &signed), Ok(&b"record"[..]));
+        let e = open_handover(&keys, "pw", &signed).expect_err("other adaptor");
+        assert!(e.contains("\"hr\""), "{e}");
+        let other = crate::crypto::KeyRing::from_keys(&[5; 32], &[]);
+        assert!(open_handover(&other, "hr", &signed).is_err());
+        let mirror = keys.sign(Context::Mirror, handover_payload("hr", b"record"));
+        assert!(open_handover(&keys, "hr", &mirror).is_err());
+        let short = keys.sign(Context::Handover, vec![0, 0, 0, 9, b'h']);
+        assert!(open_handover(&keys, "hr", &short).is_err());
     }
 }

@@ -322,6 +322,7 @@ async fn rejoin(ctx: &Ctx, state: &State) -> Result<(), String> {
                         node: node.clone(),
                         version: env!("CARGO_PKG_VERSION").to_owned(),
                         key_fingerprint: Some(ctx.topology.keys().fingerprint()),
+                        accepted_keys: ctx.topology.keys().fingerprints(),
                     }
                 })
             })

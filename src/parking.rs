@@ -13,15 +13,16 @@
 //! | `x-provring-type` | the event type (absent likewise) |
 //! | `x-provring-attempts` | target calls made |
 //!
-//! The associated data of the sealed body is the identity from those
-//! headers, or the empty identity when they are absent. The content type is
+//! The associated data of the sealed body is
+//! `crypto::event_ad(Parked, source, id, type)` from those headers (each
+//! empty when absent). The content type is
 //! [`SEALED_CONTENT_TYPE`]. Each message expires after `parking.ttl`
 //! (default 14 days; per-message expiration, so an existing queue keeps
 //! its arguments).
 
 use crate::broker::declare::parking_queue;
 use crate::broker::{Broker, PublishError, Publisher};
-use crate::crypto::{KeyRing, identity_ad};
+use crate::crypto::{KeyRing, Sealed, event_ad};
 use crate::repository::StoredItem;
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable};
@@ -79,9 +80,10 @@ impl Parking {
             "x-provring-attempts".into(),
             AMQPValue::LongUInt(item.state.attempts),
         );
-        let sealed = self
-            .keys
-            .seal(&identity_ad(&item.source, &item.id), item.body.as_bytes())?;
+        let sealed = self.keys.seal(
+            &event_ad(Sealed::Parked, &item.source, &item.id, &item.event_type),
+            item.body.as_bytes(),
+        )?;
         self.publish(&sealed, headers).await
     }
 
@@ -102,7 +104,9 @@ impl Parking {
             "x-provring-adaptor".into(),
             AMQPValue::LongString(adaptor.into()),
         );
-        let sealed = self.keys.seal(&identity_ad("", ""), body)?;
+        let sealed = self
+            .keys
+            .seal(&event_ad(Sealed::Parked, "", "", ""), body)?;
         self.publish(&sealed, headers).await
     }
 

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! version u8 = 2 | received_ms u64 | count u32 | count × (source, id, type, sealed)
-//! sealed = crypto::KeyRing::seal(identity_ad(source, id), subject str | body bytes)
+//! sealed = crypto::KeyRing::seal(event_ad(Record, source, id, type), subject str | body bytes)
 //! ```
 //! Each string is a `u32` big-endian length and UTF-8 bytes; `sealed` is a
 //! `u32` length and bytes. The account (`subject`) and the event JSON are
@@ -12,7 +12,7 @@
 //! cannot be moved to another identity. Decoding checks every length, so a
 //! damaged record is reported, never a panic.
 
-use crate::crypto::{KeyRing, identity_ad};
+use crate::crypto::{KeyRing, Sealed, event_ad};
 
 const VERSION: u8 = 2;
 
@@ -48,7 +48,10 @@ impl<'k> Writer<'k> {
         self.plain.clear();
         super::push_str(&mut self.plain, subject);
         self.plain.extend_from_slice(body.as_bytes());
-        let sealed = self.keys.seal(&identity_ad(source, id), &self.plain);
+        let sealed = self.keys.seal(
+            &event_ad(Sealed::Record, source, id, event_type),
+            &self.plain,
+        );
         // The plaintext buffer is reused; leave nothing of it behind.
         self.plain.fill(0);
         let sealed = sealed?;
@@ -101,7 +104,7 @@ pub fn read(v: &[u8], keys: &KeyRing) -> Result<Record, String> {
         let event_type = text(v, &mut pos)?;
         let sealed = bytes(v, &mut pos)?;
         let plain = keys
-            .open(&identity_ad(&source, &id), sealed)
+            .open(&event_ad(Sealed::Record, &source, &id, &event_type), sealed)
             .map_err(|e| format!("event {source}|{id}: {e}"))?;
         let mut at = 0;
         let subject = text(&plain, &mut at)?;

@@ -58,15 +58,25 @@ pub enum TopologyError {
     #[error("the topology reader has stopped")]
     Stopped,
     #[error(
-        "this server's cluster key (fingerprint {ours}) is not the fleet's: the topology log \
-         is signed with key {theirs} (last record from {by}). Every server needs the same \
-         security.key_file; copy the fleet's key file here (or add this key to the other \
-         servers' previous_key_files during a rotation), then start again"
+        "this server's cluster key (fingerprint {ours}) is not the fleet's: the latest records \
+         of {by} are signed with key {theirs}, which this server does not hold. Every server \
+         needs the same security.key_file: copy the fleet's key file here (during a rotation, \
+         list the fleet's key in previous_key_files), then start again"
     )]
     KeyMismatch {
         ours: String,
         theirs: String,
         by: String,
+    },
+    #[error(
+        "server {peer} does not accept this server's signing key {ours} (it accepts {accepted}): \
+         its records would be ignored there. Rotate in two steps: first add the new key to \
+         previous_key_files on every server and restart them, then make it key_file"
+    )]
+    KeyNotAccepted {
+        peer: String,
+        ours: String,
+        accepted: String,
     },
     #[error("the topology log refused the change: {0}")]
     Refused(String),
@@ -94,10 +104,9 @@ struct Shared {
     resync_requests: watch::Sender<u64>,
     shutdown: CancellationToken,
     keys: Arc<KeyRing>,
-    /// The last record signed with a key this server does not hold
-    /// (key id, claimed proposer), if no record of another server that
-    /// verified came after it.
-    foreign: Mutex<Option<(String, String)>>,
+    /// Per proposer, whether its latest record verified (`None`) or was
+    /// signed with a key this server does not hold (`Some(key id)`).
+    latest: Mutex<HashMap<String, Option<String>>>,
 }
 
 impl Topology {
@@ -126,7 +135,7 @@ impl Topology {
             resync_requests: watch::channel(0).0,
             shutdown,
             keys,
-            foreign: Mutex::new(None),
+            latest: Mutex::new(HashMap::new()),
         });
         tokio::spawn(read_loop(shared.clone(), broker));
         // A stream that was just declared can take a moment before it
@@ -154,9 +163,10 @@ impl Topology {
         shutdown: CancellationToken,
     ) -> Result<(Topology, Arc<State>), TopologyError> {
         let key_fingerprint = Some(keys.fingerprint());
+        let accepted_keys = keys.fingerprints();
         let topology = Topology::connect(broker, node, keys, shutdown).await?;
         topology.sync().await?;
-        topology.check_key()?;
+        topology.check_key(config, node)?;
         if !topology.state().initialised() {
             let init = Change::Init {
                 state: State::initial(config),
@@ -197,6 +207,7 @@ impl Topology {
                         node: node.to_owned(),
                         version: version.clone(),
                         key_fingerprint: key_fingerprint.clone(),
+                        accepted_keys: accepted_keys.clone(),
                     })
                 })
                 .await?;
@@ -218,23 +229,47 @@ impl Topology {
         Ok((topology, before))
     }
 
-    /// Refuse a log whose latest records are signed with a key this server
-    /// does not hold: the fleet uses another cluster key.
-    fn check_key(&self) -> Result<(), TopologyError> {
-        let foreign = self
+    /// Refuse to join a fleet that uses another key: the latest record of
+    /// every other configured server that wrote any is signed with a key
+    /// this server does not hold (records of one server, or of names that
+    /// are no server, do not decide it: a broker user can write those).
+    /// Refuse too when a joined peer does not accept this server's signing
+    /// key.
+    fn check_key(&self, config: &Config, node: &str) -> Result<(), TopologyError> {
+        let latest = self
             .shared
-            .foreign
+            .latest
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone();
-        match foreign {
-            Some((theirs, by)) => Err(TopologyError::KeyMismatch {
+        let others: Vec<(&String, &Option<String>)> = latest
+            .iter()
+            .filter(|(p, _)| *p != node && config.servers.contains_key(*p))
+            .collect();
+        let foreign: Vec<(&String, &String)> = others
+            .iter()
+            .filter_map(|(p, k)| k.as_ref().map(|k| (*p, k)))
+            .collect();
+        if !foreign.is_empty() && foreign.len() == others.len() {
+            let (by, theirs) = foreign[0];
+            return Err(TopologyError::KeyMismatch {
                 ours: self.shared.keys.fingerprint(),
-                theirs,
-                by,
-            }),
-            None => Ok(()),
+                theirs: theirs.clone(),
+                by: by.clone(),
+            });
         }
+        let ours = self.shared.keys.fingerprint();
+        for (peer, s) in &self.state().servers {
+            let live = peer != node && s.version.is_some() && !s.stopping && !s.failed;
+            if live && !s.accepted_keys.is_empty() && !s.accepted_keys.contains(&ours) {
+                return Err(TopologyError::KeyNotAccepted {
+                    peer: peer.clone(),
+                    ours,
+                    accepted: s.accepted_keys.join(", "),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// The key ring records are signed with.
@@ -497,11 +532,7 @@ async fn read_session(
             Ok(r) => r,
             Err(Unverified::Mac { error, claimed }) => {
                 if let MacError::UnknownKey(kid) = &error {
-                    *shared
-                        .foreign
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner) =
-                        Some((kid.clone(), claimed.clone()));
+                    note_latest(shared, &claimed, Some(kid.clone()));
                 }
                 refused.warn(&claimed, offset, &error);
                 continue;
@@ -511,13 +542,7 @@ async fn read_session(
                 continue;
             }
         };
-        if record.proposer != shared.proposer {
-            // A server holding this server's key wrote after any foreign record.
-            *shared
-                .foreign
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
-        }
+        note_latest(shared, &record.proposer, None);
         if record.id == barrier {
             caught_up = true;
             if let Ok(mut t) = shared.last_read.lock() {
@@ -650,6 +675,22 @@ impl Fence {
     }
 }
 
+/// Proposers whose latest record is remembered, at most (junk under made-up
+/// names must not grow the map without bound; servers write early).
+const LATEST_MAX: usize = 4096;
+
+fn note_latest(shared: &Shared, proposer: &str, key: Option<String>) {
+    let mut latest = shared
+        .latest
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(k) = latest.get_mut(proposer) {
+        *k = key;
+    } else if latest.len() < LATEST_MAX {
+        latest.insert(proposer.to_owned(), key);
+    }
+}
+
 /// Sign a record for the log.
 fn encode(keys: &KeyRing, record: &Record) -> Vec<u8> {
     keys.sign(
@@ -691,7 +732,13 @@ fn claimed_proposer(bytes: &[u8]) -> String {
         .unwrap_or(bytes);
     serde_json::from_slice::<Claim>(payload)
         .or_else(|_| serde_json::from_slice::<Claim>(bytes))
-        .map(|c| c.proposer.chars().take(64).collect())
+        .map(|c| {
+            c.proposer
+                .chars()
+                .filter(|ch| !ch.is_control())
+                .take(64)
+                .collect()
+        })
         .unwrap_or_else(|_| "(unknown)".into())
 }
 

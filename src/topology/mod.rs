@@ -105,6 +105,9 @@ pub struct ServerState {
     pub version: Option<String>,
     /// Fingerprint of the cluster key the server joined with.
     pub key_fingerprint: Option<String>,
+    /// Fingerprints of every key it accepts (see [`Change::Joined`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub accepted_keys: Vec<String>,
     /// Epoch at which the server last joined.
     pub joined_epoch: Option<u64>,
     /// The server announced an intentional stop and has not joined since.
@@ -148,6 +151,11 @@ pub enum Change {
         node: String,
         version: String,
         key_fingerprint: Option<String>,
+        /// Fingerprints of every key the server accepts (its key and its
+        /// previous keys), so that a server about to sign with a new key
+        /// can tell whether its peers will verify it.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        accepted_keys: Vec<String>,
     },
     /// A server is stopping on purpose; it must not be taken over.
     Stopping { node: String },
@@ -443,6 +451,7 @@ impl State {
                 node,
                 version,
                 key_fingerprint,
+                accepted_keys,
             } => {
                 self.known(node)?;
                 if let Some(s) = self.servers.get(node)
@@ -459,6 +468,7 @@ impl State {
                 let s = self.servers.entry(node.clone()).or_default();
                 s.version = Some(version.clone());
                 s.key_fingerprint = key_fingerprint.clone();
+                s.accepted_keys = accepted_keys.clone();
                 s.joined_epoch = Some(epoch);
                 s.stopping = false;
                 let returned = s.failed;
@@ -1011,6 +1021,7 @@ mod tests {
             node: "a".into(),
             version: "test".into(),
             key_fingerprint: None,
+            accepted_keys: Vec::new(),
         };
         assert_eq!(apply(&mut s, joined), Outcome::Applied);
         assert_eq!(s.singletons["scheduler"], "a");
@@ -1078,6 +1089,7 @@ mod tests {
             node: "a".into(),
             version: "1".into(),
             key_fingerprint: None,
+            accepted_keys: Vec::new(),
         };
         assert!(matches!(s.apply(&record(2, join())), Outcome::Ignored(_)));
         let adopted = Change::Adopted {
@@ -1099,6 +1111,7 @@ mod tests {
                 node: "a".into(),
                 version: "1".into(),
                 key_fingerprint: None,
+                accepted_keys: Vec::new(),
             },
         );
         assert!(matches!(s.apply(&j), Outcome::Ignored(_)));

@@ -668,8 +668,12 @@ pub async fn drain_parking(config: &Config) -> Vec<(Vec<u8>, String)> {
                 })
                 .unwrap_or_default()
         };
-        let ad =
-            provring::crypto::identity_ad(&header("x-provring-source"), &header("x-provring-id"));
+        let ad = provring::crypto::event_ad(
+            provring::crypto::Sealed::Parked,
+            &header("x-provring-source"),
+            &header("x-provring-id"),
+            &header("x-provring-type"),
+        );
         let body = keys
             .open(&ad, &m.delivery.data)
             .expect("a parked body opens with the cluster key and its identity");

@@ -127,8 +127,10 @@ impl ScimTarget {
     }
 
     async fn require(&self, user_name: &str) -> Result<String, TargetError> {
+        // The reason goes to the parking queue's clear headers and to the
+        // log: it names no account (the event's identity says which).
         self.lookup(user_name).await?.ok_or_else(|| {
-            TargetError::Permanent(format!("SCIM service has no user {user_name:?}"))
+            TargetError::Permanent("SCIM service has no user with the event's userName".into())
         })
     }
 

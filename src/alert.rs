@@ -5,6 +5,7 @@
 use crate::config::{AlertsConfig, SmtpTls};
 use lettre::message::Mailbox;
 use lettre::transport::smtp::authentication::Credentials;
+use lettre::transport::smtp::client::{Certificate, CertificateStore, Tls, TlsParameters};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 
 /// Sends alerts; cheap to clone.
@@ -75,16 +76,11 @@ impl Alerter {
         let message = builder
             .body(format!("{body}\n\n-- \nprovring server {}\n", self.node))
             .map_err(|e| e.to_string())?;
+        let plain = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(cfg.smtp_host.as_str());
         let mut transport = match cfg.tls {
-            SmtpTls::None => {
-                AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(cfg.smtp_host.as_str())
-            }
-            SmtpTls::Starttls => {
-                AsyncSmtpTransport::<Tokio1Executor>::starttls_relay(&cfg.smtp_host)
-                    .map_err(|e| e.to_string())?
-            }
-            SmtpTls::Tls => AsyncSmtpTransport::<Tokio1Executor>::relay(&cfg.smtp_host)
-                .map_err(|e| e.to_string())?,
+            SmtpTls::None => plain,
+            SmtpTls::Starttls => plain.tls(Tls::Required(tls_parameters(cfg)?)),
+            SmtpTls::Tls => plain.tls(Tls::Wrapper(tls_parameters(cfg)?)),
         }
         .port(cfg.smtp_port)
         .timeout(Some(cfg.timeout));
@@ -98,4 +94,26 @@ impl Alerter {
             .map(|_| ())
             .map_err(|e| e.to_string())
     }
+}
+
+/// TLS towards the mail server: the system's trust store, or only the CA
+/// certificates of `alerts.ca_file`.
+fn tls_parameters(cfg: &AlertsConfig) -> Result<TlsParameters, String> {
+    let mut builder = TlsParameters::builder(cfg.smtp_host.clone());
+    if let Some(path) = &cfg.ca_file {
+        let pem = std::fs::read(path)
+            .map_err(|e| format!("cannot read alerts.ca_file {}: {e}", path.display()))?;
+        let ca = Certificate::from_pem(&pem).map_err(|e| {
+            format!(
+                "alerts.ca_file {} holds no PEM certificate: {e}",
+                path.display()
+            )
+        })?;
+        builder = builder
+            .certificate_store(CertificateStore::None)
+            .add_root_certificate(ca);
+    }
+    builder
+        .build_rustls()
+        .map_err(|e| format!("TLS towards {}: {e}", cfg.smtp_host))
 }

@@ -503,6 +503,7 @@ concurrency = 2
 kind = "scim"
 url = {scim_base:?}
 timeout = "2s"
+allow_insecure_http = true
 [targets.scim.auth]
 bearer_token = {TOKEN:?}
 

@@ -138,8 +138,10 @@ fn leaks(what: &str, bytes: &[u8]) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn no_secret_reaches_a_disk_the_broker_or_a_log() {
+    let dir = tempfile::tempdir().expect("tempdir");
     let smtp = SmtpSink::default();
-    let smtp_port = smtp.start().await;
+    // SMTP credentials go only over TLS (check-config refuses them else).
+    let (smtp_port, smtp_ca) = smtp.start_tls(dir.path()).await;
     let recorder = Recorder::default();
     // The target is down at first, so that a backlog builds up.
     recorder.behaviour.lock().expect("lock").unavailable_until =
@@ -151,13 +153,13 @@ async fn no_secret_reaches_a_disk_the_broker_or_a_log() {
         .reject_ids
         .insert("pw-park".into());
     let hook = recorder.start().await;
-    let dir = tempfile::tempdir().expect("tempdir");
     let mut setup = Setup::new("trust_secrets", &hook);
     setup.extra = format!(
-        "{alerts}username = \"provring\"\npassword = {SMTP_PASSWORD:?}\n\n\
+        "{alerts}tls = \"tls\"\nca_file = {ca:?}\nusername = \"provring\"\npassword = {SMTP_PASSWORD:?}\n\n\
          [targets.hook.auth]\nbearer_token = {TOKEN:?}\n\n\
          [adaptors.pw]\nkind = \"password\"\nqueue = \"pw\"\nserver = \"a\"\ntarget = \"hook\"\nconcurrency = 4\n",
-        alerts = alerts(smtp_port)
+        alerts = alerts(smtp_port),
+        ca = smtp_ca.display().to_string(),
     );
     let (path, admins) = setup.write_ring(dir.path(), &["a", "b", "c"]);
     let config = load(&path);

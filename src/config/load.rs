@@ -304,6 +304,7 @@ fn placeholder_target() -> TargetConfig {
         url: None,
         timeout: std::time::Duration::from_secs(1),
         auth: None,
+        allow_insecure_http: false,
     }
 }
 

@@ -404,6 +404,11 @@ pub struct TargetConfig {
     /// Credentials sent with every request.
     #[serde(default)]
     pub auth: Option<AuthConfig>,
+    /// Let a password adaptor deliver to this target over `http://`
+    /// (password values in clear on the wire); for a target on this
+    /// machine only.
+    #[serde(default)]
+    pub allow_insecure_http: bool,
 }
 
 fn default_target_timeout() -> Duration {
@@ -655,6 +660,11 @@ pub struct AlertsConfig {
     /// `none` (plain, for a local relay), `starttls` or `tls`.
     #[serde(default)]
     pub tls: SmtpTls,
+    /// CA certificates (PEM) that the mail server's certificate must chain
+    /// to, instead of the system's trust store.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// SMTP login; refused unless `tls` is `starttls` or `tls`.
     #[serde(default)]
     pub username: Option<String>,
     #[serde(default)]

@@ -119,6 +119,20 @@ pub fn validate(config: &Config) -> Vec<Problem> {
                 "give both username and password, or neither".into(),
             );
         }
+        if a.password.is_some() && a.tls == crate::config::SmtpTls::None {
+            add(
+                "alerts.tls".into(),
+                "\"none\" would send the SMTP password in clear; use \"starttls\" or \"tls\" \
+                 (and alerts.ca_file for a private CA)"
+                    .into(),
+            );
+        }
+        if a.ca_file.is_some() && a.tls == crate::config::SmtpTls::None {
+            add(
+                "alerts.ca_file".into(),
+                "is used only with tls = \"starttls\" or \"tls\"".into(),
+            );
+        }
     }
     if b.heartbeat.as_secs() == 0 || b.heartbeat.as_secs() > 600 {
         add(
@@ -254,6 +268,24 @@ pub fn validate(config: &Config) -> Vec<Problem> {
                     "{:?} is not a target; known: {}",
                     a.target,
                     known(config.targets.keys())
+                ),
+            );
+        }
+        if let Some(t) = config.targets.get(&a.target)
+            && a.kind == crate::config::AdaptorKind::Password
+            && !t.allow_insecure_http
+            && t.url.as_deref().is_some_and(|u| {
+                u.get(..7)
+                    .is_some_and(|scheme| scheme.eq_ignore_ascii_case("http://"))
+            })
+        {
+            add(
+                key("target"),
+                format!(
+                    "password adaptor {name} would send password values in clear: targets.{t}.url \
+                     is http://; use https://, or set targets.{t}.allow_insecure_http = true for a \
+                     target on this machine",
+                    t = a.target
                 ),
             );
         }
@@ -625,6 +657,49 @@ mod tests {
         );
         assert!(is_loopback("[::1]:7101") && is_loopback("localhost:1"));
         assert!(!is_loopback("0.0.0.0:7101") && !is_loopback("provring-a:7101"));
+    }
+
+    #[test]
+    fn smtp_credentials_only_over_tls() {
+        let mut c = sample();
+        c.alerts = Some(AlertsConfig {
+            smtp_host: "mail.example.org".into(),
+            smtp_port: 587,
+            tls: SmtpTls::None,
+            ca_file: None,
+            username: Some("provring".into()),
+            password: Some("s3cret".into()),
+            from: "provring@example.org".into(),
+            to: vec!["ops@example.org".into()],
+            timeout: Duration::from_secs(5),
+        });
+        let problems = validate(&c);
+        assert_eq!(problems.len(), 1);
+        assert_eq!(problems[0].key, "alerts.tls");
+        assert!(!problems[0].to_string().contains("s3cret"));
+        if let Some(a) = c.alerts.as_mut() {
+            a.tls = SmtpTls::Starttls;
+        }
+        assert!(validate(&c).is_empty());
+    }
+
+    #[test]
+    fn password_changes_never_go_over_plain_http_unless_allowed() {
+        let mut c = sample();
+        if let Some(a) = c.adaptors.get_mut("hr") {
+            a.kind = AdaptorKind::Password;
+        }
+        let keys: Vec<String> = validate(&c).into_iter().map(|p| p.key).collect();
+        assert_eq!(keys, ["adaptors.hr.target"]);
+        if let Some(t) = c.targets.get_mut("hook") {
+            t.allow_insecure_http = true;
+        }
+        assert!(validate(&c).is_empty());
+        if let Some(t) = c.targets.get_mut("hook") {
+            t.allow_insecure_http = false;
+            t.url = Some("https://127.0.0.1:9000/events".into());
+        }
+        assert!(validate(&c).is_empty());
     }
 
     #[test]

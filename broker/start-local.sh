@@ -6,6 +6,11 @@
 #   broker/start-local.sh [PORT] [DIR]     (defaults: 5673, /tmp/provring-rabbitmq-PORT)
 #   broker/stop-local.sh  [PORT]
 #
+# With PROVRING_LOCAL_TLS_DIR set to a directory holding ca.pem, server.pem
+# and server.key (PEM), the node also listens with TLS on PORT+1 and asks
+# every TLS client for a certificate from that CA; the amqps:// URI is
+# printed on a second line.
+#
 # Needs: apt-get install rabbitmq-server
 set -euo pipefail
 
@@ -24,6 +29,18 @@ listeners.tcp.1 = 127.0.0.1:$port
 loopback_users.guest = true
 log.file.level = warning
 CONF
+if [ -n "${PROVRING_LOCAL_TLS_DIR:-}" ]; then
+  mkdir -p "$base/tls"
+  cp "$PROVRING_LOCAL_TLS_DIR/ca.pem" "$PROVRING_LOCAL_TLS_DIR/server.pem" "$PROVRING_LOCAL_TLS_DIR/server.key" "$base/tls/"
+  cat >> "$base/rabbitmq.conf" <<CONF
+listeners.ssl.1 = 127.0.0.1:$((port + 1))
+ssl_options.cacertfile = $base/tls/ca.pem
+ssl_options.certfile = $base/tls/server.pem
+ssl_options.keyfile = $base/tls/server.key
+ssl_options.verify = verify_peer
+ssl_options.fail_if_no_peer_cert = true
+CONF
+fi
 echo "[]." > "$base/enabled_plugins"
 : > "$base/rabbitmq-env.conf"
 # The Debian scripts run the node as the rabbitmq user when started as root.
@@ -46,3 +63,6 @@ if ! rabbitmqctl -q -n "$node" status >/dev/null 2>&1; then
   rabbitmqctl -q -n "$node" await_startup --timeout 90 >/dev/null
 fi
 echo "amqp://guest:guest@127.0.0.1:$port/%2f"
+if [ -n "${PROVRING_LOCAL_TLS_DIR:-}" ]; then
+  echo "amqps://guest:guest@127.0.0.1:$((port + 1))/%2f"
+fi

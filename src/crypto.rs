@@ -258,25 +258,48 @@ impl KeyRing {
     /// Seal `plain` under the newest key; `ad` (the event identity) is
     /// authenticated but not stored.
     pub fn seal(&self, ad: &[u8], plain: &[u8]) -> Result<Vec<u8>, SealError> {
+        let mut out = Vec::with_capacity(SEAL_OVERHEAD + plain.len());
+        self.seal_into(ad, &[plain], &mut out)?;
+        Ok(out)
+    }
+
+    /// Append the sealed concatenation of `parts` to `out`, sealing in
+    /// place (no copy of the plaintext besides the one into `out`).
+    pub fn seal_into(
+        &self,
+        ad: &[u8],
+        parts: &[&[u8]],
+        out: &mut Vec<u8>,
+    ) -> Result<(), SealError> {
         let key = &self.keys[0];
         let mut nonce = [0u8; NONCE_LEN];
         // Never seal under a nonce that did not come from the generator.
         aws_lc_rs::rand::fill(&mut nonce).map_err(|_| SealError::Random)?;
-        let mut out = Vec::with_capacity(SEAL_OVERHEAD + plain.len());
+        let start = out.len();
         out.push(SEALED_VERSION);
         out.extend_from_slice(&key.id);
         out.extend_from_slice(&nonce);
-        out.extend_from_slice(plain);
-        let mut tail = out.split_off(1 + KEY_ID_LEN + NONCE_LEN);
-        key.seal
-            .seal_in_place_append_tag(
-                Nonce::assume_unique_for_key(nonce),
-                Aad::from(ad),
-                &mut tail,
-            )
-            .map_err(|_| SealError::TooLong(plain.len()))?;
-        out.append(&mut tail);
-        Ok(out)
+        let body = out.len();
+        for p in parts {
+            out.extend_from_slice(p);
+        }
+        let len = out.len() - body;
+        match key.seal.seal_in_place_separate_tag(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(ad),
+            &mut out[body..],
+        ) {
+            Ok(tag) => {
+                out.extend_from_slice(tag.as_ref());
+                Ok(())
+            }
+            Err(_) => {
+                // Leave nothing of the plaintext behind.
+                out[start..].fill(0);
+                out.truncate(start);
+                Err(SealError::TooLong(len))
+            }
+        }
     }
 
     /// Open a body sealed by [`seal`](Self::seal) with the same `ad`.

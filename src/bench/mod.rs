@@ -137,6 +137,7 @@ pub async fn pipeline(args: &BenchArgs) -> Result<PipelineReport, BenchError> {
         }
     }
     cleanup(&broker, &namespace, args.servers).await;
+    let _ = std::fs::remove_file(bench_key(&namespace));
     if let Some(e) = failure {
         return Err(e);
     }
@@ -291,8 +292,11 @@ async fn consume_raw(
 /// `ns.bench-<i>`, from the first delivery.
 async fn run_pipeline(broker: &BrokerConfig, n: u64, servers: u16) -> Result<f64, BenchError> {
     let dir = tempfile_dir()?;
-    let key = dir.path().join("cluster.key");
-    crate::crypto::keygen(&key).map_err(|e| BenchError::Stalled(e.to_string()))?;
+    // One key for every round: the rounds share the namespace's topology log.
+    let key = bench_key(&broker.namespace);
+    if !key.exists() {
+        crate::crypto::keygen(&key).map_err(|e| BenchError::Stalled(e.to_string()))?;
+    }
     let mut toml = format!(
         "[broker]\nuris = [\"amqp://x\"]\n[targets.null]\nkind = \"null\"\n\
          [security]\nkey_file = {key:?}\n",
@@ -344,6 +348,11 @@ async fn run_pipeline(broker: &BrokerConfig, n: u64, servers: u16) -> Result<f64
         r.stop().await;
     }
     Ok(secs)
+}
+
+/// The cluster key of a bench run in `namespace` (removed at its end).
+fn bench_key(namespace: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("provring-{namespace}.key"))
 }
 
 pub(crate) fn tempfile_dir() -> Result<TempDir, BenchError> {

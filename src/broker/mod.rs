@@ -176,9 +176,23 @@ impl Broker {
             let uri = &with_heartbeat(uri, self.inner.config.heartbeat);
             let props = ConnectionProperties::default()
                 .with_connection_name(self.inner.name.clone().into());
+            let tls = match tls_config(&self.inner.config) {
+                Ok(t) => t,
+                Err(e) => {
+                    last = e;
+                    continue;
+                }
+            };
+            let runtime = match lapin::runtime::default_runtime() {
+                Ok(r) => r,
+                Err(e) => {
+                    last = format!("no async runtime for the connection: {e}");
+                    continue;
+                }
+            };
             let attempt = tokio::time::timeout(
                 self.inner.config.publish_timeout,
-                Connection::connect(uri, props),
+                Connection::connect_with_config(uri, props, tls, runtime),
             )
             .await;
             match attempt {
@@ -267,6 +281,36 @@ impl Backoff {
     pub fn reset(&mut self) {
         self.next = self.min;
     }
+}
+
+/// TLS settings for `amqps://` URIs from `[broker.tls]`, read at each
+/// connect (so that renewed certificate files are picked up).
+fn tls_config(config: &BrokerConfig) -> Result<lapin::tcp::OwnedTLSConfig, String> {
+    let Some(t) = &config.tls else {
+        return Ok(lapin::tcp::OwnedTLSConfig::default());
+    };
+    let read = |key: &str, path: &std::path::Path| {
+        std::fs::read(path)
+            .map_err(|e| format!("cannot read broker.tls.{key} {}: {e}", path.display()))
+    };
+    let cert_chain = match &t.ca_file {
+        Some(p) => Some(
+            String::from_utf8(read("ca_file", p)?)
+                .map_err(|_| format!("broker.tls.ca_file {} is not PEM text", p.display()))?,
+        ),
+        None => None,
+    };
+    let identity = match (&t.cert_file, &t.key_file) {
+        (Some(cert), Some(key)) => Some(lapin::tcp::OwnedIdentity::PKCS8 {
+            pem: read("cert_file", cert)?,
+            key: read("key_file", key)?,
+        }),
+        _ => None,
+    };
+    Ok(lapin::tcp::OwnedTLSConfig {
+        identity,
+        cert_chain,
+    })
 }
 
 #[cfg(test)]

@@ -261,6 +261,7 @@ fn placeholder_broker() -> BrokerConfig {
         reconnect_max: std::time::Duration::from_secs(1),
         batch_max: 1,
         heartbeat: std::time::Duration::from_secs(2),
+        tls: None,
     }
 }
 

@@ -251,6 +251,26 @@ pub struct BrokerConfig {
     /// with it its queues, within that time).
     #[serde(default = "default_heartbeat", with = "humantime_serde")]
     pub heartbeat: Duration,
+    /// `[broker.tls]`: what `amqps://` URIs trust and present.
+    #[serde(default)]
+    pub tls: Option<BrokerTlsConfig>,
+}
+
+/// `[broker.tls]`: TLS towards the broker (for `amqps://` URIs; without
+/// it the system's trust store is used and no client certificate is sent).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerTlsConfig {
+    /// CA certificates (PEM) the broker's certificate may chain to, besides
+    /// the system's trust store.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for brokers that ask for one.
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    /// Its private key (PEM, PKCS#8).
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
 }
 
 fn default_heartbeat() -> Duration {

@@ -96,6 +96,20 @@ pub fn validate(config: &Config) -> Vec<Problem> {
             ),
         );
     }
+    if let Some(t) = &b.tls {
+        if t.cert_file.is_some() != t.key_file.is_some() {
+            add(
+                "broker.tls.key_file".into(),
+                "give both cert_file and key_file, or neither".into(),
+            );
+        }
+        if !b.uris.iter().any(|u| u.starts_with("amqps://")) {
+            add(
+                "broker.tls".into(),
+                "is used only with amqps:// URIs, and broker.uris has none".into(),
+            );
+        }
+    }
     if let Some(a) = &config.alerts {
         if a.to.is_empty() {
             add(

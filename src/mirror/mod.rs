@@ -339,6 +339,7 @@ impl MirrorTask {
                 record: Vec::new(),
             },
         );
+        bytes.reserve_exact(record.len() + crate::crypto::MAC_OVERHEAD);
         bytes.extend_from_slice(record);
         self.publish_bytes(bytes).await
     }

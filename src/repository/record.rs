@@ -20,7 +20,6 @@ pub struct Writer<'k> {
     buf: Vec<u8>,
     count: u32,
     keys: &'k KeyRing,
-    plain: Vec<u8>,
 }
 
 impl<'k> Writer<'k> {
@@ -33,7 +32,6 @@ impl<'k> Writer<'k> {
             buf,
             count: 0,
             keys,
-            plain: Vec::new(),
         }
     }
 
@@ -45,22 +43,25 @@ impl<'k> Writer<'k> {
         subject: &str,
         body: &str,
     ) -> Result<(), crate::crypto::SealError> {
-        self.plain.clear();
-        super::push_str(&mut self.plain, subject);
-        self.plain.extend_from_slice(body.as_bytes());
-        let sealed = self.keys.seal(
-            &event_ad(Sealed::Record, source, id, event_type),
-            &self.plain,
-        );
-        // The plaintext buffer is reused; leave nothing of it behind.
-        self.plain.fill(0);
-        let sealed = sealed?;
+        let rollback = self.buf.len();
         for s in [source, id, event_type] {
             super::push_str(&mut self.buf, s);
         }
-        self.buf
-            .extend_from_slice(&(sealed.len() as u32).to_be_bytes());
-        self.buf.extend_from_slice(&sealed);
+        // The sealed part's length is known only once it is written.
+        let len_at = self.buf.len();
+        self.buf.extend_from_slice(&[0; 4]);
+        let subject_len = (subject.len() as u32).to_be_bytes();
+        let sealed = self.keys.seal_into(
+            &event_ad(Sealed::Record, source, id, event_type),
+            &[&subject_len, subject.as_bytes(), body.as_bytes()],
+            &mut self.buf,
+        );
+        if let Err(e) = sealed {
+            self.buf.truncate(rollback);
+            return Err(e);
+        }
+        let n = (self.buf.len() - len_at - 4) as u32;
+        self.buf[len_at..len_at + 4].copy_from_slice(&n.to_be_bytes());
         self.count += 1;
         Ok(())
     }

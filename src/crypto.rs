@@ -275,6 +275,9 @@ impl KeyRing {
         let mut nonce = [0u8; NONCE_LEN];
         // Never seal under a nonce that did not come from the generator.
         aws_lc_rs::rand::fill(&mut nonce).map_err(|_| SealError::Random)?;
+        // Room for all of it first: a reallocation would leave a copy of
+        // the plaintext in freed memory.
+        out.reserve(SEAL_OVERHEAD + parts.iter().map(|p| p.len()).sum::<usize>());
         let start = out.len();
         out.push(SEALED_VERSION);
         out.extend_from_slice(&key.id);

@@ -265,8 +265,14 @@ async fn serve(
                 Ok(x) => x,
                 Err(e) => {
                     // Out of descriptors, say: wait a moment, keep serving.
-                    tracing::warn!(error = %e, "Admin API cannot accept a connection.");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    if refused_logged.is_none_or(|t| t.elapsed() > std::time::Duration::from_secs(60)) {
+                        tracing::warn!(error = %e, "Admin API cannot accept a connection.");
+                        refused_logged = Some(std::time::Instant::now());
+                    }
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(std::time::Duration::from_millis(50)) => {}
+                    }
                     continue;
                 }
             },

@@ -103,11 +103,16 @@ pub fn validate(config: &Config) -> Vec<Problem> {
                 "give both cert_file and key_file, or neither".into(),
             );
         }
-        if !b.uris.iter().any(|u| u.starts_with("amqps://")) {
-            add(
-                "broker.tls".into(),
-                "is used only with amqps:// URIs, and broker.uris has none".into(),
-            );
+        // With TLS wanted, a plain URI would be a silent way around it
+        // (the connect loop moves on to the next URI).
+        for (i, u) in b.uris.iter().enumerate() {
+            if !u.starts_with("amqps://") {
+                add(
+                    format!("broker.uris[{i}]"),
+                    "must be amqps:// when [broker.tls] is set (a plain URI would be tried when TLS fails)"
+                        .into(),
+                );
+            }
         }
     }
     if let Some(a) = &config.alerts {
@@ -289,15 +294,15 @@ pub fn validate(config: &Config) -> Vec<Problem> {
             && a.kind == crate::config::AdaptorKind::Password
             && !t.allow_insecure_http
             && t.url.as_deref().is_some_and(|u| {
-                u.get(..7)
-                    .is_some_and(|scheme| scheme.eq_ignore_ascii_case("http://"))
+                // As the target parses it (url tidies " http:/h" into http).
+                url::Url::parse(u).map_or(true, |parsed| parsed.scheme() != "https")
             })
         {
             add(
                 key("target"),
                 format!(
                     "password adaptor {name} would send password values in clear: targets.{t}.url \
-                     is http://; use https://, or set targets.{t}.allow_insecure_http = true for a \
+                     is not https://; use https://, or set targets.{t}.allow_insecure_http = true for a \
                      target on this machine",
                     t = a.target
                 ),
@@ -709,11 +714,35 @@ mod tests {
             t.allow_insecure_http = true;
         }
         assert!(validate(&c).is_empty());
+        // Spellings that the URL parser tidies into http:// are caught too.
+        for sneaky in [
+            "HTTP://127.0.0.1:9000/e",
+            "http:/127.0.0.1:9000/e",
+            " http://h/e",
+        ] {
+            if let Some(t) = c.targets.get_mut("hook") {
+                t.allow_insecure_http = false;
+                t.url = Some(sneaky.into());
+            }
+            let keys: Vec<String> = validate(&c).into_iter().map(|p| p.key).collect();
+            assert!(
+                keys.contains(&"adaptors.hr.target".to_string()),
+                "{sneaky}: {keys:?}"
+            );
+        }
         if let Some(t) = c.targets.get_mut("hook") {
-            t.allow_insecure_http = false;
             t.url = Some("https://127.0.0.1:9000/events".into());
         }
         assert!(validate(&c).is_empty());
+        // With [broker.tls], no plain URI to fall back to.
+        c.broker.uris = vec!["amqps://b1:5671".into(), "amqp://b2:5672".into()];
+        c.broker.tls = Some(BrokerTlsConfig {
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+        });
+        let keys: Vec<String> = validate(&c).into_iter().map(|p| p.key).collect();
+        assert_eq!(keys, ["broker.uris[1]"]);
     }
 
     #[test]

@@ -96,6 +96,17 @@ async fn run(command: Command) -> ExitCode {
         }
         Command::CheckConfig { config } => match load(&config.files) {
             Ok(c) => {
+                // The key file is part of a usable configuration.
+                let fingerprint = match c.security.key_ring() {
+                    Ok(keys) => keys.fingerprint(),
+                    Err(e) => {
+                        eprintln!(
+                            "provring: security.key_file: {e}\n  (a new cluster writes one with `provring keygen --out {}`; `provring ring` does so on first start)",
+                            c.security.key_file.display()
+                        );
+                        return ExitCode::from(EXIT_CONFIG);
+                    }
+                };
                 println!(
                     "configuration OK: {} servers, {} adaptors, {} targets, namespace {:?}",
                     c.servers.len(),
@@ -119,19 +130,8 @@ async fn run(command: Command) -> ExitCode {
                         None => println!("  {id}: {}", hosts.join(", ")),
                     }
                 }
-                match c.security.key_ring() {
-                    Ok(keys) => {
-                        println!("  cluster key: fingerprint {}", keys.fingerprint());
-                        ExitCode::SUCCESS
-                    }
-                    Err(e) => {
-                        eprintln!(
-                            "provring: security.key_file: {e}\n  (a new cluster writes one with `provring keygen --out {}`; `provring ring` does so on first start)",
-                            c.security.key_file.display()
-                        );
-                        ExitCode::from(EXIT_CONFIG)
-                    }
-                }
+                println!("  cluster key: fingerprint {fingerprint}");
+                ExitCode::SUCCESS
             }
             Err(code) => code,
         },

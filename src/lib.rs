@@ -51,6 +51,7 @@ pub mod server;
 pub mod stats;
 pub mod supervisor;
 pub mod timeout;
+pub mod tls;
 pub mod topology;
 pub mod workflow;
 

@@ -200,10 +200,18 @@ impl Scheduler {
         }
         tracing::info!(schedules = cadences.len(), "Scheduler running here.");
         let started = now_ms();
-        let client = crate::admin::client::peer_builder(self.topology.keys())
-            .timeout(Duration::from_secs(2))
-            .build()
-            .ok();
+        let client = match crate::admin::client::peer_builder(&self.config, self.topology.keys())
+            .and_then(|b| {
+                b.timeout(Duration::from_secs(2))
+                    .build()
+                    .map_err(|e| e.to_string())
+            }) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::error!(error = %e, "Cannot build the scheduler's HTTP client; schedules wait for their adaptor's host to answer.");
+                None
+            }
+        };
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -287,7 +295,7 @@ impl Scheduler {
         };
         let id = slot_id(name, slot);
         let Ok(url) = url::Url::parse_with_params(
-            &format!("http://{}/item", server.admin_listen),
+            &crate::admin::client::admin_url(&self.config, &server.admin_listen, "/item"),
             &[
                 ("adaptor", s.adaptor.as_str()),
                 ("source", s.event.source.as_str()),

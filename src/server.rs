@@ -27,6 +27,8 @@ pub enum ServerError {
     Key(#[from] crate::crypto::KeyError),
     #[error("{0}")]
     Auth(String),
+    #[error("{0}")]
+    Tls(String),
     #[error("topology: {0}")]
     Topology(#[from] crate::topology::TopologyError),
     #[error("target {name}: {reason}")]
@@ -81,6 +83,20 @@ pub async fn start(config: &Config, node: &str) -> Result<Running, ServerError> 
             known: config.server_names(),
         })?;
     let keys = Arc::new(config.security.key_ring()?);
+    // Certificate files are read before anything is consumed or joined.
+    let admin_tls = match &config.admin.tls {
+        Some(t) => {
+            // Peers would refuse a certificate that does not name this
+            // server's address: better to say so now than to be taken over.
+            crate::tls::check_covers(&t.cert_file, &t.ca_file, &server.admin_listen)
+                .map_err(|e| ServerError::Tls(format!("{e} (servers.{node}.admin_listen)")))?;
+            Some(
+                crate::tls::admin_server_config(&t.cert_file, &t.key_file, &t.ca_file)
+                    .map_err(ServerError::Tls)?,
+            )
+        }
+        None => None,
+    };
     let repo = Repository::open(&server.data_dir, keys.clone())?;
     let stats = Arc::new(Stats::default());
     let broker = Broker::new(config.broker.clone(), format!("provring {node}"));
@@ -191,7 +207,11 @@ pub async fn start(config: &Config, node: &str) -> Result<Running, ServerError> 
     };
 
     let auth = crate::admin::auth::Auth::new(&config.security, topology.keys())
-        .map_err(|e| ServerError::Auth(e.to_string()))?;
+        .map_err(|e| ServerError::Auth(e.to_string()))?
+        .peer_needs_certificate(admin_tls.is_some());
+    if admin_tls.is_none() && !crate::config::is_loopback(&server.admin_listen) {
+        tracing::warn!(admin_listen = %server.admin_listen, "The admin API is plain HTTP on a non-loopback address: tokens travel in clear. Set [admin.tls].");
+    }
     if !auth.enabled() {
         tracing::warn!(admin_listen = %server.admin_listen, "The admin API checks no token (security.admin_auth = \"none\"); anyone on this machine may stop this server.");
     }
@@ -205,6 +225,7 @@ pub async fn start(config: &Config, node: &str) -> Result<Running, ServerError> 
             timeouts: Some(timeouts),
             auth: Arc::new(auth),
             limits: config.admin.clone(),
+            tls: admin_tls,
         },
         shutdown.child_token(),
     )

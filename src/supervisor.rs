@@ -30,11 +30,12 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let sup: SupervisorConfig = config.supervisor.clone();
-    let client = match crate::admin::client::peer_builder(topology.keys())
-        .timeout(sup.request_timeout)
-        .connect_timeout(sup.request_timeout)
-        .build()
-    {
+    let client = match crate::admin::client::peer_builder(&config, topology.keys()).and_then(|b| {
+        b.timeout(sup.request_timeout)
+            .connect_timeout(sup.request_timeout)
+            .build()
+            .map_err(|e| e.to_string())
+    }) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "Cannot build the supervisor's HTTP client; not monitoring.");
@@ -71,7 +72,7 @@ pub async fn run(
         let Some(server) = config.servers.get(&peer) else {
             continue;
         };
-        let url = format!("http://{}/state", server.admin_listen);
+        let url = crate::admin::client::admin_url(&config, &server.admin_listen, "/state");
         let problem = match probe(&client, &url).await {
             Ok(view) if view.state >= sup.state_threshold => {
                 failures = 0;
@@ -174,7 +175,7 @@ async fn probe_taken_over(
             let Some(server) = config.servers.get(&id) else {
                 continue;
             };
-            let url = format!("http://{}/state", server.admin_listen);
+            let url = crate::admin::client::admin_url(&config, &server.admin_listen, "/state");
             let now = probe(&client, &url).await.is_ok();
             let before = answering.insert(id.clone(), now);
             match (before, now) {

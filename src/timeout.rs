@@ -343,10 +343,12 @@ impl Checker {
     pub async fn run(self, stop: CancellationToken) {
         let every = self.config.timeout_checker.check_interval;
         tracing::info!(check_interval = ?every, "Timeout checker running here.");
-        let client = match crate::admin::client::peer_builder(self.topology.keys())
-            .timeout(Duration::from_secs(10))
-            .build()
-        {
+        let client = match crate::admin::client::peer_builder(&self.config, self.topology.keys())
+            .and_then(|b| {
+                b.timeout(Duration::from_secs(10))
+                    .build()
+                    .map_err(|e| e.to_string())
+            }) {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!(error = %e, "Cannot build the timeout checker's HTTP client.");
@@ -415,9 +417,10 @@ impl Checker {
             let Some(server) = self.config.servers.get(id) else {
                 continue;
             };
-            let url = format!(
-                "http://{}/timeout/overdue?limit={MAX_ITEMS_PER_CHECK}",
-                server.admin_listen
+            let url = crate::admin::client::admin_url(
+                &self.config,
+                &server.admin_listen,
+                &format!("/timeout/overdue?limit={MAX_ITEMS_PER_CHECK}"),
             );
             let answer = async {
                 let r = client.get(&url).send().await.map_err(|e| e.to_string())?;
@@ -529,7 +532,11 @@ impl Checker {
                     epoch: state.epoch,
                     items: refs,
                 };
-                let url = format!("http://{}/timeout/park", server.admin_listen);
+                let url = crate::admin::client::admin_url(
+                    &self.config,
+                    &server.admin_listen,
+                    "/timeout/park",
+                );
                 let answer = async {
                     let r = client
                         .post(&url)

@@ -18,21 +18,15 @@ async fn wait_state(
     what: &str,
     ok: impl Fn(&State) -> bool,
 ) -> State {
-    let deadline = Instant::now() + within;
-    loop {
-        for a in admins {
-            if let Some(s) = topology_of(a).await
-                && ok(&s)
-            {
-                return s;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {within:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let admins: Vec<&str> = admins.iter().map(|a| a.as_str()).collect();
+    wait_topology(
+        &admins,
+        within,
+        what,
+        |a| async move { topology_of(&a).await },
+        ok,
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

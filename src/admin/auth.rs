@@ -12,6 +12,10 @@
 //!   `/timeout/*` included;
 //! - nobody, for `GET /health` only.
 //!
+//! With `[admin.tls]`, the peer token counts only on a connection whose
+//! client presented a certificate of the cluster CA (mutual TLS): a peer
+//! token alone, read off a disk or a log, does not open the ring's routes.
+//!
 //! Hashes are compared in constant time. A request without a usable token
 //! gets 401, one whose role does not reach the route 403. With
 //! `security.admin_auth = "none"`, allowed only when every admin address is
@@ -65,6 +69,8 @@ pub struct Auth {
     tokens: Vec<Entry>,
     /// SHA-256 of the peer token of every key of the ring.
     peers: Vec<[u8; 32]>,
+    /// The peer token needs a verified client certificate (`[admin.tls]`).
+    peer_needs_certificate: bool,
 }
 
 impl std::fmt::Debug for Auth {
@@ -129,7 +135,14 @@ impl Auth {
                 .iter()
                 .map(|t| sha256(t.as_bytes()))
                 .collect(),
+            peer_needs_certificate: false,
         })
+    }
+
+    /// Accept the peer token only from clients with a verified certificate.
+    pub fn peer_needs_certificate(mut self, yes: bool) -> Auth {
+        self.peer_needs_certificate = yes;
+        self
     }
 
     /// Whether requests are checked at all.
@@ -138,8 +151,14 @@ impl Auth {
     }
 
     /// Check an `Authorization` header value against what a route needs;
-    /// returns the caller's name for the log.
-    pub fn check(&self, authorization: Option<&[u8]>, need: Need) -> Result<String, Refusal> {
+    /// `certified`: the client presented a certificate of the cluster CA.
+    /// Returns the caller's name for the log.
+    pub fn check(
+        &self,
+        authorization: Option<&[u8]>,
+        need: Need,
+        certified: bool,
+    ) -> Result<String, Refusal> {
         if !self.enabled() {
             return Ok("anyone".into());
         }
@@ -166,6 +185,11 @@ impl Auth {
             }
         }
         if peer {
+            if self.peer_needs_certificate && !certified {
+                return Err(Refusal::Unauthorized(
+                    "the peer token is accepted only with a client certificate of the cluster CA (admin.tls)",
+                ));
+            }
             return Ok("peer".into());
         }
         let Some(entry) = found else {
@@ -266,37 +290,54 @@ mod tests {
         let (a, keys) = auth(AdminAuth::Tokens);
         let bearer = |t: &str| format!("Bearer {t}").into_bytes();
         assert!(matches!(
-            a.check(None, Need::Read),
+            a.check(None, Need::Read, false),
             Err(Refusal::Unauthorized(_))
         ));
         assert!(matches!(
-            a.check(Some(&bearer("guess")), Need::Read),
+            a.check(Some(&bearer("guess")), Need::Read, false),
             Err(Refusal::Unauthorized(_))
         ));
         assert!(matches!(
-            a.check(Some(b"Basic dXNlcjpwdw=="), Need::Read),
+            a.check(Some(b"Basic dXNlcjpwdw=="), Need::Read, false),
             Err(Refusal::Unauthorized(_))
         ));
         assert_eq!(
-            a.check(Some(&bearer("read-token")), Need::Read),
+            a.check(Some(&bearer("read-token")), Need::Read, false),
             Ok("viewer".into())
         );
         assert!(matches!(
-            a.check(Some(&bearer("read-token")), Need::Operate),
+            a.check(Some(&bearer("read-token")), Need::Operate, false),
             Err(Refusal::Forbidden { .. })
         ));
         assert_eq!(
-            a.check(Some(&bearer("operate-token")), Need::Operate),
+            a.check(Some(&bearer("operate-token")), Need::Operate, false),
             Ok("ops".into())
         );
         assert!(matches!(
-            a.check(Some(&bearer("operate-token")), Need::Peer),
+            a.check(Some(&bearer("operate-token")), Need::Peer, false),
             Err(Refusal::Forbidden { .. })
         ));
         let peer = &keys.peer_tokens()[0];
-        assert_eq!(a.check(Some(&bearer(peer)), Need::Peer), Ok("peer".into()));
+        assert_eq!(
+            a.check(Some(&bearer(peer)), Need::Peer, false),
+            Ok("peer".into())
+        );
+        // With mutual TLS, the peer token alone is not enough.
+        let a = a.peer_needs_certificate(true);
+        assert!(matches!(
+            a.check(Some(&bearer(peer)), Need::Read, false),
+            Err(Refusal::Unauthorized(_))
+        ));
+        assert_eq!(
+            a.check(Some(&bearer(peer)), Need::Peer, true),
+            Ok("peer".into())
+        );
+        assert_eq!(
+            a.check(Some(&bearer("read-token")), Need::Read, false),
+            Ok("viewer".into())
+        );
         let (open, _) = auth(AdminAuth::None);
-        assert!(open.check(None, Need::Operate).is_ok());
+        assert!(open.check(None, Need::Operate, false).is_ok());
     }
 
     #[test]

@@ -93,9 +93,63 @@ pub fn builder_with_token(token: Option<&str>) -> reqwest::ClientBuilder {
     reqwest::Client::builder().default_headers(headers)
 }
 
-/// A client builder for a server of the cluster talking to its peers.
-pub fn peer_builder(keys: &crate::crypto::KeyRing) -> reqwest::ClientBuilder {
-    builder_with_token(keys.peer_tokens().first().map(String::as_str))
+/// The URL of `path` on the admin API at `address`: `https://` when
+/// `[admin.tls]` is set.
+pub fn admin_url(config: &Config, address: &str, path: &str) -> String {
+    let scheme = if config.admin.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    format!("{scheme}://{address}{path}")
+}
+
+/// With `[admin.tls]`: trust only the cluster CA, and present this
+/// server's certificate when `present` (mutual TLS).
+fn with_admin_tls(
+    builder: reqwest::ClientBuilder,
+    config: &Config,
+    present: bool,
+) -> Result<reqwest::ClientBuilder, String> {
+    let Some(t) = &config.admin.tls else {
+        return Ok(builder);
+    };
+    let files = crate::tls::ClientFiles {
+        prefix: "admin.tls",
+        ca_file: Some(&t.ca_file),
+        identity: present.then_some((t.cert_file.as_path(), t.key_file.as_path())),
+    };
+    let mut tls = crate::tls::client_config(&files)?;
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(builder.tls_backend_preconfigured(tls))
+}
+
+/// A client builder for a server of the cluster talking to its peers:
+/// the peer token, and with `[admin.tls]` the server's certificate.
+pub fn peer_builder(
+    config: &Config,
+    keys: &crate::crypto::KeyRing,
+) -> Result<reqwest::ClientBuilder, String> {
+    with_admin_tls(
+        builder_with_token(keys.peer_tokens().first().map(String::as_str)),
+        config,
+        true,
+    )
+}
+
+/// A client builder for a command (`provring backlog`, `stop`) presenting
+/// `token`. With `[admin.tls]` it trusts the cluster CA, and presents the
+/// server certificate of `[admin.tls]` where it is readable (as the peer
+/// token is where the key file is).
+pub fn command_builder(
+    config: &Config,
+    token: Option<&str>,
+) -> Result<reqwest::ClientBuilder, String> {
+    let readable = config.admin.tls.as_ref().is_some_and(|t| {
+        crate::tls::certificates("admin.tls.cert_file", &t.cert_file).is_ok()
+            && crate::tls::private_key("admin.tls.key_file", &t.key_file).is_ok()
+    });
+    with_admin_tls(builder_with_token(token), config, readable)
 }
 
 /// The token a command presents: from `--token-file`, else
@@ -153,7 +207,7 @@ pub async fn backlog(
             config.server_names()
         ));
     }
-    let client = builder_with_token(token)
+    let client = command_builder(config, token)?
         .timeout(Duration::from_secs(3))
         .build()
         .map_err(|e| format!("cannot build HTTP client: {e}"))?;
@@ -162,7 +216,7 @@ pub async fn backlog(
         if only.is_some_and(|o| o != node) {
             continue;
         }
-        let url = format!("http://{}/backlog", s.admin_listen);
+        let url = admin_url(config, &s.admin_listen, "/backlog");
         let view = async {
             let response = client.get(&url).send().await.map_err(|e| e.to_string())?;
             if !response.status().is_success() {
@@ -191,8 +245,8 @@ pub async fn stop(config: &Config, node: &str, token: Option<&str>) -> Result<St
             config.server_names()
         ));
     };
-    let url = format!("http://{}/stop", server.admin_listen);
-    let response = builder_with_token(token)
+    let url = admin_url(config, &server.admin_listen, "/stop");
+    let response = command_builder(config, token)?
         .build()
         .map_err(|e| format!("cannot build HTTP client: {e}"))?
         .post(&url)

@@ -144,7 +144,14 @@ pub struct AdminParts {
     pub timeouts: Option<Arc<crate::timeout::Local>>,
     pub auth: Arc<Auth>,
     pub limits: AdminConfig,
+    /// HTTPS, from `[admin.tls]` ([`crate::tls::admin_server_config`]).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
+
+/// Whether the connection's client presented a certificate of the
+/// cluster CA (set per connection, read by [`require`]).
+#[derive(Debug, Clone, Copy)]
+struct ClientCertificate(bool);
 
 /// The routes, each behind what it needs.
 fn router(parts: AdminParts) -> Router {
@@ -192,7 +199,11 @@ async fn require(
         .headers()
         .get(axum::http::header::AUTHORIZATION)
         .map(|v| v.as_bytes());
-    match auth.check(header, need) {
+    let certified = request
+        .extensions()
+        .get::<ClientCertificate>()
+        .is_some_and(|c| c.0);
+    match auth.check(header, need, certified) {
         Ok(who) => {
             if need == Need::Operate {
                 tracing::info!(caller = %who, path = %request.uri().path(), "Operator request.");
@@ -244,8 +255,9 @@ pub async fn bind(
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     let limits = parts.limits.clone();
+    let tls = parts.tls.clone().map(tokio_rustls::TlsAcceptor::from);
     let app = router(parts);
-    let handle = tokio::spawn(serve(listener, app, limits, shutdown));
+    let handle = tokio::spawn(serve(listener, app, limits, tls, shutdown));
     Ok((local, handle))
 }
 
@@ -253,9 +265,9 @@ async fn serve(
     listener: tokio::net::TcpListener,
     app: Router,
     limits: AdminConfig,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: CancellationToken,
 ) {
-    use hyper_util::rt::{TokioIo, TokioTimer};
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     let mut refused_logged: Option<std::time::Instant> = None;
     loop {
@@ -285,24 +297,74 @@ async fn serve(
             drop(stream);
             continue;
         };
-        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let app = app.clone();
         let shutdown = shutdown.clone();
         let header_timeout = limits.header_read_timeout;
+        let tls = tls.clone();
         tokio::spawn(async move {
             let _slot = slot;
-            let conn = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(header_timeout)
-                .serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                _ = shutdown.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), conn).await;
+            match tls {
+                None => serve_connection(stream, false, app, header_timeout, shutdown).await,
+                Some(acceptor) => {
+                    // The handshake counts against the header timeout: a
+                    // client that stalls in it is cut off like a slow one.
+                    let stream = match tokio::time::timeout(header_timeout, acceptor.accept(stream))
+                        .await
+                    {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "Admin API: TLS handshake failed.");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "Admin API: TLS handshake too slow; closed.");
+                            return;
+                        }
+                    };
+                    // rustls has verified any certificate presented against
+                    // the cluster CA; one is there only if it passed.
+                    let certified = stream
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .is_some_and(|c| !c.is_empty());
+                    serve_connection(stream, certified, app, header_timeout, shutdown).await
                 }
             }
         });
+    }
+}
+
+/// Serve HTTP/1.1 on one connection until it ends or `shutdown`.
+async fn serve_connection<I>(
+    io: I,
+    certified: bool,
+    app: Router,
+    header_timeout: std::time::Duration,
+    shutdown: CancellationToken,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let service =
+        hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
+            request
+                .extensions_mut()
+                .insert(ClientCertificate(certified));
+            let mut app = app.clone();
+            async move { tower_service::Service::call(&mut app, request).await }
+        });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .serve_connection(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), conn).await;
+        }
     }
 }
 

@@ -262,10 +262,12 @@ pub async fn failover(args: &FailoverArgs) -> Result<FailoverReport, BenchError>
     }
     let keys =
         crate::crypto::KeyRing::load(&key, &[]).map_err(|e| BenchError::Stalled(e.to_string()))?;
-    let client = crate::admin::client::peer_builder(&keys)
-        .timeout(Duration::from_millis(500))
-        .build()
-        .map_err(|e| BenchError::Stalled(e.to_string()))?;
+    // The bench's ring has no [admin.tls]: the peer token is enough.
+    let client =
+        crate::admin::client::builder_with_token(keys.peer_tokens().first().map(String::as_str))
+            .timeout(Duration::from_millis(500))
+            .build()
+            .map_err(|e| BenchError::Stalled(e.to_string()))?;
     let all: Vec<String> = NODES.iter().map(|n| admins[*n].clone()).collect();
     let joined = |s: &State| {
         NODES.iter().all(|n| {

@@ -306,6 +306,7 @@ fn placeholder_target() -> TargetConfig {
         timeout: std::time::Duration::from_secs(1),
         auth: None,
         allow_insecure_http: false,
+        tls: None,
     }
 }
 

@@ -142,6 +142,31 @@ pub struct AdminConfig {
     /// Largest request body, in bytes (larger: 413).
     #[serde(default = "default_admin_max_body")]
     pub max_body: usize,
+    /// `[admin.tls]`: HTTPS on every `admin_listen`, and mutual TLS
+    /// between peers. Without it the admin API is plain HTTP (tokens travel
+    /// in clear: keep it on loopback addresses or a private network).
+    #[serde(default)]
+    pub tls: Option<AdminTlsConfig>,
+}
+
+/// `[admin.tls]`: the admin API over HTTPS. Each server presents
+/// `cert_file` both as the admin API's server certificate and as its
+/// client certificate towards peers; peers check both against `ca_file`.
+/// A server's own files can be set in its node file
+/// (`--node-config`) or with `PROVRING__ADMIN__TLS__CERT_FILE`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminTlsConfig {
+    /// This server's certificate chain (PEM). Its names must cover the
+    /// host of its `admin_listen` (an IP address or a DNS name), and it
+    /// must be usable for both server and client authentication.
+    pub cert_file: PathBuf,
+    /// Its private key (PEM).
+    pub key_file: PathBuf,
+    /// The cluster CA (PEM): the only CA trusted for peers' certificates.
+    /// The peer routes accept the peer token only from a client that
+    /// presented a certificate of this CA.
+    pub ca_file: PathBuf,
 }
 
 fn default_header_read_timeout() -> Duration {
@@ -164,6 +189,7 @@ impl Default for AdminConfig {
             request_timeout: default_admin_request_timeout(),
             max_connections: default_admin_max_connections(),
             max_body: default_admin_max_body(),
+            tls: None,
         }
     }
 }
@@ -258,14 +284,18 @@ pub struct BrokerConfig {
 
 /// `[broker.tls]`: TLS towards the broker (for `amqps://` URIs; without
 /// it the system's trust store is used and no client certificate is sent).
+pub type BrokerTlsConfig = ClientTlsConfig;
+
+/// A client's TLS settings (`[broker.tls]`, `[targets.<name>.tls]`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct BrokerTlsConfig {
-    /// CA certificates (PEM) the broker's certificate may chain to, besides
-    /// the system's trust store.
+pub struct ClientTlsConfig {
+    /// CA certificates (PEM) the server's certificate must chain to. For
+    /// the broker these are trusted besides the system's trust store; for
+    /// a target, instead of it.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
-    /// Client certificate (PEM) for brokers that ask for one.
+    /// Client certificate (PEM) for servers that ask for one.
     #[serde(default)]
     pub cert_file: Option<PathBuf>,
     /// Its private key (PEM, PKCS#8).
@@ -429,6 +459,11 @@ pub struct TargetConfig {
     /// machine only.
     #[serde(default)]
     pub allow_insecure_http: bool,
+    /// `[targets.<name>.tls]`: a private CA (`ca_file`, trusted instead of
+    /// the platform's store) and a client certificate (`cert_file`,
+    /// `key_file`) for `https://` URLs.
+    #[serde(default)]
+    pub tls: Option<ClientTlsConfig>,
 }
 
 fn default_target_timeout() -> Duration {

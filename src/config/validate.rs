@@ -340,6 +340,23 @@ pub fn validate(config: &Config) -> Vec<Problem> {
         if t.timeout.is_zero() {
             add(key("timeout"), "must be longer than 0".into());
         }
+        if let Some(tls) = &t.tls {
+            if tls.cert_file.is_some() != tls.key_file.is_some() {
+                add(
+                    key("tls.key_file"),
+                    "give both cert_file and key_file, or neither".into(),
+                );
+            }
+            if t.url
+                .as_deref()
+                .is_none_or(|u| url::Url::parse(u).map_or(true, |u| u.scheme() != "https"))
+            {
+                add(
+                    key("tls"),
+                    format!("is used only with an https:// URL; targets.{name}.url is not one"),
+                );
+            }
+        }
         if let Some(auth) = &t.auth {
             let bearer = auth.bearer_token.is_some() as u8 + auth.bearer_token_file.is_some() as u8;
             let basic = auth.username.is_some() || auth.password.is_some();
@@ -444,6 +461,19 @@ pub fn validate(config: &Config) -> Vec<Problem> {
         }
     }
     let a = &config.admin;
+    if a.tls.is_some() {
+        for (id, s) in &config.servers {
+            if s.admin_listen.starts_with("0.0.0.0:") || s.admin_listen.starts_with("[::]:") {
+                add(
+                    format!("servers.{id}.admin_listen"),
+                    format!(
+                        "{:?}: with [admin.tls], peers connect to this address and check it against                          the certificate; give the server's own address or name",
+                        s.admin_listen
+                    ),
+                );
+            }
+        }
+    }
     if a.header_read_timeout.is_zero() || a.request_timeout.is_zero() {
         add(
             "admin".into(),
@@ -676,6 +706,41 @@ mod tests {
         );
         assert!(is_loopback("[::1]:7101") && is_loopback("localhost:1"));
         assert!(!is_loopback("0.0.0.0:7101") && !is_loopback("provring-a:7101"));
+    }
+
+    #[test]
+    fn tls_settings_are_checked() {
+        let mut c = sample();
+        if let Some(t) = c.targets.get_mut("hook") {
+            t.tls = Some(crate::config::ClientTlsConfig {
+                ca_file: Some("ca.pem".into()),
+                cert_file: Some("c.pem".into()),
+                key_file: None,
+            });
+        }
+        let keys: Vec<String> = validate(&c).into_iter().map(|p| p.key).collect();
+        // Half a client identity, and TLS settings on an http:// URL.
+        assert_eq!(keys, ["targets.hook.tls.key_file", "targets.hook.tls"]);
+        if let Some(t) = c.targets.get_mut("hook") {
+            t.url = Some("https://hook.example.org/e".into());
+            if let Some(tls) = t.tls.as_mut() {
+                tls.key_file = Some("c.key".into());
+            }
+        }
+        assert!(validate(&c).is_empty());
+        // With [admin.tls], peers must be able to name the address.
+        c.admin.tls = Some(crate::config::AdminTlsConfig {
+            cert_file: "s.pem".into(),
+            key_file: "s.key".into(),
+            ca_file: "ca.pem".into(),
+        });
+        assert!(validate(&c).is_empty());
+        if let Some(s) = c.servers.values_mut().next() {
+            s.admin_listen = "0.0.0.0:7101".into();
+        }
+        let keys: Vec<String> = validate(&c).into_iter().map(|p| p.key).collect();
+        assert_eq!(keys.len(), 1);
+        assert!(keys[0].ends_with(".admin_listen"), "{keys:?}");
     }
 
     #[test]

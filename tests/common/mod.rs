@@ -350,6 +350,48 @@ pub fn provring(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// [`provring`] on a blocking thread, so that the test's target and mail
+/// server keep answering meanwhile.
+pub async fn provring_async(args: &[&str]) -> (i32, String, String) {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        provring(&refs)
+    })
+    .await
+    .expect("provring")
+}
+
+/// Wait until `fetch` of one of `nodes` gives a topology for which `ok`
+/// holds.
+pub async fn wait_topology<F, Fut>(
+    nodes: &[&str],
+    within: Duration,
+    what: &str,
+    fetch: F,
+    ok: impl Fn(&provring::topology::State) -> bool,
+) -> provring::topology::State
+where
+    F: Fn(String) -> Fut,
+    Fut: std::future::Future<Output = Option<provring::topology::State>>,
+{
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        for n in nodes {
+            if let Some(s) = fetch(n.to_string()).await
+                && ok(&s)
+            {
+                return s;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 pub fn load(path: &Path) -> Config {
     provring::config::load(&[path.to_owned()]).expect("test config is valid")
 }
@@ -956,4 +998,37 @@ pub fn alerts(port: u16) -> String {
     format!(
         "[alerts]\nsmtp_host = \"127.0.0.1\"\nsmtp_port = {port}\nfrom = \"provring@example.test\"\nto = [\"ops@example.test\"]\ntimeout = \"5s\"\n"
     )
+}
+
+/// A private CA and certificates signed by it, in `dir`: `ca.pem`,
+/// `server.pem`/`.key` (names 127.0.0.1 and localhost; the broker's and
+/// every admin API's, also presented as a client certificate between
+/// peers) and `client.pem`/`.key` (no name: a client only).
+pub fn make_certificates(dir: &Path) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().expect("CA key");
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "provring test CA");
+    let ca = ca_params.self_signed(&ca_key).expect("CA certificate");
+    let issuer = Issuer::new(ca_params, ca_key);
+    std::fs::write(dir.join("ca.pem"), ca.pem()).expect("write CA");
+    for (name, sans) in [
+        (
+            "server",
+            vec!["127.0.0.1".to_owned(), "localhost".to_owned()],
+        ),
+        ("client", vec![]),
+    ] {
+        let key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::new(sans).expect("params");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, format!("provring test {name}"));
+        let cert = params.signed_by(&key, &issuer).expect("certificate");
+        std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).expect("write cert");
+        std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).expect("write key");
+    }
 }

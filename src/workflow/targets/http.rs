@@ -70,8 +70,9 @@ pub struct Response {
     pub body: Bytes,
 }
 
-/// HTTP/1.1 and HTTP/2 client (TLS with the platform's roots) whose every
-/// socket write passes the gate.
+/// HTTP/1.1 and HTTP/2 client (TLS with the platform's roots, or a
+/// target's own CA and client certificate) whose every socket write
+/// passes the gate.
 #[derive(Clone)]
 pub struct HttpClient {
     client: Client<HttpsConnector<GatedConnector>, Full<Bytes>>,
@@ -79,10 +80,18 @@ pub struct HttpClient {
 }
 
 impl HttpClient {
-    /// `timeout` bounds connecting and each whole request.
-    pub fn new(timeout: Duration, gate: Gate) -> Result<HttpClient, String> {
-        let tls = rustls::ClientConfig::with_platform_verifier()
-            .map_err(|e| format!("cannot load the TLS root certificates: {e}"))?;
+    /// `timeout` bounds connecting and each whole request; `tls` replaces
+    /// the platform's trust store and adds a client certificate.
+    pub fn new(
+        timeout: Duration,
+        tls: Option<&crate::tls::ClientFiles<'_>>,
+        gate: Gate,
+    ) -> Result<HttpClient, String> {
+        let tls = match tls {
+            Some(files) => crate::tls::client_config(files)?,
+            None => rustls::ClientConfig::with_platform_verifier()
+                .map_err(|e| format!("cannot load the TLS root certificates: {e}"))?,
+        };
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_connect_timeout(Some(timeout));
@@ -372,6 +381,7 @@ mod tests {
         let flag = open.clone();
         let client = HttpClient::new(
             Duration::from_secs(5),
+            None,
             Arc::new(move || flag.load(Ordering::SeqCst)),
         )
         .expect("client");
@@ -402,5 +412,117 @@ mod tests {
         open.store(true, Ordering::SeqCst);
         send().await.expect("gate open again");
         assert_eq!(seen.load(Ordering::SeqCst), 2);
+    }
+
+    /// A CA, a server certificate for 127.0.0.1 and a client certificate,
+    /// written to `dir` as `ca.pem`, `server.pem/.key`, `client.pem/.key`.
+    fn certificates(dir: &std::path::Path) {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        let ca_key = KeyPair::generate().expect("CA key");
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).expect("CA cert");
+        let issuer = Issuer::new(ca_params, ca_key);
+        std::fs::write(dir.join("ca.pem"), ca.pem()).expect("write");
+        for (name, sans) in [("server", vec!["127.0.0.1".to_owned()]), ("client", vec![])] {
+            let key = KeyPair::generate().expect("key");
+            let cert = CertificateParams::new(sans)
+                .expect("params")
+                .signed_by(&key, &issuer)
+                .expect("cert");
+            std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).expect("write");
+            std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).expect("write");
+        }
+    }
+
+    /// HTTPS with a private CA and a client certificate: a target that
+    /// wants a certificate of its CA answers a client with `tls` set, and
+    /// refuses one without the certificate or without the CA.
+    #[tokio::test]
+    async fn a_target_with_its_own_ca_and_a_client_certificate() {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        certificates(d);
+        let roots = Arc::new(crate::tls::roots("ca", &d.join("ca.pem")).expect("roots"));
+        let verifier = rustls::server::WebPkiClientVerifier::builder(roots)
+            .build()
+            .expect("verifier");
+        let config = rustls::ServerConfig::builder()
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(
+                crate::tls::certificates("cert", &d.join("server.pem")).expect("cert"),
+                crate::tls::private_key("key", &d.join("server.key")).expect("key"),
+            )
+            .expect("server config");
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("https://{}/", listener.local_addr().expect("addr"));
+        tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(socket).await else {
+                        return;
+                    };
+                    let mut buf = vec![0u8; 4096];
+                    let _ = tls.read(&mut buf).await;
+                    let _ = tls
+                        .write_all(b"HTTP/1.1 204 No Content\r\nconnection: close\r\n\r\n")
+                        .await;
+                    let _ = tls.shutdown().await;
+                });
+            }
+        });
+        let (ca, cert, key) = (d.join("ca.pem"), d.join("client.pem"), d.join("client.key"));
+        let call = |files: Option<crate::tls::ClientFiles<'_>>| {
+            let client = HttpClient::new(Duration::from_secs(5), files.as_ref(), Arc::new(|| true))
+                .expect("client");
+            let url = url.clone();
+            async move {
+                client
+                    .send(
+                        HttpClient::request(http::Method::POST, &url),
+                        Bytes::from_static(b"{}"),
+                        "test",
+                    )
+                    .await
+            }
+        };
+        let ok = call(Some(crate::tls::ClientFiles {
+            prefix: "targets.t.tls",
+            ca_file: Some(&ca),
+            identity: Some((&cert, &key)),
+        }))
+        .await
+        .expect("delivered with the CA and a client certificate");
+        assert_eq!(ok.status, http::StatusCode::NO_CONTENT);
+        let no_cert = call(Some(crate::tls::ClientFiles {
+            prefix: "targets.t.tls",
+            ca_file: Some(&ca),
+            identity: None,
+        }))
+        .await;
+        assert!(no_cert.is_err(), "delivered without a client certificate");
+        let no_ca = call(None).await;
+        assert!(no_ca.is_err(), "the private CA was trusted without ca_file");
+        // A file that is not there is named with its key.
+        let missing = HttpClient::new(
+            Duration::from_secs(5),
+            Some(&crate::tls::ClientFiles {
+                prefix: "targets.t.tls",
+                ca_file: Some(&d.join("nope.pem")),
+                identity: None,
+            }),
+            Arc::new(|| true),
+        )
+        .err()
+        .expect("a missing CA file is an error");
+        assert!(
+            missing.contains("targets.t.tls.ca_file") && missing.contains("nope.pem"),
+            "{missing}"
+        );
     }
 }

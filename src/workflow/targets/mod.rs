@@ -66,16 +66,22 @@ pub fn build(name: &str, config: &TargetConfig, gate: Gate) -> Result<Arc<dyn Ta
         }
         Ok::<String, String>(url.into())
     };
+    let prefix = format!("targets.{name}.tls");
+    let tls = config.tls.as_ref().map(|t| crate::tls::ClientFiles {
+        prefix: &prefix,
+        ca_file: t.ca_file.as_deref(),
+        identity: t.cert_file.as_deref().zip(t.key_file.as_deref()),
+    });
     Ok(match config.kind {
         TargetKind::Null => Arc::new(NullTarget),
         TargetKind::Webhook => Arc::new(WebhookTarget::new(
             url()?,
-            HttpClient::new(config.timeout, gate)?,
+            HttpClient::new(config.timeout, tls.as_ref(), gate)?,
             Auth::from_config(config.auth.as_ref())?,
         )),
         TargetKind::Scim => Arc::new(ScimTarget::new(
             url()?,
-            HttpClient::new(config.timeout, gate)?,
+            HttpClient::new(config.timeout, tls.as_ref(), gate)?,
             Auth::from_config(config.auth.as_ref())?,
         )),
     })

@@ -12,7 +12,6 @@
 //! either returns the [`Event`] or an [`Invalid`] reason fit for the parking
 //! queue's `x-provring-reason` header. Reasons never quote a password.
 
-use crate::config::{AdaptorKind, LimitsConfig};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -157,9 +156,58 @@ struct AccountData<'a> {
 /// Longest `id` or `source` accepted (they become keys and header values).
 pub const MAX_ID_LEN: usize = 1024;
 
+/// The kind of events an adaptor accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AdaptorKind {
+    /// Account create, update, enable, disable and delete.
+    Provisioning,
+    /// Password change.
+    Password,
+}
+
+impl AdaptorKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AdaptorKind::Provisioning => "provisioning",
+            AdaptorKind::Password => "password",
+        }
+    }
+}
+
+/// `[limits]` of the configuration: what an event may be.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Largest message body accepted, in bytes; larger ones are parked.
+    #[serde(default = "default_max_message_size")]
+    pub max_message_size: usize,
+    /// Deepest nesting of arrays and objects accepted in an event's
+    /// `data`; deeper events are parked (a downstream parser may crash on
+    /// them).
+    #[serde(default = "default_max_depth")]
+    pub max_depth: usize,
+}
+
+fn default_max_message_size() -> usize {
+    1024 * 1024
+}
+fn default_max_depth() -> usize {
+    64
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_message_size: default_max_message_size(),
+            max_depth: default_max_depth(),
+        }
+    }
+}
+
 /// Decode and validate a delivery body for an adaptor of `kind` within
 /// `limits` (size of the body, nesting depth of `data`).
-pub fn decode(body: &[u8], kind: AdaptorKind, limits: &LimitsConfig) -> Result<Event, Invalid> {
+pub fn decode(body: &[u8], kind: AdaptorKind, limits: &Limits) -> Result<Event, Invalid> {
     let max_size = limits.max_message_size;
     if body.len() > max_size {
         return Err(Invalid(format!(
@@ -376,10 +424,10 @@ mod tests {
 
     const MAX: usize = 1024 * 1024;
 
-    fn limits() -> LimitsConfig {
-        LimitsConfig {
+    fn limits() -> Limits {
+        Limits {
             max_message_size: MAX,
-            ..LimitsConfig::default()
+            ..Limits::default()
         }
     }
     fn ok(body: &str) -> Event {

@@ -47,6 +47,9 @@ pub struct Ctx {
     /// During shutdown: the components not finished yet (named when the
     /// grace period runs out).
     pub finishing: Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
+    /// The client for peers' admin APIs
+    /// ([`crate::admin::client::peer_client`]).
+    pub peers: reqwest::Client,
 }
 
 struct Hosted {
@@ -218,6 +221,7 @@ pub async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
                 publisher: ctx.parking.publisher().clone(),
                 topology: ctx.topology.clone(),
                 fence: ctx.fence.clone(),
+                peers: ctx.peers.clone(),
             };
             tokio::spawn(task.run(shutdown.child_token()))
         });
@@ -229,6 +233,7 @@ pub async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
                 topology: ctx.topology.clone(),
                 fence: ctx.fence.clone(),
                 alerter: ctx.alerter.clone(),
+                peers: ctx.peers.clone(),
             };
             tokio::spawn(task.run(shutdown.child_token()))
         });

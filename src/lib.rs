@@ -46,6 +46,7 @@ pub mod parking;
 pub mod publish;
 pub mod repository;
 pub mod ring;
+pub mod schedule;
 pub mod scheduler;
 pub mod server;
 pub mod stats;

@@ -108,38 +108,13 @@ async fn run(command: Command) -> ExitCode {
                     }
                 };
                 // Certificate files too, named by their key.
-                let mut tls_notes = Vec::new();
-                if let Some(t) = &c.admin.tls {
-                    if let Err(e) =
-                        provring::tls::admin_server_config(&t.cert_file, &t.key_file, &t.ca_file)
-                    {
+                let tls_notes = match provring::tls::check_files(&c) {
+                    Ok(notes) => notes,
+                    Err(e) => {
                         eprintln!("provring: {e}");
                         return ExitCode::from(EXIT_CONFIG);
                     }
-                    for (id, s) in &c.servers {
-                        if let Err(e) =
-                            provring::tls::check_covers(&t.cert_file, &t.ca_file, &s.admin_listen)
-                        {
-                            tls_notes.push(format!(
-                                "  warning: {e}: server {id} needs its own certificate in its node file"
-                            ));
-                        }
-                    }
-                }
-                for (name, t) in &c.targets {
-                    if let Some(tls) = &t.tls {
-                        let prefix = format!("targets.{name}.tls");
-                        let files = provring::tls::ClientFiles {
-                            prefix: &prefix,
-                            ca_file: tls.ca_file.as_deref(),
-                            identity: tls.cert_file.as_deref().zip(tls.key_file.as_deref()),
-                        };
-                        if let Err(e) = provring::tls::client_config(&files) {
-                            eprintln!("provring: {e}");
-                            return ExitCode::from(EXIT_CONFIG);
-                        }
-                    }
-                }
+                };
                 println!(
                     "configuration OK: {} servers, {} adaptors, {} targets, namespace {:?}",
                     c.servers.len(),
@@ -168,7 +143,7 @@ async fn run(command: Command) -> ExitCode {
                     println!("  admin API: HTTPS, mutual TLS between peers");
                 }
                 for note in tls_notes {
-                    println!("{note}");
+                    println!("  warning: {note}");
                 }
                 ExitCode::SUCCESS
             }

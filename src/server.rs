@@ -97,6 +97,7 @@ pub async fn start(config: &Config, node: &str) -> Result<Running, ServerError> 
         }
         None => None,
     };
+    let peers = crate::admin::client::peer_client(config, &keys).map_err(ServerError::Tls)?;
     let repo = Repository::open(&server.data_dir, keys.clone())?;
     let stats = Arc::new(Stats::default());
     let broker = Broker::new(config.broker.clone(), format!("provring {node}"));
@@ -180,6 +181,7 @@ pub async fn start(config: &Config, node: &str) -> Result<Running, ServerError> 
         alerter,
         fence,
         finishing: finishing.clone(),
+        peers: peers.clone(),
     });
     tasks.push((
         "adaptors".into(),
@@ -192,6 +194,7 @@ pub async fn start(config: &Config, node: &str) -> Result<Running, ServerError> 
             node.to_owned(),
             topology.clone(),
             broker.clone(),
+            peers,
             shutdown.child_token(),
         )),
     ));

@@ -27,21 +27,10 @@ pub async fn run(
     node: String,
     topology: Topology,
     broker: Broker,
+    client: reqwest::Client,
     shutdown: CancellationToken,
 ) {
     let sup: SupervisorConfig = config.supervisor.clone();
-    let client = match crate::admin::client::peer_builder(&config, topology.keys()).and_then(|b| {
-        b.timeout(sup.request_timeout)
-            .connect_timeout(sup.request_timeout)
-            .build()
-            .map_err(|e| e.to_string())
-    }) {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!(error = %e, "Cannot build the supervisor's HTTP client; not monitoring.");
-            return;
-        }
-    };
     tokio::spawn(probe_taken_over(
         config.clone(),
         node.clone(),
@@ -73,7 +62,7 @@ pub async fn run(
             continue;
         };
         let url = crate::admin::client::admin_url(&config, &server.admin_listen, "/state");
-        let problem = match probe(&client, &url).await {
+        let problem = match probe(&client, &url, sup.request_timeout).await {
             Ok(view) if view.state >= sup.state_threshold => {
                 failures = 0;
                 continue;
@@ -176,7 +165,9 @@ async fn probe_taken_over(
                 continue;
             };
             let url = crate::admin::client::admin_url(&config, &server.admin_listen, "/state");
-            let now = probe(&client, &url).await.is_ok();
+            let now = probe(&client, &url, config.supervisor.request_timeout)
+                .await
+                .is_ok();
             let before = answering.insert(id.clone(), now);
             match (before, now) {
                 (Some(false), true) => {
@@ -194,8 +185,8 @@ async fn probe_taken_over(
     }
 }
 
-async fn probe(client: &reqwest::Client, url: &str) -> Result<StateView, String> {
-    let response = client.get(url).send().await.map_err(|e| {
+async fn probe(client: &reqwest::Client, url: &str, within: Duration) -> Result<StateView, String> {
+    let response = client.get(url).timeout(within).send().await.map_err(|e| {
         if e.is_timeout() {
             "no answer in time".to_owned()
         } else if e.is_connect() {

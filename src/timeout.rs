@@ -251,7 +251,7 @@ impl Local {
                             id: r.id.clone(),
                         },
                     ) {
-                        crate::scheduler::ItemState::Done => ParkResult::Finished,
+                        crate::repository::ItemPresence::Done => ParkResult::Finished,
                         _ => ParkResult::Unknown,
                     },
                 };
@@ -336,25 +336,19 @@ pub struct Checker {
     pub topology: Topology,
     pub fence: Fence,
     pub alerter: Alerter,
+    /// [`crate::admin::client::peer_client`].
+    pub peers: reqwest::Client,
 }
+
+/// Longest wait for one peer's answer.
+const PEER_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Checker {
     /// Run while this server hosts the timeout checker (hosting stops it).
     pub async fn run(self, stop: CancellationToken) {
         let every = self.config.timeout_checker.check_interval;
         tracing::info!(check_interval = ?every, "Timeout checker running here.");
-        let client = match crate::admin::client::peer_builder(&self.config, self.topology.keys())
-            .and_then(|b| {
-                b.timeout(Duration::from_secs(10))
-                    .build()
-                    .map_err(|e| e.to_string())
-            }) {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::error!(error = %e, "Cannot build the timeout checker's HTTP client.");
-                return;
-            }
-        };
+        let client = self.peers.clone();
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -423,7 +417,12 @@ impl Checker {
                 &format!("/timeout/overdue?limit={MAX_ITEMS_PER_CHECK}"),
             );
             let answer = async {
-                let r = client.get(&url).send().await.map_err(|e| e.to_string())?;
+                let r = client
+                    .get(&url)
+                    .timeout(PEER_REQUEST_TIMEOUT)
+                    .send()
+                    .await
+                    .map_err(|e| e.to_string())?;
                 if !r.status().is_success() {
                     return Err(format!("HTTP {}", r.status()));
                 }
@@ -541,6 +540,7 @@ impl Checker {
                     let r = client
                         .post(&url)
                         .json(&req)
+                        .timeout(PEER_REQUEST_TIMEOUT)
                         .send()
                         .await
                         .map_err(|e| e.to_string())?;

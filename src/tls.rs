@@ -129,8 +129,8 @@ pub fn admin_server_config(
 /// `address` checks it.
 pub fn check_covers(cert_file: &Path, ca_file: &Path, address: &str) -> Result<(), String> {
     use rustls::client::danger::ServerCertVerifier;
-    let roots = Arc::new(roots("admin.tls.ca_file", ca_file)?);
-    let verifier = rustls::client::WebPkiServerVerifier::builder(roots)
+    let trusted = Arc::new(roots("admin.tls.ca_file", ca_file)?);
+    let verifier = rustls::client::WebPkiServerVerifier::builder(trusted.clone())
         .build()
         .map_err(|e| format!("admin.tls.ca_file {}: {e}", ca_file.display()))?;
     let chain = certificates("admin.tls.cert_file", cert_file)?;
@@ -141,20 +141,136 @@ pub fn check_covers(cert_file: &Path, ca_file: &Path, address: &str) -> Result<(
         .trim_end_matches(']');
     let name = rustls::pki_types::ServerName::try_from(host.to_owned())
         .map_err(|_| format!("{host:?} is not a host name or IP address"))?;
+    let now = rustls::pki_types::UnixTime::now();
     verifier
-        .verify_server_cert(
-            &chain[0],
-            &chain[1..],
-            &name,
-            &[],
-            rustls::pki_types::UnixTime::now(),
-        )
-        .map(|_| ())
+        .verify_server_cert(&chain[0], &chain[1..], &name, &[], now)
         .map_err(|e| {
             format!(
                 "admin.tls.cert_file {} is not valid for {host} under admin.tls.ca_file {}: {e}",
                 cert_file.display(),
                 ca_file.display()
             )
+        })?;
+    // Peers present the same certificate as clients: it must be good for
+    // client authentication too (many CAs issue server-only certificates).
+    rustls::server::WebPkiClientVerifier::builder(trusted)
+        .build()
+        .map_err(|e| format!("admin.tls.ca_file {}: {e}", ca_file.display()))?
+        .verify_client_cert(&chain[0], &chain[1..], now)
+        .map(|_| ())
+        .map_err(|e| {
+            format!(
+                "admin.tls.cert_file {} is not usable for client authentication, which peers \
+                 need (extended key usage clientAuth, or none): {e}",
+                cert_file.display()
+            )
         })
+}
+
+/// Read every certificate and key file `config` names, as the server and
+/// its clients will: `Err` names the first unusable one; `Ok` holds
+/// warnings (an admin certificate that does not cover a server's address,
+/// which that server's node file may fix).
+pub fn check_files(config: &crate::config::Config) -> Result<Vec<String>, String> {
+    let mut notes = Vec::new();
+    if let Some(t) = &config.admin.tls {
+        admin_server_config(&t.cert_file, &t.key_file, &t.ca_file)?;
+        for (id, s) in &config.servers {
+            if let Err(e) = check_covers(&t.cert_file, &t.ca_file, &s.admin_listen) {
+                notes.push(format!(
+                    "{e} (servers.{id}: give it its own admin.tls.cert_file in its node file)"
+                ));
+            }
+        }
+    }
+    if let Some(t) = &config.broker.tls {
+        client_config(&ClientFiles {
+            prefix: "broker.tls",
+            ca_file: t.ca_file.as_deref(),
+            identity: t.cert_file.as_deref().zip(t.key_file.as_deref()),
+        })?;
+        // lapin reads the client key as PKCS#8 only.
+        if let Some(key) = &t.key_file
+            && !matches!(
+                private_key("broker.tls.key_file", key)?,
+                PrivateKeyDer::Pkcs8(_)
+            )
+        {
+            return Err(format!(
+                "broker.tls.key_file {}: the key must be PKCS#8 (-----BEGIN PRIVATE KEY-----); \
+                 convert it with `openssl pkcs8 -topk8 -nocrypt`",
+                key.display()
+            ));
+        }
+    }
+    if let Some(ca) = config.alerts.as_ref().and_then(|a| a.ca_file.as_ref()) {
+        certificates("alerts.ca_file", ca)?;
+    }
+    for (name, t) in &config.targets {
+        if let Some(tls) = &t.tls {
+            let prefix = format!("targets.{name}.tls");
+            client_config(&ClientFiles {
+                prefix: &prefix,
+                ca_file: tls.ca_file.as_deref(),
+                identity: tls.cert_file.as_deref().zip(tls.key_file.as_deref()),
+            })?;
+        }
+    }
+    Ok(notes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{
+        BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    };
+
+    /// A CA in `dir/ca.pem` and a certificate for 127.0.0.1 signed by it,
+    /// with extended key usages `eku` (none: any use).
+    fn issue(dir: &Path, eku: Vec<ExtendedKeyUsagePurpose>) -> (PathBuf, PathBuf) {
+        let ca_key = KeyPair::generate().expect("CA key");
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).expect("CA cert");
+        let issuer = Issuer::new(ca_params, ca_key);
+        let key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::new(vec!["127.0.0.1".to_owned()]).expect("params");
+        params.extended_key_usages = eku;
+        let cert = params.signed_by(&key, &issuer).expect("cert");
+        let (ca_file, cert_file) = (dir.join("ca.pem"), dir.join("cert.pem"));
+        std::fs::write(&ca_file, ca.pem()).expect("write");
+        std::fs::write(&cert_file, cert.pem()).expect("write");
+        (ca_file, cert_file)
+    }
+
+    use std::path::PathBuf;
+
+    #[test]
+    fn an_admin_certificate_must_name_the_address_and_serve_as_a_client() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (ca, cert) = issue(dir.path(), Vec::new());
+        check_covers(&cert, &ca, "127.0.0.1:7101").expect("covers its address");
+        let e = check_covers(&cert, &ca, "127.0.0.2:7101").expect_err("another address");
+        assert!(e.contains("127.0.0.2"), "{e}");
+        let (ca, cert) = issue(dir.path(), vec![ExtendedKeyUsagePurpose::ServerAuth]);
+        let e = check_covers(&cert, &ca, "127.0.0.1:7101").expect_err("server-only");
+        assert!(e.contains("client authentication"), "{e}");
+        let (ca, cert) = issue(
+            dir.path(),
+            vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+        );
+        check_covers(&cert, &ca, "127.0.0.1:7101").expect("both uses");
+        // Files that are not PEM are named, their content is not quoted.
+        std::fs::write(dir.path().join("junk.pem"), "secret-ish junk").expect("write");
+        let e =
+            certificates("admin.tls.cert_file", &dir.path().join("junk.pem")).expect_err("junk");
+        assert!(
+            e.contains("admin.tls.cert_file") && !e.contains("secret-ish"),
+            "{e}"
+        );
+    }
 }

@@ -183,9 +183,10 @@ async fn failover_kill_freeze_and_move_with_tls_everywhere() {
         .build()
         .expect("client");
     let answer = plain.get(format!("http://{a}/health")).send().await;
-    assert!(
-        answer.as_ref().map_or(true, |r| !r.status().is_success()),
-        "plain HTTP answered: {answer:?}"
+    assert!(answer.is_err(), "plain HTTP answered: {answer:?}");
+    assert_eq!(
+        status_of(&admins.client, &format!("https://{a}/health")).await,
+        Ok(200)
     );
     let keys = key_ring(dir.path());
     let peer_token = keys.peer_tokens()[0].clone();
@@ -198,9 +199,21 @@ async fn failover_kill_freeze_and_move_with_tls_everywhere() {
         &peer_token,
     );
     assert_eq!(status_of(&with_cert, &overdue).await, Ok(200));
-    let operator = https_client(&file("ca.pem"), None, TEST_TOKEN);
+    // A certificate of another CA does not get through the handshake.
+    let other = dir.path().join("other-ca");
+    std::fs::create_dir_all(&other).expect("other CA dir");
+    make_certificates(&other);
+    let stranger = https_client(
+        &file("ca.pem"),
+        Some((&other.join("server.pem"), &other.join("server.key"))),
+        &peer_token,
+    );
+    assert!(
+        status_of(&stranger, &overdue).await.is_err(),
+        "a certificate of another CA got through"
+    );
     assert_eq!(
-        status_of(&operator, &format!("https://{a}/backlog")).await,
+        status_of(&admins.client, &format!("https://{a}/backlog")).await,
         Ok(200)
     );
     // `provring backlog` reads the cluster file's [admin.tls].

@@ -44,6 +44,10 @@ pub enum Refusal {
     Unauthorized(&'static str),
     /// A valid token whose role does not reach the route (403).
     Forbidden { name: String, role: TokenRole },
+    /// The peer token without the cluster's client certificate (401, as an
+    /// unknown token: the caller learns nothing; the server logs it, for
+    /// the token has leaked).
+    PeerWithoutCertificate,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -186,9 +190,7 @@ impl Auth {
         }
         if peer {
             if self.peer_needs_certificate && !certified {
-                return Err(Refusal::Unauthorized(
-                    "the peer token is accepted only with a client certificate of the cluster CA (admin.tls)",
-                ));
+                return Err(Refusal::PeerWithoutCertificate);
             }
             return Ok("peer".into());
         }
@@ -324,10 +326,10 @@ mod tests {
         );
         // With mutual TLS, the peer token alone is not enough.
         let a = a.peer_needs_certificate(true);
-        assert!(matches!(
+        assert_eq!(
             a.check(Some(&bearer(peer)), Need::Read, false),
-            Err(Refusal::Unauthorized(_))
-        ));
+            Err(Refusal::PeerWithoutCertificate)
+        );
         assert_eq!(
             a.check(Some(&bearer(peer)), Need::Peer, true),
             Ok("peer".into())

@@ -90,7 +90,10 @@ pub fn builder_with_token(token: Option<&str>) -> reqwest::ClientBuilder {
         v.set_sensitive(true);
         headers.insert(reqwest::header::AUTHORIZATION, v);
     }
-    reqwest::Client::builder().default_headers(headers)
+    // No proxy from the environment: tokens go to the admin address only.
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .no_proxy()
 }
 
 /// The URL of `path` on the admin API at `address`: `https://` when
@@ -124,17 +127,22 @@ fn with_admin_tls(
     Ok(builder.tls_backend_preconfigured(tls))
 }
 
-/// A client builder for a server of the cluster talking to its peers:
-/// the peer token, and with `[admin.tls]` the server's certificate.
-pub fn peer_builder(
+/// The client a server of the cluster calls its peers with: the peer
+/// token, and with `[admin.tls]` the server's certificate. Built once at
+/// start (certificate files renamed later do not stop the supervisor or a
+/// singleton taken over days after); each caller sets its own timeout per
+/// request.
+pub fn peer_client(
     config: &Config,
     keys: &crate::crypto::KeyRing,
-) -> Result<reqwest::ClientBuilder, String> {
+) -> Result<reqwest::Client, String> {
     with_admin_tls(
         builder_with_token(keys.peer_tokens().first().map(String::as_str)),
         config,
         true,
-    )
+    )?
+    .build()
+    .map_err(|e| format!("cannot build the peers' HTTP client: {e}"))
 }
 
 /// A client builder for a command (`provring backlog`, `stop`) presenting
@@ -181,8 +189,12 @@ pub fn command_token(
 }
 
 /// The error text for an admin API's refusal.
-fn refused(node: &str, status: reqwest::StatusCode) -> String {
+fn refused(config: &Config, node: &str, status: reqwest::StatusCode) -> String {
     match status.as_u16() {
+        401 if config.admin.tls.is_some() => format!(
+            "{node} answered 401: give an operator token (--token-file or PROVRING_TOKEN), or run where \
+             security.key_file and admin.tls.cert_file/key_file are readable (the peer token needs the certificate)"
+        ),
         401 => format!(
             "{node} answered 401: give a token (--token-file or PROVRING_TOKEN), or run where security.key_file is readable"
         ),
@@ -220,7 +232,7 @@ pub async fn backlog(
         let view = async {
             let response = client.get(&url).send().await.map_err(|e| e.to_string())?;
             if !response.status().is_success() {
-                return Err(refused(node, response.status()));
+                return Err(refused(config, node, response.status()));
             }
             response
                 .json::<BacklogView>()
@@ -255,7 +267,7 @@ pub async fn stop(config: &Config, node: &str, token: Option<&str>) -> Result<St
         .await
         .map_err(|e| format!("cannot reach {node} at {}: {e}", server.admin_listen))?;
     if !response.status().is_success() {
-        return Err(refused(node, response.status()));
+        return Err(refused(config, node, response.status()));
     }
     Ok(format!(
         "{node} is stopping: it announces the stop in the topology log (no takeover) and exits once its in-flight work is done"

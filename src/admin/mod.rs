@@ -99,6 +99,12 @@ pub struct AdaptorBacklog {
     pub oldest_age_ms: u64,
 }
 
+/// `GET /item`: where an event stands in a server's repository.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct ItemStatus {
+    pub state: crate::repository::ItemPresence,
+}
+
 /// What `GET /state` returns.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StateView {
@@ -148,10 +154,14 @@ pub struct AdminParts {
     pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
-/// Whether the connection's client presented a certificate of the
-/// cluster CA (set per connection, read by [`require`]).
+/// Who is at the other end of a connection: its address, and whether it
+/// presented a certificate of the cluster CA (set per connection, read by
+/// [`require`]).
 #[derive(Debug, Clone, Copy)]
-struct ClientCertificate(bool);
+struct Caller {
+    address: SocketAddr,
+    certified: bool,
+}
 
 /// The routes, each behind what it needs.
 fn router(parts: AdminParts) -> Router {
@@ -199,10 +209,8 @@ async fn require(
         .headers()
         .get(axum::http::header::AUTHORIZATION)
         .map(|v| v.as_bytes());
-    let certified = request
-        .extensions()
-        .get::<ClientCertificate>()
-        .is_some_and(|c| c.0);
+    let caller = request.extensions().get::<Caller>().copied();
+    let certified = caller.is_some_and(|c| c.certified);
     match auth.check(header, need, certified) {
         Ok(who) => {
             if need == Need::Operate {
@@ -216,6 +224,15 @@ async fn require(
             Json(serde_json::json!({"error": format!("unauthorized: {why}")})),
         )
             .into_response(),
+        Err(Refusal::PeerWithoutCertificate) => {
+            tracing::warn!(caller = ?caller.map(|c| c.address), path = %request.uri().path(), "The peer token came without the cluster's client certificate: refused. The token may have leaked; consider rotating the cluster key.");
+            (
+                StatusCode::UNAUTHORIZED,
+                [(axum::http::header::WWW_AUTHENTICATE, "Bearer")],
+                Json(serde_json::json!({"error": "unauthorized: unknown token"})),
+            )
+                .into_response()
+        }
         Err(Refusal::Forbidden { name, role }) => {
             tracing::warn!(caller = %name, ?role, path = %request.uri().path(), "Admin request refused: role too weak.");
             (
@@ -304,7 +321,13 @@ async fn serve(
         tokio::spawn(async move {
             let _slot = slot;
             match tls {
-                None => serve_connection(stream, false, app, header_timeout, shutdown).await,
+                None => {
+                    let caller = Caller {
+                        address: peer,
+                        certified: false,
+                    };
+                    serve_connection(stream, caller, app, header_timeout, shutdown).await
+                }
                 Some(acceptor) => {
                     // The handshake counts against the header timeout: a
                     // client that stalls in it is cut off like a slow one.
@@ -328,7 +351,11 @@ async fn serve(
                         .1
                         .peer_certificates()
                         .is_some_and(|c| !c.is_empty());
-                    serve_connection(stream, certified, app, header_timeout, shutdown).await
+                    let caller = Caller {
+                        address: peer,
+                        certified,
+                    };
+                    serve_connection(stream, caller, app, header_timeout, shutdown).await
                 }
             }
         });
@@ -338,7 +365,7 @@ async fn serve(
 /// Serve HTTP/1.1 on one connection until it ends or `shutdown`.
 async fn serve_connection<I>(
     io: I,
-    certified: bool,
+    caller: Caller,
     app: Router,
     header_timeout: std::time::Duration,
     shutdown: CancellationToken,
@@ -348,9 +375,7 @@ async fn serve_connection<I>(
     use hyper_util::rt::{TokioIo, TokioTimer};
     let service =
         hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
-            request
-                .extensions_mut()
-                .insert(ClientCertificate(certified));
+            request.extensions_mut().insert(caller);
             let mut app = app.clone();
             async move { tower_service::Service::call(&mut app, request).await }
         });
@@ -534,12 +559,12 @@ struct ItemQuery {
 async fn item(
     State(s): State<AppState>,
     axum::extract::Query(q): axum::extract::Query<ItemQuery>,
-) -> Json<crate::scheduler::ItemStatus> {
+) -> Json<ItemStatus> {
     let identity = crate::event::Identity {
         source: q.source,
         id: q.id,
     };
-    Json(crate::scheduler::ItemStatus {
+    Json(ItemStatus {
         state: s.repo.item_state(&q.adaptor, &identity),
     })
 }

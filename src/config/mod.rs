@@ -11,6 +11,13 @@ mod validate;
 pub use load::{ConfigError, load};
 pub use validate::{Problem, is_loopback, validate};
 
+/// The kind of events an adaptor accepts.
+pub use crate::event::AdaptorKind;
+/// `[limits]`: what an event may be ([`crate::event::decode`] checks it).
+pub use crate::event::Limits as LimitsConfig;
+/// `[schedules.<name>]`.
+pub use crate::schedule::{Misfire, ScheduleConfig, ScheduleEvent};
+
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -419,25 +426,6 @@ fn default_concurrency() -> usize {
     8
 }
 
-/// The kind of events an adaptor accepts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum AdaptorKind {
-    /// Account create, update, enable, disable and delete.
-    Provisioning,
-    /// Password change.
-    Password,
-}
-
-impl AdaptorKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            AdaptorKind::Provisioning => "provisioning",
-            AdaptorKind::Password => "password",
-        }
-    }
-}
-
 /// `[targets.<name>]`
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -565,36 +553,6 @@ impl Default for RetryConfig {
             multiplier: default_multiplier(),
             jitter: default_jitter(),
             deadline: default_deadline(),
-        }
-    }
-}
-
-/// `[limits]`
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LimitsConfig {
-    /// Largest message body accepted, in bytes; larger ones are parked.
-    #[serde(default = "default_max_message_size")]
-    pub max_message_size: usize,
-    /// Deepest nesting of arrays and objects accepted in an event's
-    /// `data`; deeper events are parked (a downstream parser may crash on
-    /// them).
-    #[serde(default = "default_max_depth")]
-    pub max_depth: usize,
-}
-
-fn default_max_message_size() -> usize {
-    1024 * 1024
-}
-fn default_max_depth() -> usize {
-    64
-}
-
-impl Default for LimitsConfig {
-    fn default() -> Self {
-        LimitsConfig {
-            max_message_size: default_max_message_size(),
-            max_depth: default_max_depth(),
         }
     }
 }
@@ -792,61 +750,4 @@ impl Config {
     pub fn builder_from_toml(toml: &str) -> Result<Config, ConfigError> {
         load::from_toml(toml)
     }
-}
-
-/// `[schedules.<name>]`: a periodic event, published by the scheduler (one
-/// server of the fleet) to an adaptor's queue.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ScheduleConfig {
-    /// A cron pattern (croner syntax; 5 fields, or 6 with seconds first).
-    #[serde(default)]
-    pub cron: Option<String>,
-    /// A fixed period instead of `cron` (slots at multiples of it since the
-    /// Unix epoch).
-    #[serde(default, with = "humantime_serde")]
-    pub every: Option<Duration>,
-    /// The adaptor whose queue receives the event.
-    pub adaptor: String,
-    /// The event to publish.
-    pub event: ScheduleEvent,
-    /// What happens to slots missed while no scheduler ran.
-    #[serde(default)]
-    pub misfire: Misfire,
-    /// Whether a slot may fire while the previous slot's event is still
-    /// unfinished somewhere in the fleet.
-    #[serde(default)]
-    pub concurrent: bool,
-}
-
-/// The event a schedule publishes. In every string of `data`, `{{schedule}}`,
-/// `{{slot}}` (the slot's id) and `{{time}}` (its RFC 3339 time) are replaced.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ScheduleEvent {
-    /// A CloudEvents type the adaptor accepts.
-    #[serde(rename = "type")]
-    pub event_type: String,
-    /// CloudEvents `source`; default `/provring/scheduler`.
-    #[serde(default = "default_schedule_source")]
-    pub source: String,
-    /// CloudEvents `data`.
-    #[serde(default)]
-    pub data: serde_json::Value,
-}
-
-fn default_schedule_source() -> String {
-    "/provring/scheduler".into()
-}
-
-/// `misfire`: slots missed while no scheduler ran (a takeover, or no
-/// eligible server).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Misfire {
-    /// The latest missed slot fires once.
-    #[default]
-    FireOnce,
-    /// Missed slots do not fire.
-    Skip,
 }

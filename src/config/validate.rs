@@ -467,7 +467,8 @@ pub fn validate(config: &Config) -> Vec<Problem> {
                 add(
                     format!("servers.{id}.admin_listen"),
                     format!(
-                        "{:?}: with [admin.tls], peers connect to this address and check it against                          the certificate; give the server's own address or name",
+                        "{:?}: with [admin.tls], peers connect to this address and check it against \
+                         the certificate; give the server's own address or name",
                         s.admin_listen
                     ),
                 );
@@ -530,7 +531,7 @@ fn check_schedules(config: &Config, add: &mut impl FnMut(String, String)) {
                 "a schedule name must be letters, digits, '.', '-' or '_'".into(),
             );
         }
-        if let Err(e) = crate::scheduler::Cadence::of(s) {
+        if let Err(e) = crate::schedule::Cadence::of(s) {
             add(key(if s.cron.is_some() { "cron" } else { "every" }), e);
         }
         let Some(adaptor) = config.adaptors.get(&s.adaptor) else {
@@ -544,7 +545,7 @@ fn check_schedules(config: &Config, add: &mut impl FnMut(String, String)) {
             );
             continue;
         };
-        let body = crate::scheduler::render(name, s, 0);
+        let body = crate::schedule::render(name, s, 0);
         if let Err(reason) = crate::event::decode(
             body.as_bytes(),
             adaptor.kind,

@@ -570,15 +570,15 @@ impl Repository {
 
     /// Number of unfinished items of `adaptor`.
     /// Where the event `identity` of `adaptor` stands here.
-    pub fn item_state(&self, adaptor: &str, identity: &Identity) -> crate::scheduler::ItemState {
+    pub fn item_state(&self, adaptor: &str, identity: &Identity) -> ItemPresence {
         let h = self.hash(adaptor, identity);
         let index = self.index();
         if index.pending.contains(&h) {
-            crate::scheduler::ItemState::Pending
+            ItemPresence::Pending
         } else if index.done.contains(&h) {
-            crate::scheduler::ItemState::Done
+            ItemPresence::Done
         } else {
-            crate::scheduler::ItemState::Unknown
+            ItemPresence::Unknown
         }
     }
 
@@ -834,6 +834,18 @@ fn seq_of(k: &[u8], prefix_len: usize) -> Result<u64, RepositoryError> {
 
 fn describe_key(k: &[u8]) -> String {
     String::from_utf8_lossy(k).escape_debug().to_string()
+}
+
+/// Where an event stands in a repository (`GET /item`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ItemPresence {
+    /// Stored, not finished.
+    Pending,
+    /// Finished (delivered or parked) and still in the done ledger.
+    Done,
+    /// Not in this repository.
+    Unknown,
 }
 
 #[cfg(test)]

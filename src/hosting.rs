@@ -307,7 +307,7 @@ fn follow_singleton(
 /// tell the operators, and join the topology again.
 async fn rejoin(ctx: &Ctx, state: &State) -> Result<(), String> {
     let me = state.servers.get(&ctx.node).cloned().unwrap_or_default();
-    crate::server::returned_after_takeover(
+    crate::supervisor::takeover::returned_after_takeover(
         &ctx.repo,
         &ctx.node,
         me.taken_over_by.as_deref(),

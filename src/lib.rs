@@ -16,14 +16,20 @@
 //!   [`workflow::targets`] (webhook, SCIM, null).
 //! - [`server`]: wires one node's components, graceful shutdown.
 //! - [`admin`]: the admin HTTP API (`/health`, `/backlog`).
-//! - [`ring`]: `provring ring`, every server of a cluster file on one machine.
+//! - [`local_ring`]: `provring ring`, every server of a cluster file on one machine.
 //! - [`publish`]: `provring publish`.
 //! - [`bench`]: `provring bench`.
 //! - [`topology`]: the replicated topology and its log on the broker.
 //! - [`mirror`]: copies of the backlog on the monitor (backup adaptor).
-//! - [`supervisor`]: watches the monitored server, takes it over when it fails.
+//! - [`supervisor`]: watches the monitored server, takes it over when it
+//!   fails; [`supervisor::takeover`]: what a server taken over does when it
+//!   is back.
 //! - [`hosting`]: runs the adaptors the topology gives this server; adoption; fencing.
-//! - [`scheduler`], [`timeout`]: the singleton services.
+//! - [`scheduler`], [`timeout`]: the singleton services; [`schedule`]:
+//!   schedules as data (cadence, slots, the event of a slot).
+//! - [`admin::api`]: the types peers exchange over the admin API.
+//! - [`tls`]: rustls configurations from PEM files.
+//! - [`time`]: wall-clock helpers.
 //! - [`alert`]: e-mail alerts.
 //! - [`crypto`]: the cluster key: sealed bodies, MACs on the ring's records.
 //! - [`parking`]: the parking queue (sealed bodies, clear headers, TTL).
@@ -41,16 +47,17 @@ pub mod crypto;
 pub mod event;
 pub mod handover;
 pub mod hosting;
+pub mod local_ring;
 pub mod mirror;
 pub mod parking;
 pub mod publish;
 pub mod repository;
-pub mod ring;
 pub mod schedule;
 pub mod scheduler;
 pub mod server;
 pub mod stats;
 pub mod supervisor;
+pub mod time;
 pub mod timeout;
 pub mod tls;
 pub mod topology;

@@ -85,7 +85,7 @@ async fn run(command: Command) -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            match provring::ring::run(&config, &args.files).await {
+            match provring::local_ring::run(&config, &args.files).await {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::from(EXIT_FAILURE),
                 Err(e) => {

@@ -1,7 +1,7 @@
 //! Schedules as data: `[schedules.<name>]`, when their slots fall
 //! ([`Cadence`]), which slots one look fires ([`decide`]) and the event of a
 //! slot ([`render`]). Pure; the scheduler singleton that acts on it is
-//! [`crate::scheduler`].
+//! `scheduler.rs`.
 
 use serde::Deserialize;
 use std::time::Duration;

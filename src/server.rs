@@ -119,7 +119,14 @@ pub async fn start(config: &Config, node: &str) -> Result<Running, ServerError> 
     if let Some(me) = before.servers.get(node)
         && me.failed
     {
-        returned_after_takeover(&repo, node, me.taken_over_by.as_deref(), &state, &alerter).await?;
+        crate::supervisor::takeover::returned_after_takeover(
+            &repo,
+            node,
+            me.taken_over_by.as_deref(),
+            &state,
+            &alerter,
+        )
+        .await?;
     }
     let (mirror, mirror_task) = Mirror::start(
         broker.clone(),
@@ -267,49 +274,6 @@ pub async fn start(config: &Config, node: &str) -> Result<Running, ServerError> 
         stop_requested,
         finishing,
     })
-}
-
-/// This server was taken over while it was away: its taker delivers the
-/// backlog of the adaptors it lost, so drop it here; start nothing it lost
-/// (the topology says where things run now); tell the operators.
-pub(crate) async fn returned_after_takeover(
-    repo: &Repository,
-    node: &str,
-    taker: Option<&str>,
-    state: &crate::topology::State,
-    alerter: &crate::alert::Alerter,
-) -> Result<(), ServerError> {
-    let mine = state.adaptors_of(node);
-    let mut dropped = 0;
-    for adaptor in repo.adaptors_with_backlog() {
-        if !mine.contains(&adaptor) {
-            let r = repo.clone();
-            let a = adaptor.clone();
-            let n = tokio::task::spawn_blocking(move || r.drop_adaptor(&a))
-                .await
-                .map_err(|e| RepositoryError::Flush(e.to_string()))??;
-            tracing::warn!(%adaptor, items = n, "Surrendered backlog dropped: the taker delivers it.");
-            dropped += n;
-        }
-    }
-    let placement: Vec<String> = state
-        .adaptors
-        .iter()
-        .chain(state.singletons.iter())
-        .map(|(name, host)| format!("  {name} on {host}"))
-        .collect();
-    let subject = format!("server {node} is back");
-    let body = format!(
-        "Server {node} is running again after it was taken over by {}.\n\
-         It dropped {dropped} surrendered items (delivered by the taker) and\n\
-         resumes monitoring. Nothing moved back; adaptors and services now run on:\n{}\n\n\
-         Move them with `provring move` if you want them back.",
-        taker.unwrap_or("another server"),
-        placement.join("\n")
-    );
-    let alerter = alerter.clone();
-    tokio::spawn(async move { alerter.send(&subject, &body).await });
-    Ok(())
 }
 
 /// Log when the fence closes and opens again.

@@ -24,15 +24,13 @@ use crate::stats::Stats;
 use crate::topology::{
     Change, CheckedItem, Fence, Outcome, TIMEOUT_CHECKER, TimeoutCheck, Topology,
 };
-use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
-/// Most items one check parks (they are listed in its log record and its
-/// mail); a check that found more is followed by the next one at once.
-pub const MAX_ITEMS_PER_CHECK: usize = 500;
+pub use crate::admin::api::{ItemRef, MAX_ITEMS_PER_CHECK, ParkRequest, ParkResult};
+
 /// How long a check keeps asking about items that are busy (being
 /// delivered) or between hosts (an adaptor being handed over).
 const SETTLE_LIMIT: Duration = Duration::from_secs(20);
@@ -44,18 +42,7 @@ const MAIL_PAUSE: Duration = Duration::from_secs(2);
 /// How long a host waits for its topology replica to reach the check.
 const REPLICA_WAIT: Duration = Duration::from_secs(3);
 
-/// An RFC 3339 time (UTC, milliseconds) for ms since the Unix epoch.
-pub fn rfc3339(ms: u64) -> String {
-    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string()
-}
-
-/// One item of a check, as named in a park request.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct ItemRef {
-    pub adaptor: String,
-    pub source: String,
-    pub id: String,
-}
+pub use crate::time::rfc3339;
 
 impl ItemRef {
     fn of(item: &OverdueItem) -> ItemRef {
@@ -65,35 +52,6 @@ impl ItemRef {
             id: item.id.clone(),
         }
     }
-}
-
-/// `POST /timeout/park`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ParkRequest {
-    pub check: u64,
-    /// The timeout checker's host asking.
-    pub by: String,
-    /// The topology epoch the asker has seen (the host waits to see it).
-    pub epoch: u64,
-    pub items: Vec<ItemRef>,
-}
-
-/// What a host did with one item of a park request.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "result", content = "reason", rename_all = "snake_case")]
-pub enum ParkResult {
-    /// Parked with reason `timed out` (now, or earlier for this check).
-    Parked,
-    /// Delivered or parked otherwise before this check could park it.
-    Finished,
-    /// Being delivered right now; ask again.
-    Busy,
-    /// Its adaptor is not hosted here (moved, or being handed over).
-    NotHere,
-    /// Not in this repository, unfinished or finished.
-    Unknown,
-    /// It could not be parked (the parking queue refused it).
-    Failed(String),
 }
 
 impl ParkResult {
@@ -118,6 +76,22 @@ pub struct Local {
     /// Items parked here, per recent check (so that a check asked again,
     /// by a taker, hears `parked` for them).
     parked: std::sync::Mutex<VecDeque<(u64, HashSet<ItemRef>)>>,
+}
+
+impl crate::admin::api::TimeoutPeer for Local {
+    fn overdue(
+        &self,
+        limit: usize,
+    ) -> futures::future::BoxFuture<'_, Result<Vec<OverdueItem>, String>> {
+        Box::pin(Local::overdue(self, limit))
+    }
+
+    fn park(
+        self: Arc<Self>,
+        request: ParkRequest,
+    ) -> futures::future::BoxFuture<'static, Result<Vec<(ItemRef, ParkResult)>, String>> {
+        Box::pin(async move { Local::park(&self, request).await })
+    }
 }
 
 impl Local {

@@ -14,7 +14,7 @@
 //!   (`pending`, `done` or `unknown`); what the scheduler asks.
 //! - `GET /timeout/overdue?limit=N`: this server's unfinished items past
 //!   their deadline; `POST /timeout/park`: park items of the timeout check
-//!   under way (see [`crate::timeout`]).
+//!   under way (see [`api::TimeoutPeer`]).
 //! - `POST /stop`: stop this server as SIGTERM does (the stop is announced
 //!   in the topology log, so it is not taken over).
 //!
@@ -29,6 +29,7 @@
 //! It takes no locks that the pipeline waits on for longer than an index
 //! lookup.
 
+pub mod api;
 pub mod auth;
 pub mod client;
 
@@ -138,7 +139,7 @@ struct AppState {
     repo: Repository,
     topology: Option<Topology>,
     health: Option<Health>,
-    timeouts: Option<std::sync::Arc<crate::timeout::Local>>,
+    timeouts: Option<Arc<dyn api::TimeoutPeer>>,
 }
 
 /// What the admin server serves, and how.
@@ -147,7 +148,7 @@ pub struct AdminParts {
     pub repo: Repository,
     pub topology: Option<Topology>,
     pub health: Option<Health>,
-    pub timeouts: Option<Arc<crate::timeout::Local>>,
+    pub timeouts: Option<Arc<dyn api::TimeoutPeer>>,
     pub auth: Arc<Auth>,
     pub limits: AdminConfig,
     /// HTTPS, from `[admin.tls]` ([`crate::tls::admin_server_config`]).
@@ -583,8 +584,8 @@ async fn overdue(
     };
     let limit = q
         .limit
-        .unwrap_or(crate::timeout::MAX_ITEMS_PER_CHECK)
-        .min(crate::timeout::MAX_ITEMS_PER_CHECK);
+        .unwrap_or(api::MAX_ITEMS_PER_CHECK)
+        .min(api::MAX_ITEMS_PER_CHECK);
     t.overdue(limit)
         .await
         .map(Json)
@@ -593,9 +594,8 @@ async fn overdue(
 
 async fn park(
     State(s): State<AppState>,
-    req: Result<Json<crate::timeout::ParkRequest>, axum::extract::rejection::JsonRejection>,
-) -> Result<Json<Vec<(crate::timeout::ItemRef, crate::timeout::ParkResult)>>, (StatusCode, String)>
-{
+    req: Result<Json<api::ParkRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<Vec<(api::ItemRef, api::ParkResult)>>, (StatusCode, String)> {
     // Too large stays 413; any other unreadable body is 400.
     let Json(req) = req.map_err(|e| match e.status() {
         StatusCode::PAYLOAD_TOO_LARGE => (StatusCode::PAYLOAD_TOO_LARGE, e.body_text()),

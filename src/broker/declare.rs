@@ -9,7 +9,7 @@
 //!   `ns.events` with routing key `<queue>`;
 //! - queue `ns.parking`: invalid and undeliverable messages, each with an
 //!   `x-provring-reason` header;
-//! - stream `ns.topology`: the topology log ([`crate::topology`]);
+//! - stream `ns.topology`: the topology log;
 //! - queue `ns.backup:<server>:<monitor>`: the copies of the server's
 //!   backlog on their way to its monitor (single active consumer);
 //! - queue `ns.alive.<server>`: exclusive to the server's connection, so

@@ -1,5 +1,5 @@
 //! A moved adaptor's backlog, as records for its handover queue
-//! ([`crate::handover`]).
+//! (read by the handover module).
 
 use super::backup::record_events;
 use super::{RECORD_MAX_BYTES, Repository, RepositoryError, record};

@@ -227,7 +227,7 @@ pub fn render(state: &State) -> String {
                 p.check,
                 p.items.len(),
                 p.by,
-                crate::timeout::rfc3339(p.at_ms)
+                crate::time::rfc3339(p.at_ms)
             ));
         }
     }

@@ -8,11 +8,13 @@
 //! `ns.alive.<id>`. Only a server that is gone from the broker too, and did
 //! not announce an intentional stop, is taken over, by compare-and-set in
 //! the topology log; the winner's hosting then adopts the backlog
-//! ([`crate::hosting`]).
+//! (`hosting.rs`).
 //!
 //! A server whose broker connection is gone cannot act on the broker any
 //! more, and it cannot deliver until it has read the log again (fencing),
 //! where it finds its takeover.
+
+pub mod takeover;
 
 use crate::admin::StateView;
 use crate::broker::Broker;

@@ -14,15 +14,17 @@
 //! more, and it cannot deliver until it has read the log again (fencing),
 //! where it finds its takeover.
 
+pub mod probe;
 pub mod takeover;
+pub mod watch;
 
-use crate::admin::StateView;
 use crate::broker::Broker;
 use crate::broker::declare::alive_queue;
 use crate::config::{Config, SupervisorConfig};
 use crate::topology::{Change, Outcome, Topology};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
+use watch::{Confirmation, Probe, Verdict, Watch};
 
 pub async fn run(
     config: Config,
@@ -42,8 +44,7 @@ pub async fn run(
     ));
     let mut tick = tokio::time::interval(sup.monitoring_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut watched: Option<String> = None;
-    let mut failures = 0u32;
+    let mut watch = Watch::new(sup.state_threshold, sup.retry_count);
     let mut last_warning: Option<Instant> = None;
     loop {
         tokio::select! {
@@ -52,84 +53,73 @@ pub async fn run(
         }
         let state = topology.state();
         let peer = state.monitors.get(&node).cloned();
-        if peer != watched {
-            if let Some(p) = &peer {
-                tracing::info!(monitored = %p, "Monitoring.");
-            }
-            watched = peer.clone();
-            failures = 0;
+        if watch.watch(peer.as_deref())
+            && let Some(p) = &peer
+        {
+            tracing::info!(monitored = %p, "Monitoring.");
         }
         let Some(peer) = peer else { continue };
         let Some(server) = config.servers.get(&peer) else {
             continue;
         };
         let url = crate::admin::client::admin_url(&config, &server.admin_listen, "/state");
-        let problem = match probe(&client, &url, sup.request_timeout).await {
-            Ok(view) if view.state >= sup.state_threshold => {
-                failures = 0;
+        let result = probe::state(&client, &url, sup.request_timeout).await;
+        let peer_state = state.servers.get(&peer).cloned().unwrap_or_default();
+        let (failures, problem) = match watch.probed(result, &peer_state) {
+            Verdict::Idle | Verdict::Healthy | Verdict::Settled => continue,
+            Verdict::Suspect { failures, problem } => {
+                tracing::debug!(monitored = %peer, failures, %problem, "Probe failed.");
                 continue;
             }
-            Ok(view) => format!(
-                "state {} below {} ({})",
-                view.state,
-                sup.state_threshold,
-                view.reasons.join("; ")
-            ),
-            Err(e) => e,
+            Verdict::Confirm { failures, problem } => (failures, problem),
         };
-        failures += 1;
-        if failures < sup.retry_count {
-            tracing::debug!(monitored = %peer, failures, %problem, "Probe failed.");
-            continue;
-        }
-        let peer_state = state.servers.get(&peer).cloned().unwrap_or_default();
-        if peer_state.stopping || peer_state.failed {
-            continue; // stopped on purpose, or already taken over
-        }
         // Second path: the broker's view.
-        match broker
+        let alive = broker
             .peer_alive(&alive_queue(&config.broker.namespace, &peer))
-            .await
-        {
-            Ok(true) => {
+            .await;
+        if let Err(e) = &alive {
+            tracing::warn!(monitored = %peer, error = %e, "Cannot ask the broker about the monitored server; no takeover for now.");
+        }
+        match watch.confirmed(alive, problem) {
+            Confirmation::Unknown => continue,
+            Confirmation::AliveOnBroker { problem } => {
                 if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(30)) {
                     tracing::warn!(monitored = %peer, admin = %server.admin_listen, %problem, "Cannot reach the monitored server's admin API, but its broker connection is alive: no takeover.");
                     last_warning = Some(Instant::now());
                 }
-                continue;
             }
-            Ok(false) => {}
-            Err(e) => {
-                tracing::warn!(monitored = %peer, error = %e, "Cannot ask the broker about the monitored server; no takeover for now.");
-                continue;
+            Confirmation::TakeOver { problem } => {
+                tracing::warn!(monitored = %peer, failures, %problem, "Monitored server failed: no answer and no broker connection. Taking over.");
+                take_over(&topology, &node, &peer).await;
             }
         }
-        tracing::warn!(monitored = %peer, failures, %problem, "Monitored server failed: no answer and no broker connection. Taking over.");
-        let me = node.clone();
-        let failed = peer.clone();
-        let outcome = topology
-            .propose_with(|s| {
-                let p = s.servers.get(&failed)?;
-                let still_mine = s.monitors.get(&me) == Some(&failed);
-                (still_mine && !p.failed && !p.stopping).then(|| Change::Takeover {
-                    failed: failed.clone(),
-                    by: me.clone(),
-                })
+    }
+}
+
+/// Record the takeover of `failed` by `me` in the topology log, if `me`
+/// still monitors it and it has not stopped or been taken over meanwhile.
+async fn take_over(topology: &Topology, me: &str, failed: &str) {
+    let outcome = topology
+        .propose_with(|s| {
+            let p = s.servers.get(failed)?;
+            let still_mine = s.monitors.get(me).map(String::as_str) == Some(failed);
+            (still_mine && !p.failed && !p.stopping).then(|| Change::Takeover {
+                failed: failed.to_owned(),
+                by: me.to_owned(),
             })
-            .await;
-        match outcome {
-            Ok(Some(Outcome::Applied)) => {
-                tracing::warn!(failed = %peer, epoch = topology.state().epoch, "Takeover recorded in the topology log.")
-            }
-            Ok(Some(Outcome::Ignored(reason))) => {
-                tracing::info!(failed = %peer, %reason, "Takeover not applied.")
-            }
-            Ok(None) => tracing::info!(failed = %peer, "Takeover no longer needed."),
-            Err(e) => {
-                tracing::warn!(failed = %peer, error = %e, "Cannot write the takeover; will retry.")
-            }
+        })
+        .await;
+    match outcome {
+        Ok(Some(Outcome::Applied)) => {
+            tracing::warn!(failed = %failed, epoch = topology.state().epoch, "Takeover recorded in the topology log.")
         }
-        failures = 0;
+        Ok(Some(Outcome::Ignored(reason))) => {
+            tracing::info!(failed = %failed, %reason, "Takeover not applied.")
+        }
+        Ok(None) => tracing::info!(failed = %failed, "Takeover no longer needed."),
+        Err(e) => {
+            tracing::warn!(failed = %failed, error = %e, "Cannot write the takeover; will retry.")
+        }
     }
 }
 
@@ -167,9 +157,10 @@ async fn probe_taken_over(
                 continue;
             };
             let url = crate::admin::client::admin_url(&config, &server.admin_listen, "/state");
-            let now = probe(&client, &url, config.supervisor.request_timeout)
-                .await
-                .is_ok();
+            let now = matches!(
+                probe::state(&client, &url, config.supervisor.request_timeout).await,
+                Probe::Answered { .. }
+            );
             let before = answering.insert(id.clone(), now);
             match (before, now) {
                 (Some(false), true) => {
@@ -185,23 +176,4 @@ async fn probe_taken_over(
             }
         }
     }
-}
-
-async fn probe(client: &reqwest::Client, url: &str, within: Duration) -> Result<StateView, String> {
-    let response = client.get(url).timeout(within).send().await.map_err(|e| {
-        if e.is_timeout() {
-            "no answer in time".to_owned()
-        } else if e.is_connect() {
-            "connection refused".to_owned()
-        } else {
-            e.to_string()
-        }
-    })?;
-    if !response.status().is_success() {
-        return Err(format!("HTTP {}", response.status()));
-    }
-    response
-        .json::<StateView>()
-        .await
-        .map_err(|e| format!("unreadable state: {e}"))
 }

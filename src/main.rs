@@ -33,7 +33,12 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_FAILURE);
         }
     };
-    runtime.block_on(run(cli.command))
+    let code = runtime.block_on(run(cli.command));
+    // A task cut short at shutdown (a blocking repository call, a broker
+    // connection that does not answer) must not hold the exit: the work
+    // that matters is done or named by now.
+    runtime.shutdown_background();
+    code
 }
 
 fn init_tracing(format: LogFormat, default_filter: &str) {

@@ -302,10 +302,11 @@ impl Running {
         self.stop_with(true).await
     }
 
-    async fn announce_stop(&self) {
+    /// Announce the stop, giving up at `until`.
+    async fn announce_stop(&self, until: tokio::time::Instant) {
         let node = self.node.clone();
-        let announced = tokio::time::timeout(
-            Duration::from_secs(3),
+        let announced = tokio::time::timeout_at(
+            until,
             self.topology
                 .propose_with(|_| Some(Change::Stopping { node: node.clone() })),
         )
@@ -316,20 +317,29 @@ impl Running {
                 tracing::warn!(error = %e, "Cannot announce the stop in the topology log.")
             }
             Err(_) => {
-                tracing::warn!("Cannot announce the stop in the topology log: no answer within 3s.")
+                tracing::warn!(
+                    "Cannot announce the stop in the topology log: no answer in time (broker unreachable?); the monitor may take this server over."
+                )
             }
         }
     }
 
     /// Stop; `announce`: tell the topology this is an intentional stop (not
-    /// after a failure, which the monitor must take over).
+    /// after a failure, which the monitor must take over). Ends within the
+    /// grace period plus [`FINAL_STEPS`] whatever the broker does: the
+    /// announcement counts against the grace period, and the final flush
+    /// and the broker's close get what is left plus [`FINAL_STEPS`]; what
+    /// is cut short is named in the result.
     pub async fn stop_with(self, announce: bool) -> Exit {
+        let started = tokio::time::Instant::now();
+        let deadline = started + self.grace;
         self.stopping.cancel();
         if announce {
-            self.announce_stop().await;
+            // At most 3 s, and at most half the grace period.
+            let until = (started + Duration::from_secs(3)).min(started + self.grace / 2);
+            self.announce_stop(until).await;
         }
         self.shutdown.cancel();
-        let deadline = tokio::time::Instant::now() + self.grace;
         let mut still_running = Vec::new();
         for (name, mut handle) in self.tasks {
             if tokio::time::timeout_at(deadline, &mut handle)
@@ -345,13 +355,29 @@ impl Running {
                 }
             }
         }
+        let last = deadline.max(tokio::time::Instant::now()) + FINAL_STEPS;
         let repo = self.repo.clone();
-        match tokio::task::spawn_blocking(move || repo.flush_blocking()).await {
-            Ok(Ok(())) => {}
+        let flush = tokio::task::spawn_blocking(move || repo.flush_blocking());
+        match tokio::time::timeout_at(last, flush).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::error!(error = %e, "Final repository flush failed."),
             Ok(Err(e)) => tracing::error!(error = %e, "Final repository flush failed."),
-            Err(e) => tracing::error!(error = %e, "Final repository flush failed."),
+            Err(_) => {
+                // Group commits have made every acked item durable already;
+                // what the flush had left is redone after the next start.
+                tracing::warn!("Final repository flush cut short.");
+                still_running.push("final repository flush".into());
+            }
         }
-        self.broker.close().await;
+        if tokio::time::timeout_at(last, self.broker.close())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "Broker connection not closed in time (the broker does not answer); leaving it."
+            );
+            still_running.push("broker close".into());
+        }
         if still_running.is_empty() {
             Exit::Clean
         } else {
@@ -407,6 +433,9 @@ pub async fn run(config: Config, node: &str) -> Result<Exit, ServerError> {
     }
     Ok(exit)
 }
+
+/// Time after the grace period for the final flush and the broker's close.
+pub const FINAL_STEPS: Duration = Duration::from_secs(1);
 
 /// How often finished items of unfinished batches are saved: the most
 /// work a crash can make the server repeat (delivered again, same key).

@@ -1,6 +1,8 @@
 //! RabbitMQ restarted mid-stream: the server reconnects by itself and
-//! nothing is lost. Runs against a private node (broker/start-local.sh) so
-//! that restarting it disturbs no other test.
+//! nothing is lost; and a SIGTERM while the broker is down, or right after
+//! it came back, ends the server within the grace period plus one second.
+//! Runs against a private node (broker/start-local.sh) so that restarting
+//! it disturbs no other test.
 
 mod common;
 
@@ -23,6 +25,7 @@ async fn reconnects_after_a_broker_restart_and_loses_nothing() {
     let mut setup = Setup::new("brokerrestart", &rec.start().await);
     setup.uri = uri;
     setup.concurrency = 4;
+    setup.grace = "3s";
     let cfg_path = setup.write(dir.path());
     let cfg = load(&cfg_path);
     let _cleanup = Cleanup::new(&cfg.broker, &["hr"]);
@@ -66,4 +69,40 @@ async fn reconnects_after_a_broker_restart_and_loses_nothing() {
         rec.duplicate_deliveries()
     );
     assert_eq!(repository_items(&dir.path().join("data-a")).await, 0);
+
+    // SIGTERM while the broker is down, then right after it came back: the
+    // server ends within grace + 1 s (+ 0.5 s for this test's polling and
+    // a busy machine), naming what it cut short.
+    let grace = Duration::from_secs(3);
+    let bound = grace + Duration::from_millis(1500);
+    let stop_timed = |server: &mut ServerProc, when: &str| {
+        let sent = std::time::Instant::now();
+        server.signal(nix::sys::signal::Signal::SIGTERM);
+        let status = server.wait(Duration::from_secs(30));
+        let took = sent.elapsed();
+        println!("SIGTERM {when}: exit {status} after {took:?}");
+        assert!(
+            took <= bound,
+            "SIGTERM {when}: exit after {took:?}, more than {bound:?}; log:\n{}",
+            server.log_text()
+        );
+        if !status.success() {
+            let log = server.log_text();
+            assert!(
+                log.contains("still_running") || log.contains("Cannot announce"),
+                "a slow stop names what it cut short:\n{log}"
+            );
+        }
+    };
+    let mut server = ServerProc::start(&cfg_path, "a", dir.path().join("a-down.log"));
+    server.wait_started(Duration::from_secs(60));
+    rabbitmqctl(PORT, &["stop_app"]);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop_timed(&mut server, "while the broker is down");
+    rabbitmqctl(PORT, &["start_app"]);
+    let mut server = ServerProc::start(&cfg_path, "a", dir.path().join("a-back.log"));
+    server.wait_started(Duration::from_secs(60));
+    rabbitmqctl(PORT, &["stop_app"]);
+    rabbitmqctl(PORT, &["start_app"]);
+    stop_timed(&mut server, "right after a broker restart");
 }

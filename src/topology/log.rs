@@ -119,9 +119,7 @@ impl Topology {
         shutdown: CancellationToken,
     ) -> Result<Topology, TopologyError> {
         let ns = broker.config().namespace.clone();
-        let channel = broker.channel().await?;
-        let queue = declare_topology(&channel, &ns).await?;
-        let _ = channel.close(200, "declared".into()).await;
+        let queue = declare_patiently(&broker, &ns, &shutdown).await?;
         let (state, _) = watch::channel(Arc::new(State::default()));
         let (reading, mut reading_rx) = watch::channel(false);
         let shared = Arc::new(Shared {
@@ -440,6 +438,44 @@ async fn read_loop(shared: Arc<Shared>, broker: Broker) {
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = shared.shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// How long a start waits for the broker to accept the topology log's
+/// declaration: right after a broker restart, RabbitMQ answers NOT_FOUND
+/// ("home node ... is down") until the stream's leader is back.
+const DECLARE_PATIENCE: Duration = Duration::from_secs(60);
+
+/// Declare the topology log, retrying with back-off for up to
+/// [`DECLARE_PATIENCE`] (or until `shutdown`).
+async fn declare_patiently(
+    broker: &Broker,
+    ns: &str,
+    shutdown: &CancellationToken,
+) -> Result<String, BrokerError> {
+    let cfg = broker.config();
+    let mut backoff = Backoff::new(cfg.reconnect_min, cfg.reconnect_max);
+    let started = Instant::now();
+    loop {
+        let attempt = async {
+            let channel = broker.channel().await?;
+            let queue = declare_topology(&channel, ns).await?;
+            let _ = channel.close(200, "declared".into()).await;
+            Ok::<_, BrokerError>(queue)
+        }
+        .await;
+        match attempt {
+            Ok(queue) => return Ok(queue),
+            Err(e) if started.elapsed() < DECLARE_PATIENCE && !shutdown.is_cancelled() => {
+                let delay = backoff.next_delay();
+                tracing::warn!(error = %e, retry_in = ?delay, "Cannot declare the topology log yet; retrying.");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.cancelled() => return Err(e),
+                }
+            }
+            Err(e) => return Err(e),
         }
     }
 }

@@ -360,8 +360,14 @@ impl Running {
         let flush = tokio::task::spawn_blocking(move || repo.flush_blocking());
         match tokio::time::timeout_at(last, flush).await {
             Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(e))) => tracing::error!(error = %e, "Final repository flush failed."),
-            Ok(Err(e)) => tracing::error!(error = %e, "Final repository flush failed."),
+            Ok(Ok(Err(e))) => {
+                tracing::error!(error = %e, "Final repository flush failed.");
+                still_running.push("final repository flush (failed)".into());
+            }
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "Final repository flush failed.");
+                still_running.push("final repository flush (failed)".into());
+            }
             Err(_) => {
                 // Group commits have made every acked item durable already;
                 // what the flush had left is redone after the next start.
@@ -391,7 +397,14 @@ pub async fn run(config: Config, node: &str) -> Result<Exit, ServerError> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut sigterm = signal(SignalKind::terminate()).map_err(ServerError::Signals)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(ServerError::Signals)?;
-    let running = start(&config, node).await?;
+    // A signal during the start (which may wait for the broker) ends the
+    // process at once, as a crash would: if it had joined already, its
+    // monitor takes it over; nothing acked is lost.
+    let running = tokio::select! {
+        r = start(&config, node) => r?,
+        _ = sigterm.recv() => return Ok(stopped_during_start("SIGTERM")),
+        _ = sigint.recv() => return Ok(stopped_during_start("SIGINT")),
+    };
     let backlog = running.repo.count_all();
     tracing::info!(%node, backlog, version = env!("CARGO_PKG_VERSION"), "Server started.");
 
@@ -432,6 +445,11 @@ pub async fn run(config: Config, node: &str) -> Result<Exit, ServerError> {
         ),
     }
     Ok(exit)
+}
+
+fn stopped_during_start(signal: &str) -> Exit {
+    tracing::warn!(%signal, "Signal during the start: exiting before the server started.");
+    Exit::Failed(format!("{signal} during the start"))
 }
 
 /// Time after the grace period for the final flush and the broker's close.

@@ -463,11 +463,21 @@ async fn declare_patiently(
             let queue = declare_topology(&channel, ns).await?;
             let _ = channel.close(200, "declared".into()).await;
             Ok::<_, BrokerError>(queue)
-        }
-        .await;
+        };
+        let attempt = tokio::select! {
+            r = tokio::time::timeout(cfg.publish_timeout, attempt) => r.unwrap_or(Err(BrokerError::Timeout {
+                op: "queue.declare",
+                timeout: cfg.publish_timeout,
+            })),
+            _ = shutdown.cancelled() => Err(BrokerError::Closed("shutting down".into())),
+        };
         match attempt {
             Ok(queue) => return Ok(queue),
-            Err(e) if started.elapsed() < DECLARE_PATIENCE && !shutdown.is_cancelled() => {
+            Err(e)
+                if transient(&e)
+                    && started.elapsed() < DECLARE_PATIENCE
+                    && !shutdown.is_cancelled() =>
+            {
                 let delay = backoff.next_delay();
                 tracing::warn!(error = %e, retry_in = ?delay, "Cannot declare the topology log yet; retrying.");
                 tokio::select! {
@@ -477,6 +487,20 @@ async fn declare_patiently(
             }
             Err(e) => return Err(e),
         }
+    }
+}
+
+/// Whether `e` may clear by itself (the broker starting, its stream's
+/// leader coming back); a refused login or other queue arguments do not.
+fn transient(e: &BrokerError) -> bool {
+    match e {
+        BrokerError::QueueMismatch { .. } => false,
+        BrokerError::Op { source, .. } => {
+            let text = source.to_string();
+            !(text.contains("ACCESS_REFUSED") || text.contains("PRECONDITION_FAILED"))
+        }
+        BrokerError::Connect { last, .. } => !last.contains("ACCESS_REFUSED"),
+        BrokerError::Timeout { .. } | BrokerError::Closed(_) => true,
     }
 }
 

@@ -72,10 +72,8 @@ async fn a_monitor_eligible_for_nothing_passes_the_takeover_on() {
     recorder
         .wait_quiet(Duration::from_secs(2), Duration::from_secs(30))
         .await;
+    recorder.assert_delivered_once(3000);
     let r = recorder.record.lock().expect("lock");
-    assert_eq!(r.effects.len(), 3000, "lost events");
-    let twice: Vec<_> = r.effects.iter().filter(|(_, n)| **n > 1).take(5).collect();
-    assert!(twice.is_empty(), "effects applied twice: {twice:?}");
     let from_c = r
         .arrivals
         .iter()

@@ -35,10 +35,7 @@ async fn check_all_once(recorder: &Recorder, total: u64) {
     recorder
         .wait_quiet(Duration::from_secs(2), Duration::from_secs(30))
         .await;
-    let r = recorder.record.lock().expect("lock");
-    assert_eq!(r.effects.len() as u64, total, "lost events");
-    let twice: Vec<_> = r.effects.iter().filter(|(_, n)| **n > 1).take(5).collect();
-    assert!(twice.is_empty(), "effects applied twice: {twice:?}");
+    recorder.assert_delivered_once(total);
 }
 
 fn arrivals_from_after(recorder: &Recorder, node: &str, after: Instant) -> usize {

@@ -89,12 +89,7 @@ async fn survives_repeated_kill_9() {
 
     let status = server.stop(Duration::from_secs(30));
     assert!(status.success(), "server exited with {status}");
-    {
-        let r = rec.record.lock().expect("lock");
-        assert_eq!(r.effects.len(), 10_000, "every event delivered");
-        let twice: Vec<_> = r.effects.iter().filter(|(_, n)| **n > 1).collect();
-        assert!(twice.is_empty(), "effects applied twice: {twice:?}");
-    }
+    rec.assert_delivered_once(10_000);
     println!(
         "kill -9 x{kills}: 10000 events delivered, {} duplicate deliveries (same key, effect applied once)",
         rec.duplicate_deliveries()

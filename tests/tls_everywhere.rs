@@ -77,13 +77,6 @@ async fn status_of(client: &reqwest::Client, url: &str) -> Result<u16, String> {
         .map_err(|e| format!("{e:?}"))
 }
 
-fn assert_all_once(recorder: &Recorder, total: u64) {
-    let r = recorder.record.lock().expect("lock");
-    assert_eq!(r.effects.len() as u64, total, "lost events");
-    let twice: Vec<_> = r.effects.iter().filter(|(_, n)| **n > 1).take(5).collect();
-    assert!(twice.is_empty(), "effects applied twice: {twice:?}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn failover_kill_freeze_and_move_with_tls_everywhere() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -382,7 +375,7 @@ async fn failover_kill_freeze_and_move_with_tls_everywhere() {
     recorder
         .wait_quiet(Duration::from_secs(2), Duration::from_secs(30))
         .await;
-    assert_all_once(&recorder, total);
+    recorder.assert_delivered_once(total);
     let from_old_host = recorder
         .record
         .lock()

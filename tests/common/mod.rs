@@ -592,6 +592,14 @@ impl Recorder {
         }
     }
 
+    /// Every one of `total` events had its effect, and none twice.
+    pub fn assert_delivered_once(&self, total: u64) {
+        let r = self.record.lock().expect("lock");
+        assert_eq!(r.effects.len() as u64, total, "lost events");
+        let twice: Vec<_> = r.effects.iter().filter(|(_, n)| **n > 1).take(5).collect();
+        assert!(twice.is_empty(), "effects applied twice: {twice:?}");
+    }
+
     /// Requests whose Idempotency-Key had been seen before.
     pub fn duplicate_deliveries(&self) -> u64 {
         let r = self.record.lock().expect("lock");

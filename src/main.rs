@@ -34,10 +34,11 @@ fn main() -> ExitCode {
         }
     };
     let code = runtime.block_on(run(cli.command));
-    // A task cut short at shutdown (a blocking repository call, a broker
-    // connection that does not answer) must not hold the exit: the work
-    // that matters is done or named by now.
-    runtime.shutdown_background();
+    // Dropping the tasks still alive (executors finishing after the final
+    // flush) drops the last repository handles, which flushes their writes;
+    // a blocking call that does not end within the bound must not hold the
+    // exit (the work that matters is done or named by now).
+    runtime.shutdown_timeout(provring::server::FINAL_STEPS);
     code
 }
 

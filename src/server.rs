@@ -326,7 +326,7 @@ impl Running {
 
     /// Stop; `announce`: tell the topology this is an intentional stop (not
     /// after a failure, which the monitor must take over). Ends within the
-    /// grace period plus [`FINAL_STEPS`] whatever the broker does: the
+    /// grace period plus one second (twice [`FINAL_STEPS`]) whatever the broker does: the
     /// announcement counts against the grace period, and the final flush
     /// and the broker's close get what is left plus [`FINAL_STEPS`]; what
     /// is cut short is named in the result.
@@ -452,8 +452,10 @@ fn stopped_during_start(signal: &str) -> Exit {
     Exit::Failed(format!("{signal} during the start"))
 }
 
-/// Time after the grace period for the final flush and the broker's close.
-pub const FINAL_STEPS: Duration = Duration::from_secs(1);
+/// Time after the grace period for the final flush and the broker's close,
+/// and then for the runtime's shutdown: the stop ends within the grace
+/// period plus twice this (one second).
+pub const FINAL_STEPS: Duration = Duration::from_millis(500);
 
 /// How often finished items of unfinished batches are saved: the most
 /// work a crash can make the server repeat (delivered again, same key).

@@ -307,15 +307,14 @@ async fn write_loop(
         let stored = if events.is_empty() {
             Vec::new()
         } else {
-            let repo = p.repo.clone();
             let name = p.name.clone();
             let n = events.len();
             let t0 = Instant::now();
-            let (stored, records) =
-                tokio::task::spawn_blocking(move || repo.store_with_records(&name, events))
-                    .await
-                    .map_err(|e| AdaptorError::Writer(e.to_string()))?
-                    .map_err(|e| p.repository_failed(e))?;
+            let (stored, records) = p
+                .repo
+                .blocking(move |repo| repo.store_with_records(&name, events))
+                .await
+                .map_err(|e| p.repository_failed(e))?;
             let t1 = Instant::now();
             p.repo.flush().await.map_err(|e| p.repository_failed(e))?;
             let t2 = Instant::now();

@@ -38,6 +38,14 @@ pub enum HandoverError {
     Broker(#[from] BrokerError),
     #[error("publishing the backlog to the handover queue failed: {0}")]
     Publish(#[from] crate::broker::PublishError),
+    #[error(transparent)]
+    Repository(#[from] crate::repository::RepositoryError),
+    #[error(transparent)]
+    Mirror(#[from] crate::mirror::MirrorError),
+    #[error("cannot park a handover record: {0}")]
+    Park(#[from] crate::parking::ParkError),
+    #[error("{0} is no longer hosted here")]
+    NotHosted(String),
     #[error("{0}")]
     Other(String),
 }
@@ -89,12 +97,11 @@ impl Sender<'_> {
             }
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
-        let repo = self.repo.clone();
         let name = adaptor.to_owned();
-        let records = tokio::task::spawn_blocking(move || repo.handover_records(&name))
-            .await
-            .map_err(other)?
-            .map_err(other)?;
+        let records = self
+            .repo
+            .blocking(move |repo| repo.handover_records(&name))
+            .await?;
         let mut items = 0;
         if !records.is_empty() {
             let cfg = self.broker.config();
@@ -126,12 +133,10 @@ impl Sender<'_> {
         if !self.still_mine(adaptor).await? {
             return Ok(None);
         }
-        let repo = self.repo.clone();
         let name = adaptor.to_owned();
-        tokio::task::spawn_blocking(move || repo.drop_adaptor(&name))
-            .await
-            .map_err(other)?
-            .map_err(other)?;
+        self.repo
+            .blocking(move |repo| repo.drop_adaptor(&name))
+            .await?;
         let me = self.node.to_owned();
         let name = adaptor.to_owned();
         self.topology
@@ -185,7 +190,7 @@ impl Receiver<'_> {
         let new_ref = &new;
         let result = crate::broker::drain::drain(&channel, &queue, &tag, |bodies| async move {
             if !self.fence.hosts(adaptor) {
-                return Err(format!("{adaptor} is no longer hosted here"));
+                return Err(HandoverError::NotHosted(adaptor.to_owned()));
             }
             for body in bodies {
                 let record = match open_handover(self.repo.keys(), adaptor, &body) {
@@ -196,8 +201,7 @@ impl Receiver<'_> {
                         tracing::warn!(%adaptor, %reason, bytes = body.len(), "Handover record refused and parked.");
                         self.parking
                             .park_bytes(adaptor, &body, &format!("handover record refused: {reason}"))
-                            .await
-                            .map_err(|e| e.to_string())?;
+                            .await?;
                         continue;
                     }
                 };
@@ -213,24 +217,17 @@ impl Receiver<'_> {
                                 record,
                                 &format!("unreadable handover record: {reason}"),
                             )
-                            .await
-                            .map_err(|e| e.to_string())?;
+                            .await?;
                         continue;
                     }
                 };
-                let repo = self.repo.clone();
                 let name = adaptor.to_owned();
-                let (stored, records) = tokio::task::spawn_blocking(move || {
-                    repo.store_received(&name, events, received_ms)
-                })
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| e.to_string())?;
-                self.repo.flush().await.map_err(|e| e.to_string())?;
-                self.mirror
-                    .copy(adaptor, records)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let (stored, records) = self
+                    .repo
+                    .blocking(move |repo| repo.store_received(&name, events, received_ms))
+                    .await?;
+                self.repo.flush().await?;
+                self.mirror.copy(adaptor, records).await?;
                 for s in stored {
                     if let Stored::New(item) = s {
                         new_ref.fetch_add(1, Relaxed);

@@ -49,6 +49,7 @@ pub mod handover;
 pub mod hosting;
 pub mod local_ring;
 pub mod mirror;
+pub mod node;
 pub mod parking;
 pub mod publish;
 pub mod repository;

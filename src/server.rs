@@ -8,6 +8,7 @@
 use crate::broker::Broker;
 use crate::config::Config;
 use crate::mirror::Mirror;
+use crate::node::{Finishing, Node};
 use crate::repository::{Repository, RepositoryError};
 use crate::stats::Stats;
 use crate::topology::{Change, Topology};
@@ -70,7 +71,7 @@ pub struct Running {
     /// Cancelled by `POST /stop`.
     pub stop_requested: CancellationToken,
     /// Adaptors and executors still finishing during shutdown.
-    finishing: Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
+    finishing: Finishing,
 }
 
 /// Open the repository and start every component this node hosts.
@@ -84,35 +85,23 @@ pub async fn start(config: &Config, node: &str) -> Result<Running, ServerError> 
         })?;
     let keys = Arc::new(config.security.key_ring()?);
     // Certificate files are read before anything is consumed or joined.
-    let admin_tls = match &config.admin.tls {
-        Some(t) => {
-            // Peers would refuse a certificate that does not name this
-            // server's address: better to say so now than to be taken over.
-            crate::tls::check_covers(&t.cert_file, &t.ca_file, &server.admin_listen)
-                .map_err(|e| ServerError::Tls(format!("{e} (servers.{node}.admin_listen)")))?;
-            Some(
-                crate::tls::admin_server_config(&t.cert_file, &t.key_file, &t.ca_file)
-                    .map_err(ServerError::Tls)?,
-            )
-        }
-        None => None,
-    };
+    let admin_tls = admin_tls(config, node)?;
     let peers = crate::admin::client::peer_client(config, &keys).map_err(ServerError::Tls)?;
     let repo = Repository::open(&server.data_dir, keys.clone())?;
-    let stats = Arc::new(Stats::default());
     let broker = Broker::new(config.broker.clone(), format!("provring {node}"));
-    let parking = crate::parking::Parking::new(broker.clone(), keys.clone(), config.parking.ttl);
     let shutdown = CancellationToken::new();
-    // Cancelled by a component that cannot go on safely (repository failure).
-    let fatal = CancellationToken::new();
-    let mut tasks = Vec::new();
-
     broker.mark_alive(crate::broker::declare::alive_queue(
         &config.broker.namespace,
         node,
     ));
-    let (topology, before) =
-        Topology::join(broker.clone(), config, node, keys, shutdown.child_token()).await?;
+    let (topology, before) = Topology::join(
+        broker.clone(),
+        config,
+        node,
+        keys.clone(),
+        shutdown.child_token(),
+    )
+    .await?;
     let state = topology.state();
     tracing::info!(epoch = state.epoch, monitor = ?state.monitor_of(node), monitors = ?state.monitors.get(node), "Joined the topology.");
     let alerter = crate::alert::Alerter::new(config.alerts.clone(), node);
@@ -128,6 +117,7 @@ pub async fn start(config: &Config, node: &str) -> Result<Running, ServerError> 
         )
         .await?;
     }
+    check_targets(config, &state, node)?;
     let (mirror, mirror_task) = Mirror::start(
         broker.clone(),
         repo.clone(),
@@ -136,24 +126,73 @@ pub async fn start(config: &Config, node: &str) -> Result<Running, ServerError> 
         topology.resync_requests(),
         shutdown.child_token(),
     );
-    tasks.push(("mirror".into(), mirror_task));
-    tasks.push((
-        "backup adaptor".into(),
-        tokio::spawn(crate::mirror::backup::run(
-            broker.clone(),
-            repo.clone(),
-            node.to_owned(),
-            topology.clone(),
-            fatal.clone(),
-            shutdown.child_token(),
-        )),
-    ));
     let fence = crate::topology::Fence::new(topology.clone(), node, config.supervisor.fence_after);
-    tasks.push((
-        "fence".into(),
-        tokio::spawn(log_fence(fence.clone(), shutdown.child_token())),
-    ));
-    // Fail early on a target that cannot be built.
+    let this = Node::new(crate::node::Parts {
+        config: config.clone(),
+        id: node.to_owned(),
+        repo,
+        parking: crate::parking::Parking::new(broker.clone(), keys, config.parking.ttl),
+        broker,
+        mirror,
+        stats: Arc::new(Stats::default()),
+        // Cancelled by a component that cannot go on safely (repository failure).
+        fatal: CancellationToken::new(),
+        topology,
+        alerter,
+        fence,
+        finishing: Finishing::default(),
+        peers,
+    });
+    let mut tasks = vec![("mirror".to_owned(), mirror_task)];
+    tasks.extend(spawn_tasks(&this, &shutdown));
+    let stopping = CancellationToken::new();
+    let stop_requested = CancellationToken::new();
+    let admin = start_admin(&this, admin_tls, &stopping, &stop_requested, &shutdown).await?;
+    tasks.insert(tasks.len() - 2, ("admin API".into(), admin));
+    Ok(Running {
+        stats: this.stats.clone(),
+        repo: this.repo.clone(),
+        shutdown,
+        fatal: this.fatal.clone(),
+        tasks,
+        broker: this.broker.clone(),
+        grace: config.shutdown.grace,
+        topology: this.topology.clone(),
+        node: node.to_owned(),
+        stopping,
+        stop_requested,
+        finishing: this.finishing.clone(),
+    })
+}
+
+/// The admin API's TLS set-up, if `[admin.tls]` is set.
+fn admin_tls(
+    config: &Config,
+    node: &str,
+) -> Result<Option<Arc<rustls::ServerConfig>>, ServerError> {
+    let Some(t) = &config.admin.tls else {
+        return Ok(None);
+    };
+    let listen = config
+        .servers
+        .get(node)
+        .map(|s| s.admin_listen.as_str())
+        .unwrap_or_default();
+    // Peers would refuse a certificate that does not name this server's
+    // address: better to say so now than to be taken over.
+    crate::tls::check_covers(&t.cert_file, &t.ca_file, listen)
+        .map_err(|e| ServerError::Tls(format!("{e} (servers.{node}.admin_listen)")))?;
+    crate::tls::admin_server_config(&t.cert_file, &t.key_file, &t.ca_file)
+        .map(Some)
+        .map_err(ServerError::Tls)
+}
+
+/// Fail early on a target of this server's adaptors that cannot be built.
+fn check_targets(
+    config: &Config,
+    state: &crate::topology::State,
+    node: &str,
+) -> Result<(), ServerError> {
     for name in state.adaptors_of(node) {
         if let Some(a) = config.adaptors.get(&name) {
             let gate = targets::open_gate();
@@ -165,115 +204,121 @@ pub async fn start(config: &Config, node: &str) -> Result<Running, ServerError> 
             })?;
         }
     }
-    let timeouts = Arc::new(crate::timeout::Local::new(
-        config.clone(),
-        node,
-        repo.clone(),
-        parking.clone(),
-        topology.clone(),
-        fence.clone(),
-        stats.clone(),
-    ));
-    let finishing: Arc<std::sync::Mutex<std::collections::BTreeSet<String>>> = Arc::default();
-    let ctx = Arc::new(crate::hosting::Ctx {
-        config: config.clone(),
-        node: node.to_owned(),
-        repo: repo.clone(),
-        broker: broker.clone(),
-        parking: parking.clone(),
-        mirror: mirror.clone(),
-        stats: stats.clone(),
-        fatal: fatal.clone(),
-        topology: topology.clone(),
-        alerter,
-        fence,
-        finishing: finishing.clone(),
-        peers: peers.clone(),
-    });
-    tasks.push((
-        "adaptors".into(),
-        tokio::spawn(crate::hosting::run(ctx, shutdown.child_token())),
-    ));
-    tasks.push((
-        "supervisor".into(),
-        tokio::spawn(crate::supervisor::run(
-            config.clone(),
-            node.to_owned(),
-            topology.clone(),
-            broker.clone(),
-            peers,
-            shutdown.child_token(),
-        )),
-    ));
-    let stopping = CancellationToken::new();
-    let stop_requested = CancellationToken::new();
+    Ok(())
+}
+
+/// The server's long-running tasks, named, in the order they stop (the
+/// admin API goes in before the last two).
+fn spawn_tasks(node: &Node, shutdown: &CancellationToken) -> Vec<(String, JoinHandle<()>)> {
+    let n = node;
+    vec![
+        (
+            "backup adaptor".into(),
+            tokio::spawn(crate::mirror::backup::run(
+                n.broker.clone(),
+                n.repo.clone(),
+                n.id.clone(),
+                n.topology.clone(),
+                n.fatal.clone(),
+                shutdown.child_token(),
+            )),
+        ),
+        (
+            "fence".into(),
+            tokio::spawn(log_fence(n.fence.clone(), shutdown.child_token())),
+        ),
+        (
+            "adaptors".into(),
+            tokio::spawn(crate::hosting::run(n.clone(), shutdown.child_token())),
+        ),
+        (
+            "supervisor".into(),
+            tokio::spawn(crate::supervisor::run(
+                n.config.clone(),
+                n.id.clone(),
+                n.topology.clone(),
+                n.broker.clone(),
+                n.peers.clone(),
+                shutdown.child_token(),
+            )),
+        ),
+        (
+            "progress saver".into(),
+            tokio::spawn(save_progress(n.repo.clone(), shutdown.child_token())),
+        ),
+        (
+            "done-ledger pruner".into(),
+            tokio::spawn(prune_done_ledger(
+                n.repo.clone(),
+                n.config.done_ledger.clone(),
+                shutdown.child_token(),
+            )),
+        ),
+    ]
+}
+
+/// Bind the admin API and serve it until `shutdown`.
+async fn start_admin(
+    node: &Node,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    stopping: &CancellationToken,
+    stop_requested: &CancellationToken,
+    shutdown: &CancellationToken,
+) -> Result<JoinHandle<()>, ServerError> {
+    let config = &node.config;
+    let listen = config
+        .servers
+        .get(&node.id)
+        .map(|s| s.admin_listen.clone())
+        .unwrap_or_default();
     let health = crate::admin::Health {
-        fatal: fatal.clone(),
+        fatal: node.fatal.clone(),
         stopping: stopping.clone(),
-        stats: stats.clone(),
+        stats: node.stats.clone(),
         fence_after: config.supervisor.fence_after,
         last: Arc::new(std::sync::Mutex::new((0, 0))),
         stop_requested: stop_requested.clone(),
     };
-
-    let auth = crate::admin::auth::Auth::new(&config.security, topology.keys())
+    let timeouts = Arc::new(crate::timeout::Local::new(
+        config.clone(),
+        &node.id,
+        node.repo.clone(),
+        node.parking.clone(),
+        node.topology.clone(),
+        node.fence.clone(),
+        node.stats.clone(),
+    ));
+    let auth = crate::admin::auth::Auth::new(&config.security, node.topology.keys())
         .map_err(|e| ServerError::Auth(e.to_string()))?
-        .peer_needs_certificate(admin_tls.is_some());
-    if admin_tls.is_none() && !crate::config::is_loopback(&server.admin_listen) {
-        tracing::warn!(admin_listen = %server.admin_listen, "The admin API is plain HTTP on a non-loopback address: tokens travel in clear. Set [admin.tls].");
+        .peer_needs_certificate(tls.is_some());
+    if tls.is_none() && !crate::config::is_loopback(&listen) {
+        tracing::warn!(admin_listen = %listen, "The admin API is plain HTTP on a non-loopback address: tokens travel in clear. Set [admin.tls].");
     }
     if !auth.enabled() {
-        tracing::warn!(admin_listen = %server.admin_listen, "The admin API checks no token (security.admin_auth = \"none\"); anyone on this machine may stop this server.");
+        tracing::warn!(admin_listen = %listen, "The admin API checks no token (security.admin_auth = \"none\"); anyone on this machine may stop this server.");
     }
     let (admin_addr, admin) = crate::admin::bind(
-        &server.admin_listen,
+        &listen,
         crate::admin::AdminParts {
-            node: node.to_owned(),
-            repo: repo.clone(),
-            topology: Some(topology.clone()),
+            node: node.id.clone(),
+            repo: node.repo.clone(),
+            topology: Some(node.topology.clone()),
             health: Some(health),
             timeouts: Some(timeouts),
             auth: Arc::new(auth),
             limits: config.admin.clone(),
-            tls: admin_tls,
+            tls,
         },
         shutdown.child_token(),
     )
     .await
     .map_err(|source| ServerError::Admin {
-        addr: server.admin_listen.clone(),
-        node: node.to_owned(),
+        addr: listen.clone(),
+        node: node.id.clone(),
         source,
     })?;
     tracing::info!(%admin_addr, "Admin API listening.");
-    tasks.push(("admin API".into(), admin));
-    tasks.push((
-        "progress saver".into(),
-        tokio::spawn(save_progress(repo.clone(), shutdown.child_token())),
-    ));
-    tasks.push((
-        "done-ledger pruner".into(),
-        tokio::spawn(prune_done_ledger(
-            repo.clone(),
-            config.done_ledger.clone(),
-            shutdown.child_token(),
-        )),
-    ));
-
-    Ok(Running {
-        stats,
-        repo,
-        shutdown,
-        fatal,
-        tasks,
-        broker,
-        grace: config.shutdown.grace,
-        topology,
-        node: node.to_owned(),
-        stopping,
-        stop_requested,
-        finishing,
-    })
+    Ok(admin)
 }
 
 /// Log when the fence closes and opens again.
@@ -347,11 +392,11 @@ impl Running {
                 .is_err()
             {
                 handle.abort();
-                match self.finishing.lock() {
-                    Ok(f) if name == "adaptors" && !f.is_empty() => {
-                        still_running.extend(f.iter().cloned())
-                    }
-                    _ => still_running.push(name),
+                let finishing = self.finishing.names();
+                if name == "adaptors" && !finishing.is_empty() {
+                    still_running.extend(finishing);
+                } else {
+                    still_running.push(name);
                 }
             }
         }

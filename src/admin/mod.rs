@@ -445,20 +445,20 @@ async fn items(
     axum::extract::Query(q): axum::extract::Query<ItemsQuery>,
 ) -> Result<Json<ItemsView>, (StatusCode, String)> {
     let limit = q.limit.unwrap_or(ITEMS_PAGE_MAX).clamp(1, ITEMS_PAGE_MAX);
-    let repo = s.repo.clone();
-    let view = tokio::task::spawn_blocking(move || {
-        let own = repo.own_items()?;
-        let mut copies = BTreeMap::new();
-        let mut generations = BTreeMap::new();
-        for (origin, v) in repo.copies_view() {
-            copies.insert(origin.clone(), repo.copies_items(&origin)?);
-            generations.insert(origin, v.generation);
-        }
-        Ok::<_, crate::repository::RepositoryError>((own, copies, generations))
-    })
-    .await
-    .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-    .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let view = s
+        .repo
+        .blocking(move |repo| {
+            let own = repo.own_items()?;
+            let mut copies = BTreeMap::new();
+            let mut generations = BTreeMap::new();
+            for (origin, v) in repo.copies_view() {
+                copies.insert(origin.clone(), repo.copies_items(&origin)?);
+                generations.insert(origin, v.generation);
+            }
+            Ok((own, copies, generations))
+        })
+        .await
+        .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     let (own, copies, generations) = view;
     let total = own.len() + copies.values().map(Vec::len).sum::<usize>();
     let after = match q.after.as_deref().map(Cursor::decode) {

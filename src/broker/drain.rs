@@ -13,6 +13,17 @@ const CHUNK: usize = 256;
 
 /// The number of messages ready on `queue`; `None` if it does not exist.
 pub async fn ready(channel: &Channel, queue: &str) -> Result<Option<u32>, BrokerError> {
+    Ok(peek(channel, queue).await?.map(|q| q.message_count()))
+}
+
+/// The number of consumers on `queue`; `None` if it does not exist.
+pub async fn consumers(channel: &Channel, queue: &str) -> Result<Option<u32>, BrokerError> {
+    Ok(peek(channel, queue).await?.map(|q| q.consumer_count()))
+}
+
+/// A passive declare of `queue`; `None` if it does not exist (the broker
+/// then closes the channel).
+async fn peek(channel: &Channel, queue: &str) -> Result<Option<lapin::Queue>, BrokerError> {
     match channel
         .queue_declare(
             queue.into(),
@@ -24,7 +35,7 @@ pub async fn ready(channel: &Channel, queue: &str) -> Result<Option<u32>, Broker
         )
         .await
     {
-        Ok(q) => Ok(Some(q.message_count())),
+        Ok(q) => Ok(Some(q)),
         Err(e) if e.to_string().contains("NOT_FOUND") => Ok(None),
         Err(e) => Err(BrokerError::Op {
             op: "queue.declare (passive)",
@@ -38,7 +49,7 @@ pub async fn ready(channel: &Channel, queue: &str) -> Result<Option<u32>, Broker
 /// acked goes back to the queue). basic.get is refused on
 /// single-active-consumer queues, so this consumes. Returns the number of
 /// messages applied. The channel is closed by the caller.
-pub async fn drain<F, Fut>(
+pub async fn drain<F, Fut, E>(
     channel: &Channel,
     queue: &str,
     tag: &str,
@@ -46,7 +57,8 @@ pub async fn drain<F, Fut>(
 ) -> Result<usize, BrokerError>
 where
     F: FnMut(Vec<Vec<u8>>) -> Fut,
-    Fut: Future<Output = Result<(), String>>,
+    Fut: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
 {
     channel
         .basic_qos(CHUNK as u16 * 2, BasicQosOptions::default())
@@ -100,7 +112,9 @@ where
             continue;
         };
         let n = bodies.len();
-        apply(bodies).await.map_err(BrokerError::Closed)?;
+        apply(bodies).await.map_err(|e| {
+            BrokerError::Closed(format!("cannot apply what was drained from {queue}: {e}"))
+        })?;
         channel
             .basic_ack(tag, BasicAckOptions { multiple: true })
             .await

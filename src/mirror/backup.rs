@@ -61,16 +61,9 @@ pub async fn run(
             // failed origin's copies stay for its taker to adopt.
             let failed = state.servers.get(&origin).is_some_and(|s| s.failed);
             if !failed {
-                let repo = repo.clone();
                 let o = origin.clone();
-                match tokio::task::spawn_blocking(move || repo.copies_drop(&o)).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => {
-                        tracing::warn!(%origin, error = %e, "Cannot drop the copies of a server no longer monitored.")
-                    }
-                    Err(e) => {
-                        tracing::warn!(%origin, error = %e, "Cannot drop the copies of a server no longer monitored.")
-                    }
+                if let Err(e) = repo.blocking(move |r| r.copies_drop(&o)).await {
+                    tracing::warn!(%origin, error = %e, "Cannot drop the copies of a server no longer monitored.");
                 }
             }
         }

@@ -279,16 +279,13 @@ impl MirrorTask {
         tokio::time::timeout(cfg.publish_timeout, declare)
             .await
             .map_err(|_| MirrorError::Failed("declaring the backup queue timed out".into()))??;
-        let repo = self.repo.clone();
-        self.generation = tokio::task::spawn_blocking(move || repo.next_mirror_generation())
-            .await
-            .map_err(|e| MirrorError::Failed(e.to_string()))??;
+        self.generation = self
+            .repo
+            .blocking(|repo| repo.next_mirror_generation())
+            .await?;
         // Finished items so far are in the bitmaps read below.
         self.removals.clear();
-        let repo = self.repo.clone();
-        let batches = tokio::task::spawn_blocking(move || repo.unfinished_batches())
-            .await
-            .map_err(|e| MirrorError::Failed(e.to_string()))??;
+        let batches = self.repo.blocking(|repo| repo.unfinished_batches()).await?;
         let mut confirms = vec![self.publish(&Body::Begin).await?];
         let n = batches.len();
         for (adaptor, seq, done, record) in &batches {

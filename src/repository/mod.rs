@@ -74,6 +74,8 @@ pub enum RepositoryError {
     FlusherGone,
     #[error("cannot seal an event: {0}")]
     Seal(String),
+    #[error("a repository task ended abnormally: {0}")]
+    Task(#[from] tokio::task::JoinError),
 }
 
 /// The mutable part of an item, saved under `S` when it changes.
@@ -285,6 +287,17 @@ impl Repository {
             .index
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Run `work`, synchronous repository calls, on the blocking pool: the
+    /// async side's one way into the repository's synchronous methods.
+    pub async fn blocking<T, F>(&self, work: F) -> Result<T, RepositoryError>
+    where
+        F: FnOnce(&Repository) -> Result<T, RepositoryError> + Send + 'static,
+        T: Send + 'static,
+    {
+        let repo = self.clone();
+        tokio::task::spawn_blocking(move || work(&repo)).await?
     }
 
     /// Make every write made before this call durable. Concurrent callers

@@ -55,17 +55,8 @@ impl Setup {
 
     /// Write the cluster file (one server `a`, adaptor `hr` → webhook).
     pub fn write(&self, dir: &Path) -> PathBuf {
-        let toml = format!(
-            r#"
-[broker]
-uris = [{uri:?}]
-namespace = {ns:?}
-prefetch = 500
-reconnect_min = "100ms"
-reconnect_max = "1s"
-publish_timeout = "5s"
-
-[servers.a]
+        let hosting = format!(
+            r#"[servers.a]
 admin_listen = {admin:?}
 data_dir = {data:?}
 
@@ -75,48 +66,14 @@ queue = "hr"
 server = "a"
 target = "hook"
 concurrency = {concurrency}
-
-[targets.hook]
-kind = "webhook"
-url = {hook:?}
-timeout = "2s"
-allow_insecure_http = true
-
-[retry]
-attempts = 100
-initial_backoff = {initial:?}
-max_backoff = {max_backoff:?}
-deadline = "10m"
-
-[limits]
-max_message_size = {max}
-
-[shutdown]
-grace = {grace:?}
-
-{security}
-{extra}
 "#,
-            security = security_section(dir),
-            uri = self.uri,
-            ns = self.namespace,
+            admin = self.admin,
             data = dir.join("data-a").display().to_string(),
             concurrency = self.concurrency,
-            hook = self.webhook,
-            max = self.max_message_size,
-            grace = self.grace,
-            admin = self.admin,
-            initial = self.backoff.0,
-            max_backoff = self.backoff.1,
-            extra = self.extra,
         );
-        let path = dir.join("cluster.toml");
-        std::fs::write(&path, toml).expect("write cluster.toml");
-        path
+        self.write_file(dir, &hosting)
     }
-}
 
-impl Setup {
     /// Write a cluster file of servers `nodes` in one ring (each monitors
     /// the next by id), each hosting adaptor `feed_<node>` (queue
     /// `feed-<node>`) → webhook. Returns the file and each server's admin
@@ -137,6 +94,14 @@ impl Setup {
             ));
             admins.insert(n.to_string(), admin);
         }
+        let path = self.write_file(dir, &format!("{servers}\n{adaptors}"));
+        (path, admins)
+    }
+
+    /// Write `<dir>/cluster.toml`: `hosting` (the servers and adaptors)
+    /// amid the sections every test cluster shares (broker, the webhook
+    /// target, retry, limits, shutdown, security, then `extra`).
+    fn write_file(&self, dir: &Path, hosting: &str) -> PathBuf {
         let toml = format!(
             r#"
 [broker]
@@ -147,8 +112,7 @@ reconnect_min = "100ms"
 reconnect_max = "1s"
 publish_timeout = "5s"
 
-{servers}
-{adaptors}
+{hosting}
 [targets.hook]
 kind = "webhook"
 url = {hook:?}
@@ -182,7 +146,7 @@ grace = {grace:?}
         );
         let path = dir.join("cluster.toml");
         std::fs::write(&path, toml).expect("write cluster.toml");
-        (path, admins)
+        path
     }
 }
 

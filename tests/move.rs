@@ -4,15 +4,8 @@
 mod common;
 
 use common::*;
-use provring::topology::State;
 use std::path::Path;
 use std::time::{Duration, Instant};
-
-async fn topology_of(admin: &str) -> State {
-    admin_get::<State>(admin, "/topology")
-        .await
-        .expect("topology from a live server")
-}
 
 /// `provring move` from a blocking thread, so the test's target keeps
 /// answering meanwhile.

@@ -72,3 +72,34 @@ where
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// The topology of a server that must answer.
+pub async fn topology_of(admin: &str) -> State {
+    admin_get::<State>(admin, "/topology")
+        .await
+        .expect("topology from a live server")
+}
+
+/// The topology of a server, `None` while it does not answer (it may have
+/// been killed or frozen).
+pub async fn try_topology_of(admin: &str) -> Option<State> {
+    admin_get::<State>(admin, "/topology").await.ok()
+}
+
+/// Wait until a live server reports a state for which `ok` holds.
+pub async fn wait_state(
+    admins: &[&String],
+    within: Duration,
+    what: &str,
+    ok: impl Fn(&State) -> bool,
+) -> State {
+    let admins: Vec<&str> = admins.iter().map(|a| a.as_str()).collect();
+    wait_topology(
+        &admins,
+        within,
+        what,
+        |a| async move { try_topology_of(&a).await },
+        ok,
+    )
+    .await
+}

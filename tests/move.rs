@@ -20,17 +20,6 @@ async fn provring_move(path: &Path, args: &[&str]) -> (i32, String, String) {
     .expect("provring move")
 }
 
-/// Every event had its effect exactly once.
-async fn check_all_once(recorder: &Recorder, total: u64) {
-    recorder
-        .wait_for(total as usize, Duration::from_secs(120), "every event")
-        .await;
-    recorder
-        .wait_quiet(Duration::from_secs(2), Duration::from_secs(30))
-        .await;
-    recorder.assert_delivered_once(total);
-}
-
 fn arrivals_from_after(recorder: &Recorder, node: &str, after: Instant) -> usize {
     recorder
         .record
@@ -74,7 +63,9 @@ async fn an_adaptor_moves_with_its_backlog_and_back() {
     assert!(state.handovers.is_empty(), "{:?}", state.handovers);
     // New events go to c as well.
     publish(&config.broker, "feed-b", events("move-2", 500)).await;
-    check_all_once(recorder, 3500).await;
+    recorder
+        .wait_delivered_once(3500, Duration::from_secs(120), "every event")
+        .await;
     assert_eq!(
         arrivals_from_after(recorder, "b", moved_at),
         0,
@@ -109,7 +100,9 @@ async fn an_adaptor_moves_with_its_backlog_and_back() {
     let back_at = Instant::now();
     assert_eq!(code, 0, "provring move back failed: {out}{err}");
     assert!(out.contains("backlog handed over by c"), "{out}");
-    check_all_once(recorder, 5500).await;
+    recorder
+        .wait_delivered_once(5500, Duration::from_secs(120), "every event")
+        .await;
     assert_eq!(
         arrivals_from_after(recorder, "c", back_at),
         0,
@@ -160,7 +153,9 @@ async fn a_move_survives_the_old_host_being_killed_before_it_hands_over() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    check_all_once(recorder, 3000).await;
+    recorder
+        .wait_delivered_once(3000, Duration::from_secs(120), "every event")
+        .await;
     let a_log = servers.get("a").expect("a").log_text();
     let handed = a_log
         .lines()

@@ -121,6 +121,16 @@ impl Recorder {
         assert!(twice.is_empty(), "effects applied twice: {twice:?}");
     }
 
+    /// Wait until all `total` events had their effect (see
+    /// [`Recorder::wait_for`]) and re-deliveries have ended (see
+    /// [`Recorder::wait_quiet`]), then check that none had it twice.
+    pub async fn wait_delivered_once(&self, total: u64, within: Duration, what: &str) {
+        self.wait_for(total as usize, within, what).await;
+        self.wait_quiet(Duration::from_secs(2), Duration::from_secs(30))
+            .await;
+        self.assert_delivered_once(total);
+    }
+
     /// Requests whose Idempotency-Key had been seen before.
     pub fn duplicate_deliveries(&self) -> u64 {
         let r = self.record.lock().expect("lock");

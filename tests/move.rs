@@ -7,17 +7,13 @@ use common::*;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-/// `provring move` from a blocking thread, so the test's target keeps
-/// answering meanwhile.
+/// `provring move` with the cluster file `path`, from a blocking thread
+/// ([`provring_async`]), so the test's target keeps answering meanwhile.
 async fn provring_move(path: &Path, args: &[&str]) -> (i32, String, String) {
-    let mut all: Vec<String> = vec!["move".into(), "--config".into(), path.display().to_string()];
-    all.extend(args.iter().map(|a| a.to_string()));
-    tokio::task::spawn_blocking(move || {
-        let refs: Vec<&str> = all.iter().map(String::as_str).collect();
-        provring(&refs)
-    })
-    .await
-    .expect("provring move")
+    let config = path.display().to_string();
+    let mut all = vec!["move", "--config", &config];
+    all.extend(args);
+    provring_async(&all).await
 }
 
 fn arrivals_from_after(recorder: &Recorder, node: &str, after: Instant) -> usize {

@@ -4,38 +4,16 @@
 mod common;
 
 use common::*;
-use provring::topology::State;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-async fn topology_of(admin: &str) -> State {
-    admin_get::<State>(admin, "/topology")
-        .await
-        .expect("topology from a live server")
-}
-
-/// `provring move` from a blocking thread, so the test's target keeps
-/// answering meanwhile.
+/// `provring move` with the cluster file `path`, from a blocking thread
+/// ([`provring_async`]), so the test's target keeps answering meanwhile.
 async fn provring_move(path: &Path, args: &[&str]) -> (i32, String, String) {
-    let mut all: Vec<String> = vec!["move".into(), "--config".into(), path.display().to_string()];
-    all.extend(args.iter().map(|a| a.to_string()));
-    tokio::task::spawn_blocking(move || {
-        let refs: Vec<&str> = all.iter().map(String::as_str).collect();
-        provring(&refs)
-    })
-    .await
-    .expect("provring move")
-}
-
-/// Every event had its effect exactly once.
-async fn check_all_once(recorder: &Recorder, total: u64) {
-    recorder
-        .wait_for(total as usize, Duration::from_secs(120), "every event")
-        .await;
-    recorder
-        .wait_quiet(Duration::from_secs(2), Duration::from_secs(30))
-        .await;
-    recorder.assert_delivered_once(total);
+    let config = path.display().to_string();
+    let mut all = vec!["move", "--config", &config];
+    all.extend(args);
+    provring_async(&all).await
 }
 
 fn arrivals_from_after(recorder: &Recorder, node: &str, after: Instant) -> usize {
@@ -81,7 +59,9 @@ async fn an_adaptor_moves_with_its_backlog_and_back() {
     assert!(state.handovers.is_empty(), "{:?}", state.handovers);
     // New events go to c as well.
     publish(&config.broker, "feed-b", events("move-2", 500)).await;
-    check_all_once(recorder, 3500).await;
+    recorder
+        .wait_delivered_once(3500, Duration::from_secs(120), "every event")
+        .await;
     assert_eq!(
         arrivals_from_after(recorder, "b", moved_at),
         0,
@@ -116,7 +96,9 @@ async fn an_adaptor_moves_with_its_backlog_and_back() {
     let back_at = Instant::now();
     assert_eq!(code, 0, "provring move back failed: {out}{err}");
     assert!(out.contains("backlog handed over by c"), "{out}");
-    check_all_once(recorder, 5500).await;
+    recorder
+        .wait_delivered_once(5500, Duration::from_secs(120), "every event")
+        .await;
     assert_eq!(
         arrivals_from_after(recorder, "c", back_at),
         0,
@@ -167,7 +149,9 @@ async fn a_move_survives_the_old_host_being_killed_before_it_hands_over() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    check_all_once(recorder, 3000).await;
+    recorder
+        .wait_delivered_once(3000, Duration::from_secs(120), "every event")
+        .await;
     let a_log = servers.get("a").expect("a").log_text();
     let handed = a_log
         .lines()

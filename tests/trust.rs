@@ -11,19 +11,13 @@ use lapin::types::{AMQPValue, FieldTable};
 use provring::admin::BacklogView;
 use provring::config::Config;
 use provring::crypto::{Context, KeyRing};
-use provring::topology::{Change, Record, State};
+use provring::topology::{Change, Record};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 const PASSWORD: &str = "Pw-7f3a9c-correct-horse";
 const SMTP_PASSWORD: &str = "Smtp-41d2e8-battery-staple";
 const TOKEN: &str = "Tok-9be07d-target-bearer";
-
-async fn topology_of(admin: &str) -> State {
-    admin_get::<State>(admin, "/topology")
-        .await
-        .expect("topology from a live server")
-}
 
 fn password_event(id: &str, user: &str) -> Vec<u8> {
     serde_json::json!({

@@ -1,4 +1,5 @@
-//! Command line: `provring <subcommand>`.
+//! Command line: `provring <subcommand>`, and the two subcommands whose
+//! work is not one library call (`token`, `rekey`).
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
@@ -316,4 +317,68 @@ pub struct BenchArgs {
     /// the next); the raw baseline consumes as many queues at once.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=8))]
     pub servers: u16,
+}
+
+/// Why `provring token` wrote no token.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error(transparent)]
+    Random(#[from] crate::crypto::KeyError),
+    #[error("cannot write token file {}: {source}", path.display())]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// `provring token`: write a new operator token to `out` (mode 0600, never
+/// overwriting); returns its SHA-256.
+pub fn write_token(out: &std::path::Path) -> Result<String, TokenError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let token = crate::admin::auth::new_token()?;
+    let write_error = |source| TokenError::Write {
+        path: out.to_owned(),
+        source,
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(out)
+        .map_err(write_error)?;
+    file.write_all(format!("{token}\n").as_bytes())
+        .map_err(write_error)?;
+    Ok(crate::admin::auth::token_hash(&token))
+}
+
+/// Why `provring rekey` did not re-seal a repository.
+#[derive(Debug, thiserror::Error)]
+pub enum RekeyError {
+    #[error("node {node:?} is not in the configuration; known servers: {known}")]
+    UnknownNode { node: String, known: String },
+    #[error("security.key_file: {0}")]
+    Key(crate::crypto::KeyError),
+    #[error(transparent)]
+    Repository(#[from] crate::repository::RepositoryError),
+}
+
+/// `provring rekey`: re-seal the repository of stopped server `node`;
+/// returns the line to print.
+pub fn rekey(config: &crate::config::Config, node: &str) -> Result<String, RekeyError> {
+    let server = config
+        .servers
+        .get(node)
+        .ok_or_else(|| RekeyError::UnknownNode {
+            node: node.to_owned(),
+            known: config.server_names(),
+        })?;
+    let keys = config.security.key_ring().map_err(RekeyError::Key)?;
+    let fingerprint = keys.fingerprint();
+    let repo = crate::repository::Repository::open(&server.data_dir, std::sync::Arc::new(keys))?;
+    let done = repo.rekey()?;
+    Ok(format!(
+        "rekey {node}: {} records ({} events) re-sealed under key {fingerprint}, {} already under it",
+        done.records, done.events, done.current
+    ))
 }

@@ -1,17 +1,59 @@
-//! The `provring` binary: parse the command line, set up logging, load the
-//! configuration, run the subcommand, turn the outcome into an exit code.
+//! The `provring` binary: parse the command line, set up logging, hand the
+//! subcommand to its function, and turn the outcome into an exit code.
+//!
+//! Each subcommand's function loads what it needs, calls into the library,
+//! prints the result, and says how it went: an [`Outcome`]. Which code a
+//! failure exits with is decided in one place, [`Failure::exit_code`].
 #![forbid(unsafe_code)]
 
 use clap::Parser;
-use provring::cli::{Bench, Cli, Command, LogFormat, TopologyCommand};
+use provring::cli::{Bench, Cli, Command, ConfigArgs, LogFormat, TopologyCommand};
 use provring::{bench, config, publish, server};
-
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 /// Exit code for a configuration that cannot be used (EX_CONFIG is 78; 64,
 /// EX_USAGE, is what operators and the issue tracker agreed on).
 const EXIT_CONFIG: u8 = 64;
 const EXIT_FAILURE: u8 = 1;
+/// The topology log refused the change (`topology link`; `move` returns
+/// its own codes, documented in `provring move --help`).
+const EXIT_REFUSED: u8 = 2;
+
+/// Why a subcommand did not succeed. The call site says which kind an error
+/// is (the same admin client error is a configuration problem for `backlog`
+/// and a failure for `stop`); the message is printed as `provring: …`.
+#[derive(Debug, thiserror::Error)]
+enum Failure {
+    /// The configuration, or what the command names in it, cannot be used.
+    #[error("{0}")]
+    Config(String),
+    /// The command ran and failed.
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl Failure {
+    fn config(e: impl std::fmt::Display) -> Self {
+        Failure::Config(e.to_string())
+    }
+
+    fn failed(e: impl std::fmt::Display) -> Self {
+        Failure::Failed(e.to_string())
+    }
+
+    /// The one mapping from a failure to the process's exit code.
+    fn exit_code(&self) -> u8 {
+        match self {
+            Failure::Config(_) => EXIT_CONFIG,
+            Failure::Failed(_) => EXIT_FAILURE,
+        }
+    }
+}
+
+/// How a subcommand ended: after printing its result, the exit code that
+/// says how it went (0, or a code the command documents); or why it failed.
+type Outcome = Result<u8, Failure>;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -29,17 +71,29 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("provring: cannot start the async runtime: {e}");
-            return ExitCode::from(EXIT_FAILURE);
+            return exit_code(Err(Failure::failed(format!(
+                "cannot start the async runtime: {e}"
+            ))));
         }
     };
-    let code = runtime.block_on(run(cli.command));
+    let code = exit_code(runtime.block_on(run(cli.command)));
     // Dropping the tasks still alive (executors finishing after the final
     // flush) drops the last repository handles, which flushes their writes;
     // a blocking call that does not end within the bound must not hold the
     // exit (the work that matters is done or named by now).
     runtime.shutdown_timeout(provring::server::FINAL_STEPS);
     code
+}
+
+/// Print a failure and give the code the process exits with.
+fn exit_code(outcome: Outcome) -> ExitCode {
+    match outcome {
+        Ok(code) => ExitCode::from(code),
+        Err(failure) => {
+            eprintln!("provring: {failure}");
+            ExitCode::from(failure.exit_code())
+        }
+    }
 }
 
 fn init_tracing(format: LogFormat, default_filter: &str) {
@@ -56,359 +110,189 @@ fn init_tracing(format: LogFormat, default_filter: &str) {
     }
 }
 
-fn load(files: &[std::path::PathBuf]) -> Result<config::Config, ExitCode> {
-    config::load(files).map_err(|e| {
-        eprintln!("provring: {e}");
-        ExitCode::from(EXIT_CONFIG)
-    })
-}
-
-async fn run(command: Command) -> ExitCode {
+async fn run(command: Command) -> Outcome {
     match command {
-        Command::Server { config, node } => {
-            let config = match load(&config.files) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            match server::run(config, &node).await {
-                Ok(server::Exit::Clean) => ExitCode::SUCCESS,
-                Ok(server::Exit::GraceExpired(_) | server::Exit::Failed(_)) => {
-                    ExitCode::from(EXIT_FAILURE)
-                }
-                Err(e @ server::ServerError::UnknownNode { .. }) => {
-                    eprintln!("provring: {e}");
-                    ExitCode::from(EXIT_CONFIG)
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "Server cannot start.");
-                    eprintln!("provring: {e}");
-                    ExitCode::from(EXIT_FAILURE)
-                }
-            }
-        }
-        Command::Ring { config: args } => {
-            let config = match load(&args.files) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            match provring::local_ring::run(&config, &args.files).await {
-                Ok(true) => ExitCode::SUCCESS,
-                Ok(false) => ExitCode::from(EXIT_FAILURE),
-                Err(e) => {
-                    eprintln!("provring: {e}");
-                    ExitCode::from(EXIT_FAILURE)
-                }
-            }
-        }
-        Command::CheckConfig { config } => match load(&config.files) {
-            Ok(c) => {
-                // The key file is part of a usable configuration.
-                let fingerprint = match c.security.key_ring() {
-                    Ok(keys) => keys.fingerprint(),
-                    Err(e) => {
-                        eprintln!(
-                            "provring: security.key_file: {e}\n  (a new cluster writes one with `provring keygen --out {}`; `provring ring` does so on first start)",
-                            c.security.key_file.display()
-                        );
-                        return ExitCode::from(EXIT_CONFIG);
-                    }
-                };
-                // Certificate files too, named by their key.
-                let tls_notes = match provring::tls::check_files(&c) {
-                    Ok(notes) => notes,
-                    Err(e) => {
-                        eprintln!("provring: {e}");
-                        return ExitCode::from(EXIT_CONFIG);
-                    }
-                };
-                println!(
-                    "configuration OK: {} servers, {} adaptors, {} targets, namespace {:?}",
-                    c.servers.len(),
-                    c.adaptors.len(),
-                    c.targets.len(),
-                    c.broker.namespace
-                );
-                // What each server starts with, and why a server hosts nothing.
-                let initial = provring::topology::State::initial(&c);
-                for id in &initial.ring {
-                    let mut hosts: Vec<&str> = initial
-                        .adaptors
-                        .iter()
-                        .chain(initial.singletons.iter())
-                        .filter(|(_, h)| *h == id)
-                        .map(|(name, _)| name.as_str())
-                        .collect();
-                    hosts.sort_unstable();
-                    match initial.hosts_nothing_because(id) {
-                        Some(reason) => println!("  {id}: hosts nothing: {reason}"),
-                        None => println!("  {id}: {}", hosts.join(", ")),
-                    }
-                }
-                println!("  cluster key: fingerprint {fingerprint}");
-                if c.admin.tls.is_some() {
-                    println!("  admin API: HTTPS, mutual TLS between peers");
-                }
-                for note in tls_notes {
-                    println!("  warning: {note}");
-                }
-                ExitCode::SUCCESS
-            }
-            Err(code) => code,
-        },
-        Command::Backlog { config, node, json } => {
-            let token_file = config.token_file.clone();
-            let config = match load(&config.files) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            let token = match command_token(&config, token_file.as_deref()) {
-                Ok(t) => t,
-                Err(code) => return code,
-            };
-            match provring::admin::client::backlog(&config, node.as_deref(), token.as_deref()).await
-            {
-                Ok(report) => {
-                    println!("{}", report.render(json));
-                    if report.all_reachable() {
-                        ExitCode::SUCCESS
-                    } else {
-                        ExitCode::from(EXIT_FAILURE)
-                    }
-                }
-                Err(e) => {
-                    eprintln!("provring: {e}");
-                    ExitCode::from(EXIT_CONFIG)
-                }
-            }
-        }
-        Command::Topology { command } => topology_command(command).await,
-        Command::Stop { config, node } => {
-            let token_file = config.token_file.clone();
-            let config = match load(&config.files) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            let token = match command_token(&config, token_file.as_deref()) {
-                Ok(t) => t,
-                Err(code) => return code,
-            };
-            match provring::admin::client::stop(&config, &node, token.as_deref()).await {
-                Ok(text) => {
-                    println!("{text}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("provring: {e}");
-                    ExitCode::from(EXIT_FAILURE)
-                }
-            }
-        }
+        Command::Server { config, node } => run_server(&config, &node).await,
+        Command::Ring { config } => ring(&config).await,
+        Command::CheckConfig { config } => check_config(&config),
+        Command::Publish {
+            config,
+            adaptor,
+            file,
+            generate,
+        } => publish_events(&config, &adaptor, file, generate).await,
+        Command::Backlog { config, node, json } => backlog(&config, node.as_deref(), json).await,
+        Command::Stop { config, node } => stop(&config, &node).await,
         Command::Move {
             config,
             what,
             to,
             no_wait,
             timeout,
-        } => {
-            let config = match load(&config.files) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            let wait = (!no_wait).then_some(timeout);
-            match provring::topology::tool::move_to(&config, &what, &to, wait).await {
-                Ok((text, code)) => {
-                    println!("{text}");
-                    ExitCode::from(code)
-                }
-                Err(e) => {
-                    eprintln!("provring: {e}");
-                    ExitCode::from(EXIT_FAILURE)
-                }
-            }
-        }
-        Command::Keygen { out, if_missing } => {
-            if if_missing && out.exists() {
-                return match provring::crypto::KeyRing::load(&out, &[]) {
-                    Ok(k) => {
-                        println!(
-                            "key {} exists (fingerprint {}); left as it is",
-                            out.display(),
-                            k.fingerprint()
-                        );
-                        ExitCode::SUCCESS
-                    }
-                    Err(e) => {
-                        eprintln!("provring: {e}");
-                        ExitCode::from(EXIT_CONFIG)
-                    }
-                };
-            }
-            match provring::crypto::keygen(&out) {
-                Ok(fingerprint) => {
-                    println!(
-                        "wrote a new cluster key to {} (fingerprint {fingerprint}); copy it to every server and set [security] key_file",
-                        out.display()
-                    );
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("provring: {e}");
-                    ExitCode::from(EXIT_FAILURE)
-                }
-            }
-        }
-        Command::Token { name, role, out } => match write_token(&out) {
-            Ok(hash) => {
-                println!(
-                    "wrote a new token to {} (present it with --token-file {0} or PROVRING_TOKEN); add to the cluster file:\n\n[[security.admin_tokens]]\nname = {name:?}\nrole = {role:?}\nsha256 = {hash:?}",
-                    out.display()
-                );
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("provring: {e}");
-                ExitCode::from(EXIT_FAILURE)
-            }
-        },
-        Command::Rekey { config, node } => {
-            let config = match load(&config.files) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            match rekey(&config, &node) {
-                Ok(done) => {
-                    println!("{done}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("provring: {e}");
-                    ExitCode::from(EXIT_FAILURE)
-                }
-            }
-        }
-        Command::BrokerDefinitions { config } => match load(&config.files) {
-            Ok(c) => {
-                let doc = provring::broker::declare::definitions(&c);
-                println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
-                ExitCode::SUCCESS
-            }
-            Err(code) => code,
-        },
-        Command::Publish {
-            config,
-            adaptor,
-            file,
-            generate,
-        } => {
-            let config = match load(&config.files) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            let source = match (file, generate) {
-                (Some(path), _) => publish::Source::File(path),
-                (None, Some(n)) => publish::Source::Generate(n),
-                (None, None) => {
-                    eprintln!("provring: give --file or --generate");
-                    return ExitCode::from(EXIT_CONFIG);
-                }
-            };
-            match publish::run(&config, &adaptor, source).await {
-                Ok(summary) => {
-                    println!("{summary}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("provring: {e}");
-                    ExitCode::from(EXIT_FAILURE)
-                }
-            }
-        }
-        Command::Bench {
-            bench: Bench::Failover(args),
-        } => match provring::bench::failover::failover(&args).await {
-            Ok(report) => {
-                println!("{}", report.render(args.json));
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("provring: bench failed: {e}");
-                ExitCode::from(EXIT_FAILURE)
-            }
-        },
-        Command::Bench {
-            bench: Bench::Pipeline(args),
-        } => match bench::pipeline(&args).await {
-            Ok(report) => {
-                println!("{}", report.render(args.json));
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("provring: bench failed: {e}");
-                ExitCode::from(EXIT_FAILURE)
-            }
-        },
+        } => move_to(&config, &what, &to, (!no_wait).then_some(timeout)).await,
+        Command::Topology { command } => topology(command).await,
+        Command::BrokerDefinitions { config } => broker_definitions(&config),
+        Command::Keygen { out, if_missing } => keygen(&out, if_missing),
+        Command::Token { name, role, out } => token(&name, &role, &out),
+        Command::Rekey { config, node } => rekey(&config, &node),
+        Command::Bench { bench } => run_bench(bench).await,
     }
 }
 
-/// Write a new operator token to `out` (mode 0600, never overwriting);
-/// returns its SHA-256.
-fn write_token(out: &std::path::Path) -> Result<String, String> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let token = provring::admin::auth::new_token().map_err(|e| e.to_string())?;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(out)
-        .map_err(|e| format!("cannot write token file {}: {e}", out.display()))?;
-    file.write_all(format!("{token}\n").as_bytes())
-        .map_err(|e| format!("cannot write token file {}: {e}", out.display()))?;
-    Ok(provring::admin::auth::token_hash(&token))
+fn load(args: &ConfigArgs) -> Result<config::Config, Failure> {
+    config::load(&args.files).map_err(Failure::config)
 }
 
 /// The admin API token a command presents (see `admin::client::command_token`).
-fn command_token(
-    config: &config::Config,
-    file: Option<&std::path::Path>,
-) -> Result<Option<String>, ExitCode> {
-    provring::admin::client::command_token(config, file).map_err(|e| {
-        eprintln!("provring: {e}");
-        ExitCode::from(EXIT_CONFIG)
+fn command_token(config: &config::Config, args: &ConfigArgs) -> Result<Option<String>, Failure> {
+    provring::admin::client::command_token(config, args.token_file.as_deref())
+        .map_err(Failure::config)
+}
+
+/// `provring server`: 1 when the grace period ran out or a component failed.
+async fn run_server(args: &ConfigArgs, node: &str) -> Outcome {
+    let config = load(args)?;
+    match server::run(config, node).await {
+        Ok(server::Exit::Clean) => Ok(0),
+        Ok(server::Exit::GraceExpired(_) | server::Exit::Failed(_)) => Ok(EXIT_FAILURE),
+        Err(e @ server::ServerError::UnknownNode { .. }) => Err(Failure::config(e)),
+        Err(e) => {
+            tracing::error!(error = %e, "Server cannot start.");
+            Err(Failure::failed(e))
+        }
+    }
+}
+
+/// `provring ring`: 1 when a server of the ring did not end well.
+async fn ring(args: &ConfigArgs) -> Outcome {
+    let config = load(args)?;
+    match provring::local_ring::run(&config, &args.files).await {
+        Ok(true) => Ok(0),
+        Ok(false) => Ok(EXIT_FAILURE),
+        Err(e) => Err(Failure::failed(e)),
+    }
+}
+
+/// `provring check-config`: the files, the key file and the certificate
+/// files; then what each server starts with.
+fn check_config(args: &ConfigArgs) -> Outcome {
+    let c = load(args)?;
+    // The key file is part of a usable configuration.
+    let keys = c.security.key_ring().map_err(|e| {
+        Failure::Config(format!(
+            "security.key_file: {e}\n  (a new cluster writes one with `provring keygen --out {}`; `provring ring` does so on first start)",
+            c.security.key_file.display()
+        ))
+    })?;
+    // Certificate files too, named by their key.
+    let tls_notes = provring::tls::check_files(&c).map_err(Failure::config)?;
+    println!(
+        "configuration OK: {} servers, {} adaptors, {} targets, namespace {:?}",
+        c.servers.len(),
+        c.adaptors.len(),
+        c.targets.len(),
+        c.broker.namespace
+    );
+    print_initial_hosts(&c);
+    println!("  cluster key: fingerprint {}", keys.fingerprint());
+    if c.admin.tls.is_some() {
+        println!("  admin API: HTTPS, mutual TLS between peers");
+    }
+    for note in tls_notes {
+        println!("  warning: {note}");
+    }
+    Ok(0)
+}
+
+/// What each server starts with, and why a server hosts nothing.
+fn print_initial_hosts(c: &config::Config) {
+    let initial = provring::topology::State::initial(c);
+    for id in &initial.ring {
+        let mut hosts: Vec<&str> = initial
+            .adaptors
+            .iter()
+            .chain(initial.singletons.iter())
+            .filter(|(_, h)| *h == id)
+            .map(|(name, _)| name.as_str())
+            .collect();
+        hosts.sort_unstable();
+        match initial.hosts_nothing_because(id) {
+            Some(reason) => println!("  {id}: hosts nothing: {reason}"),
+            None => println!("  {id}: {}", hosts.join(", ")),
+        }
+    }
+}
+
+/// `provring publish`.
+async fn publish_events(
+    args: &ConfigArgs,
+    adaptor: &str,
+    file: Option<PathBuf>,
+    generate: Option<u64>,
+) -> Outcome {
+    let config = load(args)?;
+    let source = match (file, generate) {
+        (Some(path), _) => publish::Source::File(path),
+        (None, Some(n)) => publish::Source::Generate(n),
+        (None, None) => return Err(Failure::config("give --file or --generate")),
+    };
+    let summary = publish::run(&config, adaptor, source)
+        .await
+        .map_err(Failure::failed)?;
+    println!("{summary}");
+    Ok(0)
+}
+
+/// `provring backlog`: 1 when a server did not answer.
+async fn backlog(args: &ConfigArgs, node: Option<&str>, json: bool) -> Outcome {
+    let config = load(args)?;
+    let token = command_token(&config, args)?;
+    let report = provring::admin::client::backlog(&config, node, token.as_deref())
+        .await
+        .map_err(Failure::config)?;
+    println!("{}", report.render(json));
+    Ok(if report.all_reachable() {
+        0
+    } else {
+        EXIT_FAILURE
     })
 }
 
-/// `provring rekey`: re-seal the repository of stopped server `node`.
-fn rekey(config: &config::Config, node: &str) -> Result<String, String> {
-    let server = config.servers.get(node).ok_or_else(|| {
-        format!(
-            "node {node:?} is not in the configuration; known servers: {}",
-            config.server_names()
-        )
-    })?;
-    let keys = config
-        .security
-        .key_ring()
-        .map_err(|e| format!("security.key_file: {e}"))?;
-    let fingerprint = keys.fingerprint();
-    let repo = provring::repository::Repository::open(&server.data_dir, std::sync::Arc::new(keys))
-        .map_err(|e| e.to_string())?;
-    let done = repo.rekey().map_err(|e| e.to_string())?;
-    Ok(format!(
-        "rekey {node}: {} records ({} events) re-sealed under key {fingerprint}, {} already under it",
-        done.records, done.events, done.current
-    ))
+/// `provring stop`.
+async fn stop(args: &ConfigArgs, node: &str) -> Outcome {
+    let config = load(args)?;
+    let token = command_token(&config, args)?;
+    let text = provring::admin::client::stop(&config, node, token.as_deref())
+        .await
+        .map_err(Failure::failed)?;
+    println!("{text}");
+    Ok(0)
 }
 
-async fn topology_command(command: TopologyCommand) -> ExitCode {
+/// `provring move`: the code is the tool's (0 moved, 2 refused, 3 handover
+/// not finished in time).
+async fn move_to(
+    args: &ConfigArgs,
+    what: &str,
+    to: &str,
+    wait: Option<std::time::Duration>,
+) -> Outcome {
+    let config = load(args)?;
+    let (text, code) = provring::topology::tool::move_to(&config, what, to, wait)
+        .await
+        .map_err(Failure::failed)?;
+    println!("{text}");
+    Ok(code)
+}
+
+/// `provring topology show|link`: 2 when the log refused the change.
+async fn topology(command: TopologyCommand) -> Outcome {
     use provring::topology::tool;
-    let result = match command {
+    let (text, applied) = match command {
         TopologyCommand::Show { config, json } => {
-            let config = match load(&config.files) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            tool::show(&config, json).await.map(|text| (text, true))
+            let config = load(&config)?;
+            let text = tool::show(&config, json).await.map_err(Failure::failed)?;
+            (text, true)
         }
         TopologyCommand::Link {
             config,
@@ -416,25 +300,71 @@ async fn topology_command(command: TopologyCommand) -> ExitCode {
             monitors,
             expect_epoch,
         } => {
-            let config = match load(&config.files) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            tool::link(&config, &node, &monitors, expect_epoch).await
+            let config = load(&config)?;
+            tool::link(&config, &node, &monitors, expect_epoch)
+                .await
+                .map_err(Failure::failed)?
         }
     };
-    match result {
-        Ok((text, true)) => {
-            println!("{text}");
-            ExitCode::SUCCESS
-        }
-        Ok((text, false)) => {
-            println!("{text}");
-            ExitCode::from(2)
-        }
-        Err(e) => {
-            eprintln!("provring: {e}");
-            ExitCode::from(EXIT_FAILURE)
-        }
+    println!("{text}");
+    Ok(if applied { 0 } else { EXIT_REFUSED })
+}
+
+/// `provring broker-definitions`.
+fn broker_definitions(args: &ConfigArgs) -> Outcome {
+    let c = load(args)?;
+    let doc = provring::broker::declare::definitions(&c);
+    println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+    Ok(0)
+}
+
+/// `provring keygen`: with `--if-missing`, an existing key file that does
+/// not load is a configuration problem.
+fn keygen(out: &Path, if_missing: bool) -> Outcome {
+    if if_missing && out.exists() {
+        let k = provring::crypto::KeyRing::load(out, &[]).map_err(Failure::config)?;
+        println!(
+            "key {} exists (fingerprint {}); left as it is",
+            out.display(),
+            k.fingerprint()
+        );
+        return Ok(0);
     }
+    let fingerprint = provring::crypto::keygen(out).map_err(Failure::failed)?;
+    println!(
+        "wrote a new cluster key to {} (fingerprint {fingerprint}); copy it to every server and set [security] key_file",
+        out.display()
+    );
+    Ok(0)
+}
+
+/// `provring token`.
+fn token(name: &str, role: &str, out: &Path) -> Outcome {
+    let hash = provring::cli::write_token(out).map_err(Failure::failed)?;
+    println!(
+        "wrote a new token to {} (present it with --token-file {0} or PROVRING_TOKEN); add to the cluster file:\n\n[[security.admin_tokens]]\nname = {name:?}\nrole = {role:?}\nsha256 = {hash:?}",
+        out.display()
+    );
+    Ok(0)
+}
+
+/// `provring rekey`.
+fn rekey(args: &ConfigArgs, node: &str) -> Outcome {
+    let config = load(args)?;
+    let done = provring::cli::rekey(&config, node).map_err(Failure::failed)?;
+    println!("{done}");
+    Ok(0)
+}
+
+/// `provring bench pipeline|failover`.
+async fn run_bench(which: Bench) -> Outcome {
+    let report = match &which {
+        Bench::Failover(args) => bench::failover::failover(args)
+            .await
+            .map(|r| r.render(args.json)),
+        Bench::Pipeline(args) => bench::pipeline(args).await.map(|r| r.render(args.json)),
+    }
+    .map_err(|e| Failure::failed(format!("bench failed: {e}")))?;
+    println!("{report}");
+    Ok(0)
 }

@@ -15,11 +15,13 @@
 use super::BenchError;
 use crate::broker::{Broker, Publisher};
 use crate::cli::FailoverArgs;
+use crate::config::BrokerConfig;
 use crate::event::{EventType, synthetic};
 use crate::topology::State;
 use axum::extract::State as AxState;
 use axum::http::{HeaderMap, StatusCode};
 use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -200,7 +202,22 @@ async fn wait_for_state(
     None
 }
 
-/// `provring bench failover`.
+/// Whether every server has joined the ring (and is not failed) and each is
+/// monitored.
+fn all_joined(s: &State) -> bool {
+    NODES.iter().all(|n| {
+        s.servers
+            .get(*n)
+            .is_some_and(|x| x.joined_epoch.is_some() && !x.failed)
+    }) && s.monitors.len() == NODES.len()
+}
+
+fn millis(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// `provring bench failover`: set up a ring, load it, kill one server per
+/// run and measure its takeover, then check that nothing was lost.
 pub async fn failover(args: &FailoverArgs) -> Result<FailoverReport, BenchError> {
     let say = |s: &str| {
         if !args.json {
@@ -210,11 +227,71 @@ pub async fn failover(args: &FailoverArgs) -> Result<FailoverReport, BenchError>
     let namespace = format!("bench-fo-{:08x}", rand::random::<u32>());
     let broker_config = super::bench_broker(&args.common(), &namespace)?;
     let dir = super::tempfile_dir()?;
-
     let seen = Arc::new(Mutex::new(Seen::default()));
+    let hook = serve_hook(seen.clone()).await?;
+    let mut rig = Rig::start(dir.path(), &broker_config, &namespace, &hook, seen).await?;
+    say(&format!(
+        "ring of {} servers running ({})",
+        NODES.len(),
+        namespace
+    ));
+    let load = Load::start(&broker_config, &namespace, args.rate);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let soak = match args.soak {
+        Some(length) => {
+            let n = soak(&rig.client, &rig.all_admins(), length, args.burn, &say).await;
+            Some((length, n))
+        }
+        None => None,
+    };
+    let mut consuming_ms = Vec::new();
+    let mut first_item_ms = Vec::new();
+    for run in 1..=args.runs {
+        let kill = rig.kill_one().await?;
+        let (consuming, first) = rig.measure(&kill, &load.published).await?;
+        consuming_ms.push(millis(consuming));
+        match first {
+            Some(d) => first_item_ms.push(millis(d)),
+            None => say(&format!(
+                "run {run}: no unfinished event of {} was left to adopt",
+                kill.victim
+            )),
+        }
+        say(&format!(
+            "run {run}/{}: killed {}, {} consuming after {:.0} ms, first adopted item after {}",
+            args.runs,
+            kill.victim,
+            kill.taker,
+            millis(consuming),
+            first.map_or("-".into(), |d| format!("{:.0} ms", millis(d)))
+        ));
+        rig.restart(kill.victim).await?;
+    }
+    let ids = load.stop().await;
+    let (missing, double_effects) = settle(&rig.seen, &ids).await;
+    drop(rig);
+    cleanup(&broker_config, &namespace).await;
+    if args.keep {
+        let kept = dir.keep();
+        eprintln!("servers' data and logs kept in {}", kept.display());
+    }
+    Ok(FailoverReport {
+        runs: args.runs,
+        consuming_ms,
+        first_item_ms,
+        lost: missing,
+        double_effects,
+        published: ids.len(),
+        soak,
+    })
+}
+
+/// The webhook target every server delivers to, serving in a task; its URL.
+async fn serve_hook(seen: Arc<Mutex<Seen>>) -> Result<String, BenchError> {
     let app = axum::Router::new()
         .route("/events", axum::routing::post(receive))
-        .with_state(seen.clone());
+        .with_state(seen);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .map_err(BenchError::Temp)?;
@@ -225,9 +302,21 @@ pub async fn failover(args: &FailoverArgs) -> Result<FailoverReport, BenchError>
     tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
     });
+    Ok(hook)
+}
 
+/// The cluster file of the bench's ring, written into `dir` with a new
+/// cluster key beside it: one adaptor `feed-<node>` per server, all
+/// delivering to `hook`. Returns the file, the key and each node's admin
+/// address.
+fn write_cluster_file(
+    dir: &Path,
+    broker_config: &BrokerConfig,
+    namespace: &str,
+    hook: &str,
+) -> Result<(PathBuf, PathBuf, HashMap<String, String>), BenchError> {
     let mut admins = HashMap::new();
-    let key = dir.path().join("cluster.key");
+    let key = dir.join("cluster.key");
     crate::crypto::keygen(&key).map_err(|e| BenchError::Stalled(e.to_string()))?;
     let mut toml = format!(
         "[security]\nkey_file = {key:?}\n\n\
@@ -246,118 +335,204 @@ pub async fn failover(args: &FailoverArgs) -> Result<FailoverReport, BenchError>
         toml.push_str(&format!(
             "[servers.{n}]\nadmin_listen = {addr:?}\ndata_dir = {data:?}\n\n\
              [adaptors.feed-{n}]\nkind = \"provisioning\"\nqueue = \"feed-{n}\"\nserver = \"{n}\"\ntarget = \"hook\"\nconcurrency = 8\n\n",
-            data = dir.path().join(n).display().to_string()
+            data = dir.join(n).display().to_string()
         ));
         admins.insert(n.to_owned(), addr);
     }
-    let config_path = dir.path().join("cluster.toml");
+    let config_path = dir.join("cluster.toml");
     std::fs::write(&config_path, toml).map_err(BenchError::Temp)?;
-    let mut ring = Ring {
-        config_path,
-        dir: dir.path().to_owned(),
-        children: HashMap::new(),
-    };
-    for n in NODES {
-        ring.start(n)?;
+    Ok((config_path, key, admins))
+}
+
+/// Identity (as the hook sees it), feed (node name) and time of each
+/// event published.
+type Published = Arc<Mutex<Vec<(String, String, Instant)>>>;
+
+/// Steady load on every feed while the runs go on.
+struct Load {
+    published: Published,
+    stop: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Load {
+    /// Every 20 ms, `rate / 50` events to each feed.
+    fn start(broker_config: &BrokerConfig, namespace: &str, rate: u64) -> Load {
+        let published = Published::default();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let task = {
+            let published = published.clone();
+            let stop = stop.clone();
+            let broker = Broker::new(broker_config.clone(), "provring bench load");
+            let ns = namespace.to_owned();
+            let per_tick = (rate / 50).max(1);
+            tokio::spawn(async move {
+                let publisher = Publisher::new(broker.clone());
+                let mut tick = tokio::time::interval(Duration::from_millis(20));
+                let mut t = 0u64;
+                while !stop.is_cancelled() {
+                    tick.tick().await;
+                    t += 1;
+                    publish_tick(
+                        &publisher,
+                        &ns,
+                        t * per_tick..(t + 1) * per_tick,
+                        &published,
+                    )
+                    .await;
+                }
+                broker.close().await;
+            })
+        };
+        Load {
+            published,
+            stop,
+            task,
+        }
     }
-    let keys =
-        crate::crypto::KeyRing::load(&key, &[]).map_err(|e| BenchError::Stalled(e.to_string()))?;
-    // The bench's ring has no [admin.tls]: the peer token is enough.
-    let client =
-        crate::admin::client::builder_with_token(keys.peer_tokens().first().map(String::as_str))
-            .timeout(Duration::from_millis(500))
-            .build()
+
+    /// Stop publishing; the identities of every event published.
+    async fn stop(self) -> Vec<String> {
+        self.stop.cancel();
+        let _ = self.task.await;
+        self.published
+            .lock()
+            .map(|p| p.iter().map(|(id, _, _)| id.clone()).collect())
+            .unwrap_or_default()
+    }
+}
+
+/// One tick of the load: events numbered `range` to each feed, recording
+/// the ones the broker confirmed.
+async fn publish_tick(
+    publisher: &Publisher,
+    ns: &str,
+    range: std::ops::Range<u64>,
+    published: &Published,
+) {
+    for n in NODES {
+        // Unique user names: events about one account are
+        // delivered one at a time.
+        let run = n.to_string();
+        for i in range.clone() {
+            let body = synthetic(EventType::AccountCreate, &run, i);
+            let queue = format!("{ns}.feed-{n}");
+            if publisher
+                .publish(
+                    "",
+                    &queue,
+                    body.as_bytes(),
+                    lapin::types::FieldTable::default(),
+                )
+                .await
+                .is_ok()
+                && let Ok(mut p) = published.lock()
+            {
+                p.push((
+                    format!("/provring/generate|{run}-{i}"),
+                    n.to_owned(),
+                    Instant::now(),
+                ));
+            }
+        }
+    }
+}
+
+/// The ring under test, how to reach it, and what its hook has seen.
+struct Rig<'a> {
+    ring: Ring,
+    client: reqwest::Client,
+    /// node → admin address
+    admins: HashMap<String, String>,
+    broker_config: &'a BrokerConfig,
+    namespace: &'a str,
+    seen: Arc<Mutex<Seen>>,
+}
+
+/// A server killed by a run.
+struct Kill {
+    victim: &'static str,
+    /// The victim's feeds (node names), as the topology had them.
+    feeds: Vec<String>,
+    killed_at: Instant,
+    taker: String,
+}
+
+impl<'a> Rig<'a> {
+    /// Write the cluster file, start the three servers and wait until the
+    /// ring is whole.
+    async fn start(
+        dir: &Path,
+        broker_config: &'a BrokerConfig,
+        namespace: &'a str,
+        hook: &str,
+        seen: Arc<Mutex<Seen>>,
+    ) -> Result<Rig<'a>, BenchError> {
+        let (config_path, key, admins) = write_cluster_file(dir, broker_config, namespace, hook)?;
+        let mut ring = Ring {
+            config_path,
+            dir: dir.to_owned(),
+            children: HashMap::new(),
+        };
+        for n in NODES {
+            ring.start(n)?;
+        }
+        let keys = crate::crypto::KeyRing::load(&key, &[])
             .map_err(|e| BenchError::Stalled(e.to_string()))?;
-    let all: Vec<String> = NODES.iter().map(|n| admins[*n].clone()).collect();
-    let joined = |s: &State| {
-        NODES.iter().all(|n| {
-            s.servers
-                .get(*n)
-                .is_some_and(|x| x.joined_epoch.is_some() && !x.failed)
-        }) && s.monitors.len() == NODES.len()
-    };
-    if wait_for_state(&client, &all, Duration::from_secs(60), joined)
+        // The bench's ring has no [admin.tls]: the peer token is enough.
+        let client = crate::admin::client::builder_with_token(
+            keys.peer_tokens().first().map(String::as_str),
+        )
+        .timeout(Duration::from_millis(500))
+        .build()
+        .map_err(|e| BenchError::Stalled(e.to_string()))?;
+        let rig = Rig {
+            ring,
+            client,
+            admins,
+            broker_config,
+            namespace,
+            seen,
+        };
+        if wait_for_state(
+            &rig.client,
+            &rig.all_admins(),
+            Duration::from_secs(60),
+            all_joined,
+        )
         .await
         .is_none()
-    {
-        return Err(BenchError::Stalled(
-            "the ring did not start within 60 s".into(),
-        ));
-    }
-    say(&format!(
-        "ring of {} servers running ({})",
-        NODES.len(),
-        namespace
-    ));
-
-    // Steady load: every 20 ms, `rate / 50` events to each feed.
-    let published: Arc<Mutex<Vec<(String, String, Instant)>>> = Arc::default();
-    let stop_load = tokio_util::sync::CancellationToken::new();
-    let load = {
-        let published = published.clone();
-        let stop = stop_load.clone();
-        let broker = Broker::new(broker_config.clone(), "provring bench load");
-        let ns = namespace.clone();
-        let per_tick = (args.rate / 50).max(1);
-        tokio::spawn(async move {
-            let publisher = Publisher::new(broker.clone());
-            let mut tick = tokio::time::interval(Duration::from_millis(20));
-            let mut t = 0u64;
-            while !stop.is_cancelled() {
-                tick.tick().await;
-                t += 1;
-                for n in NODES {
-                    // Unique user names: events about one account are
-                    // delivered one at a time.
-                    let run = n.to_string();
-                    for i in t * per_tick..(t + 1) * per_tick {
-                        let body = synthetic(EventType::AccountCreate, &run, i);
-                        let queue = format!("{ns}.feed-{n}");
-                        if publisher
-                            .publish(
-                                "",
-                                &queue,
-                                body.as_bytes(),
-                                lapin::types::FieldTable::default(),
-                            )
-                            .await
-                            .is_ok()
-                            && let Ok(mut p) = published.lock()
-                        {
-                            p.push((
-                                format!("/provring/generate|{run}-{i}"),
-                                n.to_owned(),
-                                Instant::now(),
-                            ));
-                        }
-                    }
-                }
-            }
-            broker.close().await;
-        })
-    };
-    tokio::time::sleep(Duration::from_secs(3)).await;
-
-    let soak = match args.soak {
-        Some(length) => {
-            let n = soak(&client, &all, length, args.burn, &say).await;
-            Some((length, n))
+        {
+            return Err(BenchError::Stalled(
+                "the ring did not start within 60 s".into(),
+            ));
         }
-        None => None,
-    };
+        Ok(rig)
+    }
 
-    let mut consuming_ms = Vec::new();
-    let mut first_item_ms = Vec::new();
-    for run in 1..=args.runs {
-        let now = wait_for_state(&client, &all, Duration::from_secs(10), |_| true)
-            .await
-            .ok_or_else(|| BenchError::Stalled("no server answers /topology".into()))?;
-        let hosting: Vec<&str> = NODES
+    fn all_admins(&self) -> Vec<String> {
+        NODES.iter().map(|n| self.admins[*n].clone()).collect()
+    }
+
+    /// Kill a random server that hosts a feed, and wait until a live
+    /// server has taken it over.
+    async fn kill_one(&mut self) -> Result<Kill, BenchError> {
+        let now = wait_for_state(
+            &self.client,
+            &self.all_admins(),
+            Duration::from_secs(10),
+            |_| true,
+        )
+        .await
+        .ok_or_else(|| BenchError::Stalled("no server answers /topology".into()))?;
+        let hosting: Vec<&'static str> = NODES
             .iter()
             .copied()
             .filter(|n| now.adaptors.values().any(|h| h == n))
             .collect();
-        let victim = hosting[rand::random_range(0..hosting.len().max(1))];
+        let victim = *hosting
+            .get(rand::random_range(0..hosting.len().max(1)))
+            .ok_or_else(|| BenchError::Stalled("no server hosts a feed".into()))?;
         let feeds: Vec<String> = now
             .adaptors
             .iter()
@@ -367,11 +542,11 @@ pub async fn failover(args: &FailoverArgs) -> Result<FailoverReport, BenchError>
         let live: Vec<String> = NODES
             .iter()
             .filter(|n| **n != victim)
-            .map(|n| admins[*n].clone())
+            .map(|n| self.admins[*n].clone())
             .collect();
         let killed_at = Instant::now();
-        ring.kill(victim);
-        let taken = wait_for_state(&client, &live, Duration::from_secs(30), |s| {
+        self.ring.kill(victim);
+        let taken = wait_for_state(&self.client, &live, Duration::from_secs(30), |s| {
             s.servers.get(victim).is_some_and(|x| x.failed)
         })
         .await
@@ -380,77 +555,85 @@ pub async fn failover(args: &FailoverArgs) -> Result<FailoverReport, BenchError>
             .taken_over_by
             .clone()
             .unwrap_or_default();
+        Ok(Kill {
+            victim,
+            feeds,
+            killed_at,
+            taker,
+        })
+    }
+
+    /// From the kill: until the taker consumes the victim's queue, and
+    /// until it delivers the first of the victim's events published before
+    /// the kill (none when nothing was left to adopt).
+    async fn measure(
+        &self,
+        kill: &Kill,
+        published: &Published,
+    ) -> Result<(Duration, Option<Duration>), BenchError> {
         let queue = format!(
-            "{namespace}.feed-{}",
-            feeds.first().map_or(victim, String::as_str)
+            "{}.feed-{}",
+            self.namespace,
+            kill.feeds.first().map_or(kill.victim, String::as_str)
         );
-        let consuming = wait_consumer(&broker_config, &queue, Duration::from_secs(30)).await?;
-        let consuming = consuming.duration_since(killed_at);
-        // First event of the victim's feed, published before the kill,
-        // delivered by the taker.
+        let consuming = wait_consumer(self.broker_config, &queue, Duration::from_secs(30)).await?;
+        let consuming = consuming.duration_since(kill.killed_at);
         let before: HashSet<String> = published
             .lock()
             .map(|p| {
                 p.iter()
-                    .filter(|(_, feed, t)| feeds.contains(feed) && *t < killed_at)
+                    .filter(|(_, feed, t)| kill.feeds.contains(feed) && *t < kill.killed_at)
                     .map(|(id, _, _)| id.clone())
                     .collect()
             })
             .unwrap_or_default();
         let deadline = Instant::now() + Duration::from_secs(30);
         let first = loop {
-            let found = seen.lock().ok().and_then(|s| {
+            let found = self.seen.lock().ok().and_then(|s| {
                 s.by_node
                     .iter()
                     .filter(|((id, node), t)| {
-                        **t > killed_at && *node == taker && before.contains(id)
+                        **t > kill.killed_at && *node == kill.taker && before.contains(id)
                     })
                     .map(|(_, t)| *t)
                     .min()
             });
             if let Some(t) = found {
-                break Some(t.duration_since(killed_at));
+                break Some(t.duration_since(kill.killed_at));
             }
             if Instant::now() > deadline {
                 break None;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
-        consuming_ms.push(consuming.as_secs_f64() * 1000.0);
-        match first {
-            Some(d) => first_item_ms.push(d.as_secs_f64() * 1000.0),
-            None => say(&format!(
-                "run {run}: no unfinished event of {victim} was left to adopt"
-            )),
-        }
-        say(&format!(
-            "run {run}/{}: killed {victim}, {taker} consuming after {:.0} ms, first adopted item after {}",
-            args.runs,
-            consuming.as_secs_f64() * 1000.0,
-            first.map_or("-".into(), |d| format!(
-                "{:.0} ms",
-                d.as_secs_f64() * 1000.0
-            ))
-        ));
-        ring.start(victim)?;
-        if wait_for_state(&client, &all, Duration::from_secs(60), joined)
-            .await
-            .is_none()
+        Ok((consuming, first))
+    }
+
+    /// Restart the killed server and wait until the ring is whole again.
+    async fn restart(&mut self, victim: &str) -> Result<(), BenchError> {
+        self.ring.start(victim)?;
+        if wait_for_state(
+            &self.client,
+            &self.all_admins(),
+            Duration::from_secs(60),
+            all_joined,
+        )
+        .await
+        .is_none()
         {
             return Err(BenchError::Stalled(format!(
                 "{victim} did not rejoin within 60 s"
             )));
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
+        Ok(())
     }
-    stop_load.cancel();
-    let _ = load.await;
+}
 
-    // Everything published must arrive.
-    let ids: Vec<String> = published
-        .lock()
-        .map(|p| p.iter().map(|(id, _, _)| id.clone()).collect())
-        .unwrap_or_default();
+/// Everything published must arrive: wait up to 120 s for the events `ids`.
+/// Returns how many are still missing, and how many events were applied
+/// under more than one idempotency key.
+async fn settle(seen: &Mutex<Seen>, ids: &[String]) -> (usize, usize) {
     let deadline = Instant::now() + Duration::from_secs(120);
     let missing = loop {
         let missing = seen
@@ -466,21 +649,7 @@ pub async fn failover(args: &FailoverArgs) -> Result<FailoverReport, BenchError>
         .lock()
         .map(|s| s.keys.values().filter(|k| k.len() > 1).count())
         .unwrap_or(0);
-    drop(ring);
-    cleanup(&broker_config, &namespace).await;
-    if args.keep {
-        let kept = dir.keep();
-        eprintln!("servers' data and logs kept in {}", kept.display());
-    }
-    Ok(FailoverReport {
-        runs: args.runs,
-        consuming_ms,
-        first_item_ms,
-        lost: missing,
-        double_effects,
-        published: ids.len(),
-        soak,
-    })
+    (missing, double_effects)
 }
 
 /// Watch the ring under load for `length` with `burn` threads spinning,

@@ -1,9 +1,15 @@
 //! Validation: pure checks over a deserialised [`Config`], returning every
 //! problem with the key it concerns.
 
-use super::{Config, Service, TargetKind};
-use std::collections::BTreeMap;
+use super::{
+    AdaptorConfig, AdaptorKind, AdminAuth, AlertsConfig, AuthConfig, BrokerConfig, ClientTlsConfig,
+    Config, DoneLedgerConfig, LimitsConfig, ParkingConfig, RetryConfig, Service, SmtpTls,
+    SupervisorConfig, TargetConfig, TargetKind, TimeoutCheckerConfig,
+};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
 
 /// One thing wrong with a configuration, and where.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,51 +49,84 @@ pub fn is_loopback(addr: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
-/// Every problem of `config`, in key order of appearance; empty if it is usable.
-pub fn validate(config: &Config) -> Vec<Problem> {
-    let mut p = Vec::new();
-    let mut add = |key: String, msg: String| p.push(Problem::new(key, msg));
+/// The problems found so far: every check adds to one list, so that a
+/// configuration is reported with all its problems at once.
+#[derive(Default)]
+struct Problems(Vec<Problem>);
 
-    let b = &config.broker;
+impl Problems {
+    fn add(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.0.push(Problem::new(key, message));
+    }
+}
+
+/// Every problem of `config`, in key order of appearance; empty if it is usable.
+///
+/// One function per section, all adding to one list. The calls keep the
+/// order in which `check-config` has always listed the problems, which is
+/// why `[broker]` and `[limits]` are checked in parts.
+pub fn validate(config: &Config) -> Vec<Problem> {
+    let mut p = Problems::default();
+    broker_addresses(&config.broker, &mut p);
+    supervisor(&config.supervisor, &mut p);
+    broker_tls(&config.broker, &mut p);
+    if let Some(a) = &config.alerts {
+        alerts(a, &mut p);
+    }
+    broker_connection(&config.broker, &mut p);
+    servers(config, &mut p);
+    adaptors(config, &mut p);
+    targets(config, &mut p);
+    retry(&config.retry, &mut p);
+    limits_message_size(&config.limits, &mut p);
+    security(config, &mut p);
+    admin(config, &mut p);
+    limits_depth(&config.limits, &mut p);
+    parking(&config.parking, &mut p);
+    done_ledger(&config.done_ledger, &mut p);
+    timeout_checker(&config.timeout_checker, &mut p);
+    schedules(config, &mut p);
+    p.0
+}
+
+/// `[broker]`: the URIs and the namespace.
+fn broker_addresses(b: &BrokerConfig, p: &mut Problems) {
     if b.uris.is_empty() {
-        add(
-            "broker.uris".into(),
-            "at least one AMQP URI is needed".into(),
-        );
+        p.add("broker.uris", "at least one AMQP URI is needed");
     }
     for (i, uri) in b.uris.iter().enumerate() {
         if let Err(reason) = check_amqp_uri(uri) {
-            add(format!("broker.uris[{i}]"), reason);
+            p.add(format!("broker.uris[{i}]"), reason);
         }
     }
     if !is_name(&b.namespace) {
-        add(
-            "broker.namespace".into(),
+        p.add(
+            "broker.namespace",
             format!(
                 "{:?} must be 1-100 letters, digits, '.', '-' or '_'",
                 b.namespace
             ),
         );
     }
-    let sup = &config.supervisor;
+}
+
+/// `[supervisor]`: the probe cadence, and a fence that comes before a takeover.
+fn supervisor(sup: &SupervisorConfig, p: &mut Problems) {
     if sup.retry_count == 0 {
-        add("supervisor.retry_count".into(), "must be at least 1".into());
+        p.add("supervisor.retry_count", "must be at least 1");
     }
     if sup.monitoring_interval.is_zero() {
-        add(
-            "supervisor.monitoring_interval".into(),
-            "must be above 0".into(),
-        );
+        p.add("supervisor.monitoring_interval", "must be above 0");
     }
     if sup.state_threshold > 10 {
-        add(
-            "supervisor.state_threshold".into(),
+        p.add(
+            "supervisor.state_threshold",
             format!("{} must be between 0 and 10", sup.state_threshold),
         );
     }
     if sup.detection_time() <= sup.fence_after {
-        add(
-            "supervisor.fence_after".into(),
+        p.add(
+            "supervisor.fence_after",
             format!(
                 "{} must be shorter than the detection time monitoring_interval × retry_count = {}, \
                  or a server could be taken over before it stops delivering",
@@ -96,84 +135,85 @@ pub fn validate(config: &Config) -> Vec<Problem> {
             ),
         );
     }
-    if let Some(t) = &b.tls {
-        if t.cert_file.is_some() != t.key_file.is_some() {
-            add(
-                "broker.tls.key_file".into(),
-                "give both cert_file and key_file, or neither".into(),
-            );
-        }
-        // With TLS wanted, a plain URI would be a silent way around it
-        // (the connect loop moves on to the next URI).
-        for (i, u) in b.uris.iter().enumerate() {
-            if !u.starts_with("amqps://") {
-                add(
-                    format!("broker.uris[{i}]"),
-                    "must be amqps:// when [broker.tls] is set (a plain URI would be tried when TLS fails)"
-                        .into(),
-                );
-            }
-        }
+}
+
+/// `[broker.tls]`: a whole client identity, and no plain URI beside it.
+fn broker_tls(b: &BrokerConfig, p: &mut Problems) {
+    let Some(t) = &b.tls else { return };
+    if t.cert_file.is_some() != t.key_file.is_some() {
+        p.add(
+            "broker.tls.key_file",
+            "give both cert_file and key_file, or neither",
+        );
     }
-    if let Some(a) = &config.alerts {
-        if a.to.is_empty() {
-            add(
-                "alerts.to".into(),
-                "at least one recipient is needed".into(),
-            );
-        }
-        for (i, addr) in a.to.iter().chain(std::iter::once(&a.from)).enumerate() {
-            if !addr.contains('@') {
-                let key = if i < a.to.len() {
-                    format!("alerts.to[{i}]")
-                } else {
-                    "alerts.from".into()
-                };
-                add(key, format!("{addr:?} is not an e-mail address"));
-            }
-        }
-        if a.username.is_some() != a.password.is_some() {
-            add(
-                "alerts.password".into(),
-                "give both username and password, or neither".into(),
-            );
-        }
-        if a.password.is_some() && a.tls == crate::config::SmtpTls::None {
-            add(
-                "alerts.tls".into(),
-                "\"none\" would send the SMTP password in clear; use \"starttls\" or \"tls\" \
-                 (and alerts.ca_file for a private CA)"
-                    .into(),
-            );
-        }
-        if a.ca_file.is_some() && a.tls == crate::config::SmtpTls::None {
-            add(
-                "alerts.ca_file".into(),
-                "is used only with tls = \"starttls\" or \"tls\"".into(),
+    // With TLS wanted, a plain URI would be a silent way around it
+    // (the connect loop moves on to the next URI).
+    for (i, u) in b.uris.iter().enumerate() {
+        if !u.starts_with("amqps://") {
+            p.add(
+                format!("broker.uris[{i}]"),
+                "must be amqps:// when [broker.tls] is set (a plain URI would be tried when TLS fails)",
             );
         }
     }
+}
+
+/// `[alerts]`: addresses, and an SMTP password only over TLS.
+fn alerts(a: &AlertsConfig, p: &mut Problems) {
+    if a.to.is_empty() {
+        p.add("alerts.to", "at least one recipient is needed");
+    }
+    for (i, addr) in a.to.iter().chain(std::iter::once(&a.from)).enumerate() {
+        if !addr.contains('@') {
+            let key = if i < a.to.len() {
+                format!("alerts.to[{i}]")
+            } else {
+                "alerts.from".into()
+            };
+            p.add(key, format!("{addr:?} is not an e-mail address"));
+        }
+    }
+    if a.username.is_some() != a.password.is_some() {
+        p.add(
+            "alerts.password",
+            "give both username and password, or neither",
+        );
+    }
+    if a.password.is_some() && a.tls == SmtpTls::None {
+        p.add(
+            "alerts.tls",
+            "\"none\" would send the SMTP password in clear; use \"starttls\" or \"tls\" \
+             (and alerts.ca_file for a private CA)",
+        );
+    }
+    if a.ca_file.is_some() && a.tls == SmtpTls::None {
+        p.add(
+            "alerts.ca_file",
+            "is used only with tls = \"starttls\" or \"tls\"",
+        );
+    }
+}
+
+/// `[broker]`: heartbeat, batching and reconnect timing.
+fn broker_connection(b: &BrokerConfig, p: &mut Problems) {
     if b.heartbeat.as_secs() == 0 || b.heartbeat.as_secs() > 600 {
-        add(
-            "broker.heartbeat".into(),
-            "must be between 1s and 10m (whole seconds)".into(),
+        p.add(
+            "broker.heartbeat",
+            "must be between 1s and 10m (whole seconds)",
         );
     }
     if b.prefetch == 0 {
-        add("broker.prefetch".into(), "must be at least 1".into());
+        p.add("broker.prefetch", "must be at least 1");
     }
     if b.batch_max == 0 {
-        add("broker.batch_max".into(), "must be at least 1".into());
+        p.add("broker.batch_max", "must be at least 1");
     }
     if b.publish_timeout.is_zero() {
-        add(
-            "broker.publish_timeout".into(),
-            "must be longer than 0".into(),
-        );
+        p.add("broker.publish_timeout", "must be longer than 0");
     }
     if b.reconnect_min.is_zero() || b.reconnect_min > b.reconnect_max {
-        add(
-            "broker.reconnect_min".into(),
+        p.add(
+            "broker.reconnect_min",
             format!(
                 "{} must be above 0 and at most broker.reconnect_max ({})",
                 humantime::format_duration(b.reconnect_min),
@@ -181,20 +221,21 @@ pub fn validate(config: &Config) -> Vec<Problem> {
             ),
         );
     }
+}
 
+/// `[servers.<id>]`: node ids, and an admin address and a data directory
+/// of each server's own.
+fn servers(config: &Config, p: &mut Problems) {
     if config.servers.is_empty() {
-        add(
-            "servers".into(),
-            "at least one [servers.<id>] is needed".into(),
-        );
+        p.add("servers", "at least one [servers.<id>] is needed");
     }
     let mut listens: BTreeMap<&str, &str> = BTreeMap::new();
-    let mut dirs: BTreeMap<&std::path::Path, &str> = BTreeMap::new();
+    let mut dirs: BTreeMap<&Path, &str> = BTreeMap::new();
     for (id, s) in &config.servers {
         if !is_name(id) {
-            add(
+            p.add(
                 format!("servers.{id}"),
-                "a node id must be letters, digits, '.', '-' or '_'".into(),
+                "a node id must be letters, digits, '.', '-' or '_'",
             );
         }
         match admin_address(&s.admin_listen) {
@@ -203,7 +244,7 @@ pub fn validate(config: &Config) -> Vec<Problem> {
                 if port != 0
                     && let Some(other) = listens.insert(s.admin_listen.as_str(), id)
                 {
-                    add(
+                    p.add(
                         format!("servers.{id}.admin_listen"),
                         format!(
                             "{} is also the admin address of server {other}",
@@ -212,15 +253,15 @@ pub fn validate(config: &Config) -> Vec<Problem> {
                     );
                 }
             }
-            Err(reason) => add(
+            Err(reason) => p.add(
                 format!("servers.{id}.admin_listen"),
                 format!("{:?} is not host:port ({reason})", s.admin_listen),
             ),
         }
         if s.data_dir.as_os_str().is_empty() {
-            add(format!("servers.{id}.data_dir"), "must not be empty".into());
+            p.add(format!("servers.{id}.data_dir"), "must not be empty");
         } else if let Some(other) = dirs.insert(&s.data_dir, id) {
-            add(
+            p.add(
                 format!("servers.{id}.data_dir"),
                 format!(
                     "{} is also the data directory of server {other}; each server needs its own",
@@ -229,189 +270,232 @@ pub fn validate(config: &Config) -> Vec<Problem> {
             );
         }
     }
+}
 
+/// `[adaptors.<name>]`: a queue of its own, a server that may host it, a
+/// target that exists (and keeps passwords off plain HTTP), sane limits.
+fn adaptors(config: &Config, p: &mut Problems) {
+    // Queue → the adaptor that claimed it first.
     let mut queues: BTreeMap<&str, &str> = BTreeMap::new();
     for (name, a) in &config.adaptors {
         let key = |field: &str| format!("adaptors.{name}.{field}");
         if !is_name(name) {
-            add(
+            p.add(
                 format!("adaptors.{name}"),
-                "an adaptor name must be letters, digits, '.', '-' or '_'".into(),
+                "an adaptor name must be letters, digits, '.', '-' or '_'",
             );
         }
-        if !is_name(&a.queue) {
-            add(
-                key("queue"),
-                format!(
-                    "{:?} must be 1-100 letters, digits, '.', '-' or '_'",
-                    a.queue
-                ),
-            );
-        } else if ["parking", "events", "topology"].contains(&a.queue.as_str())
-            || ["backup.", "handover.", "alive."]
-                .iter()
-                .any(|prefix| a.queue.starts_with(prefix))
-        {
-            add(
-                key("queue"),
-                format!("{:?} is reserved by provring", a.queue),
-            );
-        } else if let Some(other) = queues.insert(&a.queue, name) {
-            add(
-                key("queue"),
-                format!("queue {:?} is also used by adaptor {other}", a.queue),
-            );
-        }
-        match config.servers.get(&a.server) {
-            None => add(
-                key("server"),
-                format!(
-                    "{:?} is not a server; known: {}",
-                    a.server,
-                    known(config.servers.keys())
-                ),
-            ),
-            Some(server) if !server.services.contains(&Service::Adaptors) => add(
-                key("server"),
-                format!(
-                    "server {} may not host adaptors (servers.{}.services has no \"adaptors\")",
-                    a.server, a.server
-                ),
-            ),
-            Some(_) => {}
-        }
-        if !config.targets.contains_key(&a.target) {
-            add(
-                key("target"),
-                format!(
-                    "{:?} is not a target; known: {}",
-                    a.target,
-                    known(config.targets.keys())
-                ),
-            );
-        }
-        if let Some(t) = config.targets.get(&a.target)
-            && a.kind == crate::config::AdaptorKind::Password
-            && !t.allow_insecure_http
-            && t.url.as_deref().is_some_and(|u| {
-                // As the target parses it (url tidies " http:/h" into http).
-                url::Url::parse(u).map_or(true, |parsed| parsed.scheme() != "https")
-            })
-        {
-            add(
-                key("target"),
-                format!(
-                    "password adaptor {name} would send password values in clear: targets.{t}.url \
-                     is not https://; use https://, or set targets.{t}.allow_insecure_http = true for a \
-                     target on this machine",
-                    t = a.target
-                ),
-            );
-        }
+        adaptor_queue(name, a, &mut queues, p);
+        adaptor_server(config, name, a, p);
+        adaptor_target(config, name, a, p);
         if a.timeout.is_some_and(|t| t.is_zero()) {
-            add(key("timeout"), "must be longer than 0".into());
+            p.add(key("timeout"), "must be longer than 0");
         }
         if a.concurrency == 0 || a.concurrency > 1024 {
-            add(
+            p.add(
                 key("concurrency"),
                 format!("{} must be between 1 and 1024", a.concurrency),
             );
         }
     }
+}
 
+/// An adaptor's queue: a valid name, not one of provring's own, not shared.
+fn adaptor_queue<'a>(
+    name: &'a str,
+    a: &'a AdaptorConfig,
+    queues: &mut BTreeMap<&'a str, &'a str>,
+    p: &mut Problems,
+) {
+    let key = format!("adaptors.{name}.queue");
+    if !is_name(&a.queue) {
+        p.add(
+            key,
+            format!(
+                "{:?} must be 1-100 letters, digits, '.', '-' or '_'",
+                a.queue
+            ),
+        );
+    } else if ["parking", "events", "topology"].contains(&a.queue.as_str())
+        || ["backup.", "handover.", "alive."]
+            .iter()
+            .any(|prefix| a.queue.starts_with(prefix))
+    {
+        p.add(key, format!("{:?} is reserved by provring", a.queue));
+    } else if let Some(other) = queues.insert(&a.queue, name) {
+        p.add(
+            key,
+            format!("queue {:?} is also used by adaptor {other}", a.queue),
+        );
+    }
+}
+
+/// An adaptor's server: one that exists and may host adaptors.
+fn adaptor_server(config: &Config, name: &str, a: &AdaptorConfig, p: &mut Problems) {
+    let key = format!("adaptors.{name}.server");
+    match config.servers.get(&a.server) {
+        None => p.add(
+            key,
+            format!(
+                "{:?} is not a server; known: {}",
+                a.server,
+                known(config.servers.keys())
+            ),
+        ),
+        Some(server) if !server.services.contains(&Service::Adaptors) => p.add(
+            key,
+            format!(
+                "server {} may not host adaptors (servers.{}.services has no \"adaptors\")",
+                a.server, a.server
+            ),
+        ),
+        Some(_) => {}
+    }
+}
+
+/// An adaptor's target: one that exists, and, for passwords, not over
+/// plain HTTP unless the target allows it.
+fn adaptor_target(config: &Config, name: &str, a: &AdaptorConfig, p: &mut Problems) {
+    let key = format!("adaptors.{name}.target");
+    let Some(t) = config.targets.get(&a.target) else {
+        p.add(
+            key,
+            format!(
+                "{:?} is not a target; known: {}",
+                a.target,
+                known(config.targets.keys())
+            ),
+        );
+        return;
+    };
+    if a.kind == AdaptorKind::Password
+        && !t.allow_insecure_http
+        && t.url.as_deref().is_some_and(|u| {
+            // As the target parses it (url tidies " http:/h" into http).
+            url::Url::parse(u).map_or(true, |parsed| parsed.scheme() != "https")
+        })
+    {
+        p.add(
+            key,
+            format!(
+                "password adaptor {name} would send password values in clear: targets.{t}.url \
+                 is not https://; use https://, or set targets.{t}.allow_insecure_http = true for a \
+                 target on this machine",
+                t = a.target
+            ),
+        );
+    }
+}
+
+/// `[targets.<name>]`: URL, timeout, TLS and authentication.
+fn targets(config: &Config, p: &mut Problems) {
     for (name, t) in &config.targets {
-        let key = |field: &str| format!("targets.{name}.{field}");
-        match (t.kind, &t.url) {
-            (TargetKind::Null, _) => {}
-            (_, None) => add(key("url"), "is required for this kind of target".into()),
-            (_, Some(url)) => match url::Url::parse(url) {
-                Ok(u) if !u.username().is_empty() || u.password().is_some() => add(
-                    key("url"),
-                    format!("holds credentials, which are not sent; use targets.{name}.auth"),
-                ),
-                Ok(u) if u.scheme() == "http" || u.scheme() == "https" => {}
-                Ok(u) => add(
-                    key("url"),
-                    format!("scheme {:?} is not http or https", u.scheme()),
-                ),
-                Err(e) => add(key("url"), format!("{url:?} is not a URL ({e})")),
-            },
-        }
+        target_url(name, t, p);
         if t.timeout.is_zero() {
-            add(key("timeout"), "must be longer than 0".into());
+            p.add(format!("targets.{name}.timeout"), "must be longer than 0");
         }
         if let Some(tls) = &t.tls {
-            if tls.cert_file.is_some() != tls.key_file.is_some() {
-                add(
-                    key("tls.key_file"),
-                    "give both cert_file and key_file, or neither".into(),
-                );
-            }
-            if t.url
-                .as_deref()
-                .is_none_or(|u| url::Url::parse(u).map_or(true, |u| u.scheme() != "https"))
-            {
-                add(
-                    key("tls"),
-                    format!("is used only with an https:// URL; targets.{name}.url is not one"),
-                );
-            }
+            target_tls(name, t, tls, p);
         }
         if let Some(auth) = &t.auth {
-            let bearer = auth.bearer_token.is_some() as u8 + auth.bearer_token_file.is_some() as u8;
-            let basic = auth.username.is_some() || auth.password.is_some();
-            if bearer > 1 || (bearer == 1 && basic) {
-                add(
-                    key("auth"),
-                    "set only one of bearer_token, bearer_token_file, or username+password".into(),
-                );
-            } else if basic && (auth.username.is_none() || auth.password.is_none()) {
-                add(
-                    key("auth"),
-                    "basic authentication needs both username and password".into(),
-                );
-            } else if bearer == 0 && !basic {
-                add(
-                    key("auth"),
-                    "is empty; set bearer_token, bearer_token_file or username+password".into(),
-                );
-            }
-            if let Some(path) = &auth.bearer_token_file
-                && std::fs::metadata(path).is_err()
-            {
-                add(
-                    key("auth.bearer_token_file"),
-                    format!("{} cannot be read", path.display()),
-                );
-            }
+            target_auth(name, auth, p);
         }
     }
+}
 
-    let r = &config.retry;
+/// A target's URL: present unless the target is `null`, http(s), and with
+/// no credentials in it (they would not be sent).
+fn target_url(name: &str, t: &TargetConfig, p: &mut Problems) {
+    let key = format!("targets.{name}.url");
+    match (t.kind, &t.url) {
+        (TargetKind::Null, _) => {}
+        (_, None) => p.add(key, "is required for this kind of target"),
+        (_, Some(url)) => match url::Url::parse(url) {
+            Ok(u) if !u.username().is_empty() || u.password().is_some() => p.add(
+                key,
+                format!("holds credentials, which are not sent; use targets.{name}.auth"),
+            ),
+            Ok(u) if u.scheme() == "http" || u.scheme() == "https" => {}
+            Ok(u) => p.add(key, format!("scheme {:?} is not http or https", u.scheme())),
+            Err(e) => p.add(key, format!("{url:?} is not a URL ({e})")),
+        },
+    }
+}
+
+/// `[targets.<name>.tls]`: a whole client identity, and an https:// URL to use it on.
+fn target_tls(name: &str, t: &TargetConfig, tls: &ClientTlsConfig, p: &mut Problems) {
+    if tls.cert_file.is_some() != tls.key_file.is_some() {
+        p.add(
+            format!("targets.{name}.tls.key_file"),
+            "give both cert_file and key_file, or neither",
+        );
+    }
+    if t.url
+        .as_deref()
+        .is_none_or(|u| url::Url::parse(u).map_or(true, |u| u.scheme() != "https"))
+    {
+        p.add(
+            format!("targets.{name}.tls"),
+            format!("is used only with an https:// URL; targets.{name}.url is not one"),
+        );
+    }
+}
+
+/// `[targets.<name>.auth]`: exactly one way to authenticate, and a token
+/// file that can be read.
+fn target_auth(name: &str, auth: &AuthConfig, p: &mut Problems) {
+    let key = format!("targets.{name}.auth");
+    let bearer = auth.bearer_token.is_some() as u8 + auth.bearer_token_file.is_some() as u8;
+    let basic = auth.username.is_some() || auth.password.is_some();
+    if bearer > 1 || (bearer == 1 && basic) {
+        p.add(
+            key,
+            "set only one of bearer_token, bearer_token_file, or username+password",
+        );
+    } else if basic && (auth.username.is_none() || auth.password.is_none()) {
+        p.add(key, "basic authentication needs both username and password");
+    } else if bearer == 0 && !basic {
+        p.add(
+            key,
+            "is empty; set bearer_token, bearer_token_file or username+password",
+        );
+    }
+    if let Some(path) = &auth.bearer_token_file
+        && std::fs::metadata(path).is_err()
+    {
+        p.add(
+            format!("targets.{name}.auth.bearer_token_file"),
+            format!("{} cannot be read", path.display()),
+        );
+    }
+}
+
+/// `[retry]`: attempts, back-off and deadline.
+fn retry(r: &RetryConfig, p: &mut Problems) {
     if r.attempts == 0 {
-        add("retry.attempts".into(), "must be at least 1".into());
+        p.add("retry.attempts", "must be at least 1");
     }
     if r.initial_backoff.is_zero() || r.initial_backoff > r.max_backoff {
-        add(
-            "retry.initial_backoff".into(),
-            "must be above 0 and at most retry.max_backoff".into(),
+        p.add(
+            "retry.initial_backoff",
+            "must be above 0 and at most retry.max_backoff",
         );
     }
     if !(r.multiplier >= 1.0 && r.multiplier <= 100.0) {
-        add(
-            "retry.multiplier".into(),
+        p.add(
+            "retry.multiplier",
             format!("{} must be between 1 and 100", r.multiplier),
         );
     }
     if !(0.0..=1.0).contains(&r.jitter) {
-        add(
-            "retry.jitter".into(),
+        p.add(
+            "retry.jitter",
             format!("{} must be between 0 and 1", r.jitter),
         );
     }
-    if r.max_backoff > std::time::Duration::from_secs(30 * 24 * 3600) {
-        add(
-            "retry.max_backoff".into(),
+    if r.max_backoff > Duration::from_secs(30 * 24 * 3600) {
+        p.add(
+            "retry.max_backoff",
             format!(
                 "{} is longer than the 30 days allowed",
                 humantime::format_duration(r.max_backoff)
@@ -419,38 +503,46 @@ pub fn validate(config: &Config) -> Vec<Problem> {
         );
     }
     if r.deadline.is_zero() {
-        add("retry.deadline".into(), "must be longer than 0".into());
+        p.add("retry.deadline", "must be longer than 0");
     }
-    let max = config.limits.max_message_size;
+}
+
+/// `[limits] max_message_size`.
+fn limits_message_size(limits: &LimitsConfig, p: &mut Problems) {
+    let max = limits.max_message_size;
     if !(1024..=64 * 1024 * 1024).contains(&max) {
-        add(
-            "limits.max_message_size".into(),
+        p.add(
+            "limits.max_message_size",
             format!("{max} must be between 1024 (1 KiB) and 67108864 (64 MiB)"),
         );
     }
+}
+
+/// `[security]`: operator token hashes and names, and no-token mode only
+/// where every admin address is on loopback.
+fn security(config: &Config, p: &mut Problems) {
     let sec = &config.security;
-    let mut names = std::collections::BTreeSet::new();
+    let mut names = BTreeSet::new();
     for (i, t) in sec.admin_tokens.iter().enumerate() {
         let h = &t.sha256;
         if h.len() != 64 || !h.chars().all(|c| c.is_ascii_hexdigit()) {
-            add(
+            p.add(
                 format!("security.admin_tokens[{i}].sha256"),
-                "must be the SHA-256 of the token as 64 hex digits (provring token prints it)"
-                    .into(),
+                "must be the SHA-256 of the token as 64 hex digits (provring token prints it)",
             );
         }
         if !names.insert(t.name.as_str()) {
-            add(
+            p.add(
                 format!("security.admin_tokens[{i}].name"),
                 format!("{:?} is used twice", t.name),
             );
         }
     }
-    if sec.admin_auth == crate::config::AdminAuth::None {
+    if sec.admin_auth == AdminAuth::None {
         for (id, s) in &config.servers {
             if !is_loopback(&s.admin_listen) {
-                add(
-                    "security.admin_auth".into(),
+                p.add(
+                    "security.admin_auth",
                     format!(
                         "\"none\" is allowed only when every admin address is a loopback address; \
                          servers.{id}.admin_listen is {:?}",
@@ -460,11 +552,16 @@ pub fn validate(config: &Config) -> Vec<Problem> {
             }
         }
     }
+}
+
+/// `[admin]`: with TLS, addresses peers can check against a certificate;
+/// timeouts and limits above 0.
+fn admin(config: &Config, p: &mut Problems) {
     let a = &config.admin;
     if a.tls.is_some() {
         for (id, s) in &config.servers {
             if s.admin_listen.starts_with("0.0.0.0:") || s.admin_listen.starts_with("[::]:") {
-                add(
+                p.add(
                     format!("servers.{id}.admin_listen"),
                     format!(
                         "{:?}: with [admin.tls], peers connect to this address and check it against \
@@ -476,66 +573,72 @@ pub fn validate(config: &Config) -> Vec<Problem> {
         }
     }
     if a.header_read_timeout.is_zero() || a.request_timeout.is_zero() {
-        add(
-            "admin".into(),
-            "header_read_timeout and request_timeout must be longer than 0".into(),
+        p.add(
+            "admin",
+            "header_read_timeout and request_timeout must be longer than 0",
         );
     }
     if a.max_connections == 0 || a.max_body < 1024 {
-        add(
-            "admin".into(),
-            "max_connections must be at least 1 and max_body at least 1024".into(),
+        p.add(
+            "admin",
+            "max_connections must be at least 1 and max_body at least 1024",
         );
     }
-    if !(2..=10_000).contains(&config.limits.max_depth) {
-        add(
-            "limits.max_depth".into(),
-            format!("{} must be between 2 and 10000", config.limits.max_depth),
+}
+
+/// `[limits] max_depth`.
+fn limits_depth(limits: &LimitsConfig, p: &mut Problems) {
+    if !(2..=10_000).contains(&limits.max_depth) {
+        p.add(
+            "limits.max_depth",
+            format!("{} must be between 2 and 10000", limits.max_depth),
         );
     }
-    if config.parking.ttl < std::time::Duration::from_secs(60)
-        || config.parking.ttl > std::time::Duration::from_secs(365 * 24 * 3600)
-    {
-        add(
-            "parking.ttl".into(),
+}
+
+/// `[parking]`: how long parked events are kept.
+fn parking(parking: &ParkingConfig, p: &mut Problems) {
+    if parking.ttl < Duration::from_secs(60) || parking.ttl > Duration::from_secs(365 * 24 * 3600) {
+        p.add(
+            "parking.ttl",
             format!(
                 "{} must be between 1 minute and 365 days",
-                humantime::format_duration(config.parking.ttl)
+                humantime::format_duration(parking.ttl)
             ),
         );
     }
-    if config.done_ledger.max_entries == 0 {
-        add(
-            "done_ledger.max_entries".into(),
-            "must be at least 1".into(),
-        );
+}
+
+/// `[done_ledger]`.
+fn done_ledger(ledger: &DoneLedgerConfig, p: &mut Problems) {
+    if ledger.max_entries == 0 {
+        p.add("done_ledger.max_entries", "must be at least 1");
     }
-    if config.timeout_checker.check_interval < std::time::Duration::from_millis(100) {
-        add(
-            "timeout_checker.check_interval".into(),
-            "must be at least 100ms".into(),
-        );
+}
+
+/// `[timeout_checker]`.
+fn timeout_checker(checker: &TimeoutCheckerConfig, p: &mut Problems) {
+    if checker.check_interval < Duration::from_millis(100) {
+        p.add("timeout_checker.check_interval", "must be at least 100ms");
     }
-    check_schedules(config, &mut add);
-    p
 }
 
 /// `[schedules.<name>]`: the cadence parses, the adaptor exists, and the
 /// event it renders is one the adaptor accepts.
-fn check_schedules(config: &Config, add: &mut impl FnMut(String, String)) {
+fn schedules(config: &Config, p: &mut Problems) {
     for (name, s) in &config.schedules {
         let key = |k: &str| format!("schedules.{name}.{k}");
         if !is_name(name) || name.contains('@') {
-            add(
+            p.add(
                 format!("schedules.{name}"),
-                "a schedule name must be letters, digits, '.', '-' or '_'".into(),
+                "a schedule name must be letters, digits, '.', '-' or '_'",
             );
         }
         if let Err(e) = crate::schedule::Cadence::of(s) {
-            add(key(if s.cron.is_some() { "cron" } else { "every" }), e);
+            p.add(key(if s.cron.is_some() { "cron" } else { "every" }), e);
         }
         let Some(adaptor) = config.adaptors.get(&s.adaptor) else {
-            add(
+            p.add(
                 key("adaptor"),
                 format!(
                     "{:?} is not an adaptor; known: {}",
@@ -549,12 +652,12 @@ fn check_schedules(config: &Config, add: &mut impl FnMut(String, String)) {
         if let Err(reason) = crate::event::decode(
             body.as_bytes(),
             adaptor.kind,
-            &crate::config::LimitsConfig {
+            &LimitsConfig {
                 max_message_size: usize::MAX,
                 ..config.limits.clone()
             },
         ) {
-            add(
+            p.add(
                 key("event"),
                 format!("the event it publishes would be parked: {}", reason.0),
             );

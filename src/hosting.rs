@@ -339,7 +339,7 @@ async fn rejoin(ctx: &Ctx, state: &State) -> Result<(), String> {
                 tracing::info!(%reason, "Cannot join yet; retrying.");
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            Some(crate::topology::Outcome::Ignored(reason)) => return Err(reason),
+            Some(crate::topology::Outcome::Ignored(reason)) => return Err(reason.to_string()),
             _ => break,
         }
     }

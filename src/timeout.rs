@@ -442,7 +442,7 @@ impl Checker {
             .map_err(|e| e.to_string())?;
         match outcome {
             Some(Outcome::Applied) => {}
-            Some(Outcome::Ignored(reason)) => return Err(reason),
+            Some(Outcome::Ignored(reason)) => return Err(reason.to_string()),
             None => {
                 return Err(
                     "another check is under way, or this server lost the timeout checker".into(),
@@ -601,7 +601,7 @@ impl Checker {
             .await
             .map_err(|e| e.to_string())?;
         if let Some(Outcome::Ignored(reason)) = outcome {
-            return Err(reason);
+            return Err(reason.to_string());
         }
         tracing::warn!(
             check = n,

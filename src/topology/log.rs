@@ -79,7 +79,10 @@ pub enum TopologyError {
         accepted: String,
     },
     #[error("the topology log refused the change: {0}")]
-    Refused(String),
+    Refused(super::Rejected),
+    /// The cluster key could not be loaded (by the command-line tool).
+    #[error("the topology log refused the change: {0}")]
+    KeyRing(crate::crypto::KeyError),
     #[error("gave up after {0} attempts: other changes kept winning")]
     Contended(usize),
 }

@@ -115,7 +115,7 @@ impl Scheduler {
             published: d.fire.contains(&d.last),
         };
         match self.topology.propose_with(|_| Some(change.clone())).await {
-            Ok(Some(crate::topology::Outcome::Ignored(reason))) => Err(reason),
+            Ok(Some(crate::topology::Outcome::Ignored(reason))) => Err(reason.to_string()),
             Ok(_) => Ok(()),
             Err(e) => Err(e.to_string()),
         }

@@ -79,7 +79,10 @@ pub enum TopologyError {
         accepted: String,
     },
     #[error("the topology log refused the change: {0}")]
-    Refused(String),
+    Refused(super::Rejected),
+    /// The cluster key could not be loaded (by the command-line tool).
+    #[error("the topology log refused the change: {0}")]
+    KeyRing(crate::crypto::KeyError),
     #[error("gave up after {0} attempts: other changes kept winning")]
     Contended(usize),
 }
@@ -504,68 +507,32 @@ fn transient(e: &BrokerError) -> bool {
     }
 }
 
+/// One connection's reading of the log: from `next_offset` (the first
+/// record if `None`) on, applying each record to `state`, until the
+/// consumer or channel fails or the reader shuts down.
 async fn read_session(
     shared: &Shared,
     broker: &Broker,
     next_offset: &mut Option<i64>,
     state: &mut State,
 ) -> Result<(), BrokerError> {
-    let channel = broker.channel().await?;
-    declare_topology(&channel, &broker.config().namespace).await?;
-    channel
-        .basic_qos(256, BasicQosOptions::default())
-        .await
-        .map_err(BrokerError::op("basic.qos"))?;
-    let mut args = FieldTable::default();
-    args.insert(
-        "x-stream-offset".into(),
-        match next_offset {
-            Some(n) => AMQPValue::LongLongInt(*n),
-            None => AMQPValue::LongString("first".into()),
-        },
-    );
-    let tag = format!("provring.topology.{:08x}", rand::random::<u32>());
-    let mut consumer = channel
-        .basic_consume(
-            shared.queue.as_str().into(),
-            tag.as_str().into(),
-            BasicConsumeOptions::default(),
-            args,
-        )
-        .await
-        .map_err(BrokerError::op("basic.consume"))?;
+    let (channel, mut consumer) = open_session(shared, broker, *next_offset).await?;
     // A read barrier for this session: until the reader reads its own
     // `sync`, records written before (a takeover of this server, say) may
     // still be on their way, so the reader does not count as up to date.
-    let barrier = write_barrier(shared).await?;
-    let mut barrier = barrier;
-    let mut caught_up = false;
-    let mut last_tick = Instant::now();
+    let mut session = Session {
+        barrier: write_barrier(shared).await?,
+        caught_up: false,
+        last_tick: Instant::now(),
+        refused: RefusedLog::default(),
+    };
     let mut tick = tokio::time::interval(Duration::from_millis(100));
-    let mut refused = RefusedLog::default();
     loop {
         let delivery = tokio::select! {
             _ = shared.shutdown.cancelled() => return Ok(()),
             _ = tick.tick() => {
-                // A late tick means this process was frozen or starved:
-                // records (a takeover of this server) may have been written
-                // meanwhile. Up to date again only after a new barrier.
-                if last_tick.elapsed() > LATE_TICK && caught_up {
-                    tracing::warn!(late = ?last_tick.elapsed(), "Topology reader was held up; reading up to a new barrier before delivering again.");
-                    caught_up = false;
-                    barrier = write_barrier(shared).await?;
-                }
-                last_tick = Instant::now();
-                if !caught_up {
-                    continue;
-                }
-                if channel.status().connected() {
-                    if let Ok(mut t) = shared.last_read.lock() {
-                        *t = Instant::now();
-                    }
-                    continue;
-                }
-                return Err(BrokerError::Closed("the topology channel closed".into()));
+                session.tick(shared, &channel).await?;
+                continue;
             }
             next = consumer.next() => match next {
                 None => return Err(BrokerError::Closed("the broker closed the topology consumer".into())),
@@ -578,38 +545,127 @@ async fn read_session(
             .basic_ack(delivery.delivery_tag, BasicAckOptions::default())
             .await
             .map_err(BrokerError::op("basic.ack"))?;
+        if let Some(record) = session.record(shared, next_offset, offset, &delivery.data) {
+            session.apply(shared, state, record);
+        }
+    }
+}
+
+/// A channel and a consumer of the log from `next_offset`.
+async fn open_session(
+    shared: &Shared,
+    broker: &Broker,
+    next_offset: Option<i64>,
+) -> Result<(lapin::Channel, lapin::Consumer), BrokerError> {
+    let channel = broker.channel().await?;
+    declare_topology(&channel, &broker.config().namespace).await?;
+    channel
+        .basic_qos(256, BasicQosOptions::default())
+        .await
+        .map_err(BrokerError::op("basic.qos"))?;
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-stream-offset".into(),
+        match next_offset {
+            Some(n) => AMQPValue::LongLongInt(n),
+            None => AMQPValue::LongString("first".into()),
+        },
+    );
+    let tag = format!("provring.topology.{:08x}", rand::random::<u32>());
+    let consumer = channel
+        .basic_consume(
+            shared.queue.as_str().into(),
+            tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            args,
+        )
+        .await
+        .map_err(BrokerError::op("basic.consume"))?;
+    Ok((channel, consumer))
+}
+
+/// What a session knows beyond the state: whether it has read up to its
+/// barrier, and when it last ticked.
+struct Session {
+    /// The id of the `sync` record that makes the reader up to date.
+    barrier: String,
+    caught_up: bool,
+    last_tick: Instant,
+    refused: RefusedLog,
+}
+
+impl Session {
+    /// Every 100 ms: note that the log was read (for fencing) while the
+    /// reader is up to date and its channel open.
+    async fn tick(&mut self, shared: &Shared, channel: &lapin::Channel) -> Result<(), BrokerError> {
+        // A late tick means this process was frozen or starved: records (a
+        // takeover of this server) may have been written meanwhile. Up to
+        // date again only after a new barrier.
+        if self.last_tick.elapsed() > LATE_TICK && self.caught_up {
+            tracing::warn!(late = ?self.last_tick.elapsed(), "Topology reader was held up; reading up to a new barrier before delivering again.");
+            self.caught_up = false;
+            self.barrier = write_barrier(shared).await?;
+        }
+        self.last_tick = Instant::now();
+        if !self.caught_up {
+            return Ok(());
+        }
+        if channel.status().connected() {
+            if let Ok(mut t) = shared.last_read.lock() {
+                *t = Instant::now();
+            }
+            return Ok(());
+        }
+        Err(BrokerError::Closed("the topology channel closed".into()))
+    }
+
+    /// The record of a delivery at `offset`, if it is new and verifies.
+    fn record(
+        &mut self,
+        shared: &Shared,
+        next_offset: &mut Option<i64>,
+        offset: Option<i64>,
+        data: &[u8],
+    ) -> Option<Record> {
         // A stream consumer may start at the beginning of the chunk that
         // holds the requested offset: skip what was already read.
         if let (Some(o), Some(next)) = (offset, *next_offset)
             && o < next
         {
-            continue;
+            return None;
         }
         if let Some(o) = offset {
             *next_offset = Some(o + 1);
         }
-        let record = match decode(&shared.keys, &delivery.data) {
+        let record = match decode(&shared.keys, data) {
             Ok(r) => r,
             Err(Unverified::Mac { error, claimed }) => {
                 if let MacError::UnknownKey(kid) = &error {
                     note_latest(shared, &claimed, Some(kid.clone()));
                 }
-                refused.warn(&claimed, offset, &error);
-                continue;
+                self.refused.warn(&claimed, offset, &error);
+                return None;
             }
             Err(Unverified::Json(e)) => {
                 tracing::warn!(offset = ?offset, error = %e, "Unreadable topology record ignored.");
-                continue;
+                return None;
             }
         };
         note_latest(shared, &record.proposer, None);
-        if record.id == barrier {
-            caught_up = true;
+        Some(record)
+    }
+
+    /// Apply `record` to `state`, publish the new state, and tell its
+    /// proposer (if it waits here) what became of it; the session's own
+    /// barrier makes it up to date instead.
+    fn apply(&mut self, shared: &Shared, state: &mut State, record: Record) {
+        if record.id == self.barrier {
+            self.caught_up = true;
             if let Ok(mut t) = shared.last_read.lock() {
                 *t = Instant::now();
             }
             shared.reading.send_replace(true);
-            continue;
+            return;
         }
         let before = state.epoch;
         let outcome = state.apply(&record);

@@ -8,6 +8,7 @@
 //! match the replica's is ignored by every replica, so the log's total order
 //! settles races (compare-and-set) without any consensus of our own.
 
+mod apply;
 pub mod log;
 pub mod tool;
 
@@ -15,6 +16,7 @@ use crate::config::{Config, Service};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
+pub use apply::Rejected;
 pub use log::{Fence, Topology, TopologyError};
 
 /// The replicated state.
@@ -213,7 +215,7 @@ pub enum Change {
 #[serde(tag = "outcome", content = "reason", rename_all = "snake_case")]
 pub enum Outcome {
     Applied,
-    Ignored(String),
+    Ignored(Rejected),
 }
 
 /// The timeout checker's name in the topology.
@@ -311,29 +313,6 @@ impl State {
         })
     }
 
-    /// The service name (for eligibility) of a singleton's topology name.
-    fn singleton_service(name: &str) -> Option<&'static str> {
-        SINGLETONS
-            .iter()
-            .find(|(_, n)| *n == name)
-            .map(|(service, _)| service.as_str())
-    }
-
-    /// Who takes `service` over from `failed`: `by` if it may host it, else
-    /// the next server after `by` in ring order that is up and may.
-    fn successor(&self, failed: &str, by: &str, service: &str) -> Option<String> {
-        let n = self.ring.len();
-        let start = self.ring.iter().position(|x| x == by).unwrap_or(0);
-        (0..n)
-            .map(|i| &self.ring[(start + i) % n])
-            .find(|id| {
-                id.as_str() != failed
-                    && !self.servers.get(*id).is_some_and(|s| s.failed)
-                    && self.eligible(id, service)
-            })
-            .cloned()
-    }
-
     /// The adaptors `node` runs now: those it hosts whose backlog is not
     /// still being handed over to it.
     pub fn adaptors_to_run(&self, node: &str) -> Vec<String> {
@@ -385,333 +364,23 @@ impl State {
                     return Outcome::Applied;
                 }
                 if state.epoch == self.epoch && state != self {
-                    return Outcome::Ignored(format!(
-                        "snapshot of epoch {} differs from this replica's state",
-                        state.epoch
-                    ));
+                    return Outcome::Ignored(Rejected::SnapshotDiffers { epoch: state.epoch });
                 }
                 return Outcome::Applied;
             }
             _ => {}
         }
         if record.expected_epoch != self.epoch {
-            return Outcome::Ignored(format!(
-                "expected epoch {}, the log is at epoch {}",
-                record.expected_epoch, self.epoch
-            ));
+            return Outcome::Ignored(Rejected::WrongEpoch {
+                expected: record.expected_epoch,
+                epoch: self.epoch,
+            });
         }
         if let Err(reason) = self.change(&record.change) {
             return Outcome::Ignored(reason);
         }
         self.epoch += 1;
         Outcome::Applied
-    }
-
-    /// Each server that has not failed monitors the next one in ring order
-    /// that has not failed.
-    fn restore_ring(&mut self) {
-        let live: Vec<String> = self
-            .ring
-            .iter()
-            .filter(|id| !self.servers.get(*id).is_some_and(|s| s.failed))
-            .cloned()
-            .collect();
-        self.monitors.clear();
-        if live.len() > 1 {
-            for (i, id) in live.iter().enumerate() {
-                self.monitors
-                    .insert(id.clone(), live[(i + 1) % live.len()].clone());
-            }
-        }
-    }
-
-    fn known(&self, node: &str) -> Result<(), String> {
-        if self.servers.contains_key(node) {
-            Ok(())
-        } else {
-            Err(format!("unknown server {node:?}"))
-        }
-    }
-
-    fn change(&mut self, change: &Change) -> Result<(), String> {
-        if !self.initialised() && !matches!(change, Change::Init { .. }) {
-            return Err("the log has not been initialised".into());
-        }
-        match change {
-            Change::Init { state } => {
-                if self.initialised() {
-                    return Err("the log is already initialised".into());
-                }
-                *self = State {
-                    epoch: 0,
-                    ..state.clone()
-                };
-            }
-            Change::Joined {
-                node,
-                version,
-                key_fingerprint,
-                accepted_keys,
-            } => {
-                self.known(node)?;
-                if let Some(s) = self.servers.get(node)
-                    && s.failed
-                    && !s.adopted
-                    && let Some(taker) = &s.taken_over_by
-                    && !self.servers.get(taker).is_some_and(|t| t.failed)
-                {
-                    return Err(format!(
-                        "{node} was taken over by {taker}, which has not finished adopting its backlog"
-                    ));
-                }
-                let epoch = self.epoch;
-                let s = self.servers.entry(node.clone()).or_default();
-                s.version = Some(version.clone());
-                s.key_fingerprint = key_fingerprint.clone();
-                s.accepted_keys = accepted_keys.clone();
-                s.joined_epoch = Some(epoch);
-                s.stopping = false;
-                let returned = s.failed;
-                s.failed = false;
-                // A singleton that no server could take waits for this one.
-                for (service, name) in SINGLETONS {
-                    if !self.singletons.contains_key(name) && self.eligible(node, service.as_str())
-                    {
-                        self.singletons.insert(name.to_owned(), node.clone());
-                    }
-                }
-                if returned {
-                    // Back from a takeover: the monitoring links return to
-                    // the configured ring (adaptors stay where they are).
-                    self.restore_ring();
-                }
-            }
-            Change::Stopping { node } => {
-                self.known(node)?;
-                self.servers.entry(node.clone()).or_default().stopping = true;
-            }
-            Change::Takeover { failed, by } => {
-                self.known(failed)?;
-                self.known(by)?;
-                if failed == by {
-                    return Err("a server cannot take itself over".into());
-                }
-                if self.servers[by.as_str()].failed {
-                    return Err(format!("{by} has itself been taken over"));
-                }
-                if self.servers[failed.as_str()].failed {
-                    return Err(format!("{failed} has already been taken over"));
-                }
-                // The taker adopts the failed server's copies, so it hands
-                // over what the failed server had not.
-                for from in self.handovers.values_mut() {
-                    if from == failed {
-                        *from = by.clone();
-                    }
-                }
-                // Adaptors go to the taker if it may host adaptors, else to
-                // the next eligible server, to which the taker hands their
-                // adopted backlog over (none eligible: the taker, so that
-                // nothing waits for an operator).
-                let adaptor_host = self
-                    .successor(failed, by, "adaptors")
-                    .unwrap_or_else(|| by.clone());
-                let moved: Vec<String> = self
-                    .adaptors
-                    .iter()
-                    .filter(|(_, h)| *h == failed)
-                    .map(|(a, _)| a.clone())
-                    .collect();
-                for a in moved {
-                    if &adaptor_host != by && !self.handovers.contains_key(&a) {
-                        self.handovers.insert(a.clone(), by.clone());
-                    }
-                    self.adaptors.insert(a, adaptor_host.clone());
-                }
-                // Each singleton to the next eligible server; with none, it
-                // waits for one to join.
-                let singletons: Vec<String> = self
-                    .singletons
-                    .iter()
-                    .filter(|(_, h)| *h == failed)
-                    .map(|(n, _)| n.clone())
-                    .collect();
-                for name in singletons {
-                    let next = Self::singleton_service(&name)
-                        .and_then(|service| self.successor(failed, by, service));
-                    match next {
-                        Some(host) => self.singletons.insert(name, host),
-                        None => self.singletons.remove(&name),
-                    };
-                }
-                // The new host of an adaptor drains what was handed to the
-                // failed server.
-                for (a, host) in self.receiving.iter_mut() {
-                    if host == failed
-                        && let Some(now) = self.adaptors.get(a)
-                    {
-                        *host = now.clone();
-                    }
-                }
-                // What a server now hosts itself needs no handover.
-                let adaptors = &self.adaptors;
-                self.handovers
-                    .retain(|a, from| adaptors.get(a) != Some(&*from));
-                // Close the ring: the taker monitors what the failed server did.
-                if let Some(next) = self.monitors.remove(failed.as_str()) {
-                    if &next == by {
-                        self.monitors.remove(by.as_str());
-                    } else {
-                        self.monitors.insert(by.clone(), next);
-                    }
-                }
-                let s = self.servers.entry(failed.clone()).or_default();
-                s.failed = true;
-                s.adopted = false;
-                s.taken_over_by = Some(by.clone());
-            }
-            Change::Adopted { failed, by } => {
-                let s = self
-                    .servers
-                    .get_mut(failed)
-                    .ok_or_else(|| format!("unknown server {failed:?}"))?;
-                if !s.failed || s.taken_over_by.as_ref() != Some(by) || s.adopted {
-                    return Err(format!("no adoption of {failed} by {by} is pending"));
-                }
-                s.adopted = true;
-            }
-            Change::Move { what, to } => {
-                self.known(to)?;
-                if self.servers.get(to).is_some_and(|s| s.failed) {
-                    return Err(format!("{to} was taken over and has not joined again"));
-                }
-                if let Some(host) = self.adaptors.get(what).cloned() {
-                    if !self.eligible(to, "adaptors") {
-                        return Err(format!(
-                            "{to} may not host adaptors (servers.{to}.services has no \"adaptors\")"
-                        ));
-                    }
-                    if &host == to {
-                        return Err(format!("{what} is already on {to}"));
-                    }
-                    if let Some(from) = self.handovers.get(what) {
-                        return Err(format!(
-                            "the backlog of {what} is still being handed over from {from}"
-                        ));
-                    }
-                    if let Some(by) = self.receiving.get(what) {
-                        return Err(format!(
-                            "the backlog of {what} handed over to {by} is still being taken in"
-                        ));
-                    }
-                    if !self.servers.get(&host).is_some_and(|s| s.failed) {
-                        self.handovers.insert(what.clone(), host);
-                    }
-                    self.adaptors.insert(what.clone(), to.clone());
-                } else if let Some(service) = Self::singleton_service(what) {
-                    // Also places a singleton no server could take.
-                    if !self.eligible(to, service) {
-                        return Err(format!(
-                            "{to} may not host {what} (servers.{to}.services has no {service:?})"
-                        ));
-                    }
-                    if self.singletons.get(what) == Some(to) {
-                        return Err(format!("{what} is already on {to}"));
-                    }
-                    self.singletons.insert(what.clone(), to.clone());
-                } else {
-                    return Err(format!("no adaptor or singleton named {what:?}"));
-                }
-            }
-            Change::Fired {
-                schedule,
-                slot,
-                by,
-                published,
-            } => {
-                if self.singletons.get("scheduler") != Some(by) {
-                    return Err(format!("{by} does not run the scheduler"));
-                }
-                if let Some(f) = self.fired.get(schedule)
-                    && f.slot >= *slot
-                {
-                    return Err(format!(
-                        "{schedule}: slot {slot} is not after the last one handled, {}",
-                        f.slot
-                    ));
-                }
-                self.fired.insert(
-                    schedule.clone(),
-                    FiredSlot {
-                        slot: *slot,
-                        by: by.clone(),
-                        published: *published,
-                    },
-                );
-            }
-            Change::CheckStarted { check } => {
-                if self.singletons.get(TIMEOUT_CHECKER) != Some(&check.by) {
-                    return Err(format!("{} does not run the timeout checker", check.by));
-                }
-                if let Some(p) = &self.timeout_checks.pending {
-                    return Err(format!("timeout check {} is still under way", p.check));
-                }
-                if check.check != self.timeout_checks.last + 1 {
-                    return Err(format!(
-                        "timeout check {} is not the next one, {}",
-                        check.check,
-                        self.timeout_checks.last + 1
-                    ));
-                }
-                if check.items.is_empty() {
-                    return Err("a timeout check without items".into());
-                }
-                self.timeout_checks.last = check.check;
-                self.timeout_checks.pending = Some(check.clone());
-            }
-            Change::CheckFinished { check, by, .. } => {
-                if self.singletons.get(TIMEOUT_CHECKER) != Some(by) {
-                    return Err(format!("{by} does not run the timeout checker"));
-                }
-                if self.timeout_checks.pending.as_ref().map(|p| p.check) != Some(*check) {
-                    return Err(format!("timeout check {check} is not under way"));
-                }
-                self.timeout_checks.pending = None;
-            }
-            Change::HandedOver {
-                adaptor,
-                from,
-                items,
-            } => {
-                if self.handovers.get(adaptor) != Some(from) {
-                    return Err(format!("no handover of {adaptor} from {from} is pending"));
-                }
-                self.handovers.remove(adaptor);
-                if *items > 0
-                    && let Some(host) = self.adaptors.get(adaptor)
-                {
-                    self.receiving.insert(adaptor.clone(), host.clone());
-                }
-            }
-            Change::Received { adaptor, by } => {
-                if self.receiving.get(adaptor) != Some(by) {
-                    return Err(format!("{by} has no backlog of {adaptor} to take in"));
-                }
-                self.receiving.remove(adaptor);
-            }
-            Change::Monitoring { node, monitors } => {
-                self.known(node)?;
-                self.known(monitors)?;
-                if node == monitors {
-                    return Err(format!("{node} cannot monitor itself"));
-                }
-                // One monitor per server: whoever monitored `monitors` stops.
-                self.monitors.retain(|_, m| m != monitors);
-                self.monitors.insert(node.clone(), monitors.clone());
-            }
-            Change::Snapshot { .. } | Change::Sync | Change::ResyncRequest { .. } => {}
-        }
-        Ok(())
     }
 }
 
@@ -825,9 +494,10 @@ mod tests {
         assert!(s.adaptors_to_run("a").is_empty());
         // No second move while the backlog is in transit; only the old
         // host's handover counts.
-        assert!(
-            matches!(apply(&mut s, mv("hr", "c")), Outcome::Ignored(r) if r.contains("still being handed over"))
-        );
+        assert!(matches!(
+            apply(&mut s, mv("hr", "c")),
+            Outcome::Ignored(Rejected::StillHandedOver { .. })
+        ));
         assert!(matches!(
             apply(&mut s, handed_over("hr", "c")),
             Outcome::Ignored(_)
@@ -835,7 +505,7 @@ mod tests {
         assert_eq!(apply(&mut s, handed_over("hr", "a")), Outcome::Applied);
         assert_eq!(s.adaptors_to_run("b"), vec!["hr".to_string()]);
         assert!(
-            matches!(apply(&mut s, mv("hr", "b")), Outcome::Ignored(r) if r.contains("already on b"))
+            matches!(apply(&mut s, mv("hr", "b")), Outcome::Ignored(Rejected::AlreadyOn { server, .. }) if server == "b")
         );
         assert!(matches!(
             apply(&mut s, mv("nope", "b")),
@@ -903,16 +573,19 @@ mod tests {
             by: by.into(),
             parked: 1,
         };
-        assert!(
-            matches!(apply(&mut s, start(1, "b")), Outcome::Ignored(r) if r.contains("does not run"))
-        );
-        assert!(
-            matches!(apply(&mut s, start(2, "a")), Outcome::Ignored(r) if r.contains("not the next one"))
-        );
+        assert!(matches!(
+            apply(&mut s, start(1, "b")),
+            Outcome::Ignored(Rejected::DoesNotRun { .. })
+        ));
+        assert!(matches!(
+            apply(&mut s, start(2, "a")),
+            Outcome::Ignored(Rejected::CheckNotNext { .. })
+        ));
         assert_eq!(apply(&mut s, start(1, "a")), Outcome::Applied);
-        assert!(
-            matches!(apply(&mut s, start(2, "a")), Outcome::Ignored(r) if r.contains("still under way"))
-        );
+        assert!(matches!(
+            apply(&mut s, start(2, "a")),
+            Outcome::Ignored(Rejected::CheckUnderWay(_))
+        ));
         // a fails mid-check: c takes the timeout checker and the check over.
         let takeover = Change::Takeover {
             failed: "a".into(),
@@ -921,13 +594,15 @@ mod tests {
         assert_eq!(apply(&mut s, takeover), Outcome::Applied);
         assert_eq!(s.singletons[TIMEOUT_CHECKER], "c");
         assert_eq!(s.timeout_checks.pending.as_ref().map(|p| p.check), Some(1));
-        assert!(
-            matches!(apply(&mut s, finish(1, "a")), Outcome::Ignored(r) if r.contains("does not run"))
-        );
+        assert!(matches!(
+            apply(&mut s, finish(1, "a")),
+            Outcome::Ignored(Rejected::DoesNotRun { .. })
+        ));
         assert_eq!(apply(&mut s, finish(1, "c")), Outcome::Applied);
-        assert!(
-            matches!(apply(&mut s, finish(1, "c")), Outcome::Ignored(r) if r.contains("not under way"))
-        );
+        assert!(matches!(
+            apply(&mut s, finish(1, "c")),
+            Outcome::Ignored(Rejected::CheckNotUnderWay(_))
+        ));
         assert_eq!(apply(&mut s, start(2, "c")), Outcome::Applied);
         assert_eq!(s.timeout_checks.last, 2);
     }
@@ -943,9 +618,10 @@ mod tests {
         };
         assert_eq!(apply(&mut s, handed), Outcome::Applied);
         assert_eq!(s.receiving["hr"], "b");
-        assert!(
-            matches!(apply(&mut s, mv("hr", "c")), Outcome::Ignored(r) if r.contains("still being taken in"))
-        );
+        assert!(matches!(
+            apply(&mut s, mv("hr", "c")),
+            Outcome::Ignored(Rejected::StillTakenIn { .. })
+        ));
         let received = |by: &str| Change::Received {
             adaptor: "hr".into(),
             by: by.into(),
@@ -986,11 +662,12 @@ mod tests {
             s.hosts_nothing_because("c")
                 .is_some_and(|r| r.contains("eligible for no service"))
         );
+        assert!(matches!(
+            apply(&mut s, mv("hr", "c")),
+            Outcome::Ignored(Rejected::MayNotHostAdaptors { .. })
+        ));
         assert!(
-            matches!(apply(&mut s, mv("hr", "c")), Outcome::Ignored(r) if r.contains("may not host adaptors"))
-        );
-        assert!(
-            matches!(apply(&mut s, mv("scheduler", "c")), Outcome::Ignored(r) if r.contains("may not host scheduler"))
+            matches!(apply(&mut s, mv("scheduler", "c")), Outcome::Ignored(Rejected::MayNotHostSingleton { singleton, .. }) if singleton == "scheduler")
         );
     }
 
@@ -1135,6 +812,85 @@ mod tests {
         let mut other = s.clone();
         other.adaptors.insert("hr".into(), "b".into());
         assert!(matches!(other.apply(&snap), Outcome::Ignored(_)));
+    }
+
+    #[test]
+    fn refusals_read_as_their_reasons_always_did() {
+        let s = |x: &str| x.to_owned();
+        let cases = [
+            (
+                Rejected::StillHandedOver {
+                    adaptor: s("hr"),
+                    from: s("a"),
+                },
+                "the backlog of hr is still being handed over from a",
+            ),
+            (
+                Rejected::AlreadyOn {
+                    what: s("hr"),
+                    server: s("b"),
+                },
+                "hr is already on b",
+            ),
+            (
+                Rejected::DoesNotRun {
+                    server: s("b"),
+                    service: "timeout checker",
+                },
+                "b does not run the timeout checker",
+            ),
+            (
+                Rejected::CheckNotNext { check: 2, next: 1 },
+                "timeout check 2 is not the next one, 1",
+            ),
+            (
+                Rejected::CheckUnderWay(1),
+                "timeout check 1 is still under way",
+            ),
+            (
+                Rejected::CheckNotUnderWay(1),
+                "timeout check 1 is not under way",
+            ),
+            (
+                Rejected::StillTakenIn {
+                    adaptor: s("hr"),
+                    by: s("b"),
+                },
+                "the backlog of hr handed over to b is still being taken in",
+            ),
+            (
+                Rejected::MayNotHostAdaptors { server: s("c") },
+                r#"c may not host adaptors (servers.c.services has no "adaptors")"#,
+            ),
+            (
+                Rejected::MayNotHostSingleton {
+                    server: s("c"),
+                    singleton: s("scheduler"),
+                    service: "scheduler",
+                },
+                r#"c may not host scheduler (servers.c.services has no "scheduler")"#,
+            ),
+            (
+                Rejected::WrongEpoch {
+                    expected: 1,
+                    epoch: 2,
+                },
+                "expected epoch 1, the log is at epoch 2",
+            ),
+            (Rejected::UnknownServer(s("z")), r#"unknown server "z""#),
+            (
+                Rejected::NotAdoptedYet {
+                    node: s("a"),
+                    taker: s("c"),
+                },
+                "a was taken over by c, which has not finished adopting its backlog",
+            ),
+        ];
+        for (reason, text) in cases {
+            assert_eq!(reason.to_string(), text);
+            let json = serde_json::to_value(Outcome::Ignored(reason)).expect("serialise");
+            assert_eq!(json["reason"], text);
+        }
     }
 
     #[test]

@@ -10,10 +10,7 @@ async fn connect(config: &Config) -> Result<(Topology, Broker, CancellationToken
     let broker = Broker::new(config.broker.clone(), "provring topology");
     let stop = CancellationToken::new();
     let proposer = format!("tool@{}", std::process::id());
-    let keys = config
-        .security
-        .key_ring()
-        .map_err(|e| TopologyError::Refused(e.to_string()))?;
+    let keys = config.security.key_ring().map_err(TopologyError::KeyRing)?;
     let topology = Topology::connect(
         broker.clone(),
         &proposer,

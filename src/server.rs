@@ -33,7 +33,10 @@ pub enum ServerError {
     #[error("topology: {0}")]
     Topology(#[from] crate::topology::TopologyError),
     #[error("target {name}: {reason}")]
-    Target { name: String, reason: String },
+    Target {
+        name: String,
+        reason: crate::workflow::targets::BuildError,
+    },
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
     #[error("cannot listen on admin address {addr} (servers.{node}.admin_listen): {source}")]

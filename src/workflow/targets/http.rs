@@ -17,7 +17,7 @@
 //! sent somewhere the configuration does not name), and no proxy
 //! environment variable is read.
 
-use super::TargetError;
+use super::{BuildError, TargetError};
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use http_body_util::{BodyExt, Full, Limited};
@@ -86,11 +86,12 @@ impl HttpClient {
         timeout: Duration,
         tls: Option<&crate::tls::ClientFiles<'_>>,
         gate: Gate,
-    ) -> Result<HttpClient, String> {
+    ) -> Result<HttpClient, BuildError> {
         let tls = match tls {
-            Some(files) => crate::tls::client_config(files)?,
-            None => rustls::ClientConfig::with_platform_verifier()
-                .map_err(|e| format!("cannot load the TLS root certificates: {e}"))?,
+            Some(files) => crate::tls::client_config(files).map_err(BuildError::Tls)?,
+            None => {
+                rustls::ClientConfig::with_platform_verifier().map_err(BuildError::PlatformRoots)?
+            }
         };
         let mut http = HttpConnector::new();
         http.enforce_http(false);
@@ -519,7 +520,8 @@ mod tests {
             Arc::new(|| true),
         )
         .err()
-        .expect("a missing CA file is an error");
+        .expect("a missing CA file is an error")
+        .to_string();
         assert!(
             missing.contains("targets.t.tls.ca_file") && missing.contains("nope.pem"),
             "{missing}"

@@ -49,22 +49,52 @@ pub trait Target: Send + Sync {
 
 /// Build the target described by `config`; its requests leave only while
 /// `gate` is open (see [`http`]).
-pub fn build(name: &str, config: &TargetConfig, gate: Gate) -> Result<Arc<dyn Target>, String> {
+/// Why a target cannot be built from its section of the cluster file.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("targets.{target}.url is required")]
+    NoUrl { target: String },
+    #[error("targets.{target}.url: {url:?} is not a URL ({source})")]
+    BadUrl {
+        target: String,
+        url: String,
+        source: url::ParseError,
+    },
+    #[error("targets.{target}.url: credentials in the URL are not sent; use targets.{target}.auth")]
+    CredentialsInUrl { target: String },
+    /// A certificate or key file of `[targets.<name>.tls]`
+    /// ([`crate::tls::client_config`] names the key and file).
+    #[error("{0}")]
+    Tls(String),
+    #[error("cannot load the TLS root certificates: {0}")]
+    PlatformRoots(rustls::Error),
+    #[error("cannot read bearer token file {path}: {source}")]
+    TokenFile {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("auth {what}: holds a character not allowed in an HTTP header")]
+    BadHeader { what: &'static str },
+}
+
+pub fn build(name: &str, config: &TargetConfig, gate: Gate) -> Result<Arc<dyn Target>, BuildError> {
     // The URL as `url` normalises it (IDN hosts in punycode, the path
     // percent-encoded), which is what an HTTP request line can carry.
     let url = || {
-        let text = config
-            .url
-            .as_deref()
-            .ok_or_else(|| format!("targets.{name}.url is required"))?;
-        let url = url::Url::parse(text)
-            .map_err(|e| format!("targets.{name}.url: {text:?} is not a URL ({e})"))?;
+        let text = config.url.as_deref().ok_or_else(|| BuildError::NoUrl {
+            target: name.to_owned(),
+        })?;
+        let url = url::Url::parse(text).map_err(|source| BuildError::BadUrl {
+            target: name.to_owned(),
+            url: text.to_owned(),
+            source,
+        })?;
         if !url.username().is_empty() || url.password().is_some() {
-            return Err(format!(
-                "targets.{name}.url: credentials in the URL are not sent; use targets.{name}.auth"
-            ));
+            return Err(BuildError::CredentialsInUrl {
+                target: name.to_owned(),
+            });
         }
-        Ok::<String, String>(url.into())
+        Ok::<String, BuildError>(url.into())
     };
     let prefix = format!("targets.{name}.tls");
     let tls = config.tls.as_ref().map(|t| crate::tls::ClientFiles {
@@ -111,7 +141,7 @@ impl std::fmt::Debug for Auth {
 }
 
 impl Auth {
-    pub fn from_config(config: Option<&AuthConfig>) -> Result<Auth, String> {
+    pub fn from_config(config: Option<&AuthConfig>) -> Result<Auth, BuildError> {
         use base64::Engine;
         let Some(c) = config else {
             return Ok(Auth(None));
@@ -119,8 +149,10 @@ impl Auth {
         let (value, what) = if let Some(token) = &c.bearer_token {
             (format!("Bearer {}", token.trim()), "bearer_token")
         } else if let Some(path) = &c.bearer_token_file {
-            let token = std::fs::read_to_string(path)
-                .map_err(|e| format!("cannot read bearer token file {}: {e}", path.display()))?;
+            let token = std::fs::read_to_string(path).map_err(|source| BuildError::TokenFile {
+                path: path.clone(),
+                source,
+            })?;
             (format!("Bearer {}", token.trim()), "bearer_token_file")
         } else if let (Some(u), Some(p)) = (&c.username, &c.password) {
             let pair = base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"));
@@ -128,8 +160,8 @@ impl Auth {
         } else {
             return Ok(Auth(None));
         };
-        let mut header = ::http::HeaderValue::try_from(value)
-            .map_err(|_| format!("auth {what}: holds a character not allowed in an HTTP header"))?;
+        let mut header =
+            ::http::HeaderValue::try_from(value).map_err(|_| BuildError::BadHeader { what })?;
         header.set_sensitive(true);
         Ok(Auth(Some(header)))
     }

@@ -314,7 +314,11 @@ async fn write_loop(
                 .repo
                 .blocking(move |repo| repo.store_with_records(&name, events))
                 .await
-                .map_err(|e| p.repository_failed(e))?;
+                .map_err(|e| match e {
+                    // A panic in the store task: the consumer reconnects.
+                    RepositoryError::Task(e) => AdaptorError::Writer(e.to_string()),
+                    e => p.repository_failed(e),
+                })?;
             let t1 = Instant::now();
             p.repo.flush().await.map_err(|e| p.repository_failed(e))?;
             let t2 = Instant::now();

@@ -147,11 +147,12 @@ pub async fn start(config: &Config, node: &str) -> Result<Running, ServerError> 
         peers,
     });
     let mut tasks = vec![("mirror".to_owned(), mirror_task)];
-    tasks.extend(spawn_tasks(&this, &shutdown));
+    tasks.extend(spawn_roles(&this, &shutdown));
     let stopping = CancellationToken::new();
     let stop_requested = CancellationToken::new();
     let admin = start_admin(&this, admin_tls, &stopping, &stop_requested, &shutdown).await?;
-    tasks.insert(tasks.len() - 2, ("admin API".into(), admin));
+    tasks.push(("admin API".into(), admin));
+    tasks.extend(spawn_housekeeping(&this, &shutdown));
     Ok(Running {
         stats: this.stats.clone(),
         repo: this.repo.clone(),
@@ -210,9 +211,8 @@ fn check_targets(
     Ok(())
 }
 
-/// The server's long-running tasks, named, in the order they stop (the
-/// admin API goes in before the last two).
-fn spawn_tasks(node: &Node, shutdown: &CancellationToken) -> Vec<(String, JoinHandle<()>)> {
+/// The tasks that make the server's roles, named, in the order they stop.
+fn spawn_roles(node: &Node, shutdown: &CancellationToken) -> Vec<(String, JoinHandle<()>)> {
     let n = node;
     vec![
         (
@@ -245,6 +245,13 @@ fn spawn_tasks(node: &Node, shutdown: &CancellationToken) -> Vec<(String, JoinHa
                 shutdown.child_token(),
             )),
         ),
+    ]
+}
+
+/// The repository's housekeeping, started last.
+fn spawn_housekeeping(node: &Node, shutdown: &CancellationToken) -> Vec<(String, JoinHandle<()>)> {
+    let n = node;
+    vec![
         (
             "progress saver".into(),
             tokio::spawn(save_progress(n.repo.clone(), shutdown.child_token())),

@@ -80,8 +80,9 @@ pub async fn run(node: Node, shutdown: CancellationToken) {
                 state: &state,
                 shutdown: &shutdown,
             };
+            let what = format!("{action:?}");
             if let Err(e) = work.carry_out(step, action).await {
-                tracing::error!(error = %e, "Cannot go on with the takeover; stopping (a restart does it again).");
+                tracing::error!(action = %what, error = %e, "Cannot go on with the takeover; stopping (a restart does it again).");
                 node.fatal.cancel();
                 return;
             }
@@ -178,10 +179,17 @@ impl Work {
                     tracing::warn!(singleton = %name, now_on = now_on.as_deref().unwrap_or("-"), "Stopped here.");
                 }
             }
+            // `plan` starts nothing already running; a start never drops
+            // the handle of a running task.
             Action::StartSingleton { name } => {
-                let task = start_singleton(node, &name, step.shutdown);
-                self.singletons.insert(name, task);
+                if let std::collections::btree_map::Entry::Vacant(slot) =
+                    self.singletons.entry(name)
+                {
+                    let task = start_singleton(node, slot.key(), step.shutdown);
+                    slot.insert(task);
+                }
             }
+            Action::StartAdaptor { adaptor } if self.hosted.contains_key(&adaptor) => {}
             Action::StartAdaptor { adaptor } => {
                 match start_adaptor(node, &adaptor, step.shutdown) {
                     Ok(h) => {

@@ -418,9 +418,11 @@ mod tests {
     }
 
     #[test]
-    fn a_stopped_or_low_state_peer_changes_nothing_here() {
-        // An intentional stop, or a peer with a low state that is not
-        // taken over, moves nothing: only a recorded takeover does.
+    fn an_intentional_stop_moves_nothing() {
+        // A peer stopping on purpose is not taken over: nothing moves.
+        // (A peer with a low state is the supervisor's to judge:
+        // supervisor/watch.rs; until a takeover is recorded, nothing here
+        // changes.)
         let before = ring();
         let after = apply(&before, Change::Stopping { node: "b".into() });
         for n in ["a", "b", "c"] {

@@ -167,19 +167,33 @@ async fn adopt(node: &Node, origin: &str) -> Result<usize, TakeoverError> {
     Ok(adopted)
 }
 
+/// Broker errors tolerated while looking at a failed server's copies.
+const DRAIN_TRIES: u32 = 5;
+
 /// Apply every record still on the queue of `origin`'s copies to this
 /// server, once its own backup consumer has let go of it.
 async fn drain(node: &Node, origin: &str) -> Result<(), BrokerError> {
     let queue = backup_queue(&node.config.broker.namespace, origin, &node.id);
-    let ch = node.broker.channel().await?;
+    let mut ch = node.broker.channel().await?;
     let deadline = Instant::now() + Duration::from_secs(10);
+    let mut failures = 0;
     loop {
         match crate::broker::drain::consumers(&ch, &queue).await {
             Ok(Some(0)) => break,
             Ok(Some(_)) if Instant::now() > deadline => break,
             Ok(Some(_)) => tokio::time::sleep(Duration::from_millis(20)).await,
             // No queue: nothing was ever sent here.
-            Ok(None) | Err(_) => return Ok(()),
+            Ok(None) => return Ok(()),
+            // The copies may be there: never adopt (and drop them) without
+            // reading them. Retried on a new channel, then the takeover
+            // fails (the server stops; a restart adopts again).
+            Err(e) if failures < DRAIN_TRIES => {
+                failures += 1;
+                tracing::warn!(failed = %origin, error = %e, "Cannot look at the failed server's copies yet; trying again.");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                ch = node.broker.channel().await?;
+            }
+            Err(e) => return Err(e),
         }
     }
     let known: Vec<String> = node.topology.state().servers.keys().cloned().collect();

@@ -21,10 +21,13 @@
 //! - [`bench`]: `provring bench`.
 //! - [`topology`]: the replicated topology and its log on the broker.
 //! - [`mirror`]: copies of the backlog on the monitor (backup adaptor).
-//! - [`supervisor`]: watches the monitored server, takes it over when it
-//!   fails; [`supervisor::takeover`]: what a server taken over does when it
-//!   is back.
-//! - [`hosting`]: runs the adaptors the topology gives this server; adoption; fencing.
+//! - [`supervisor`]: watches the monitored server and proposes its
+//!   takeover when it fails; [`supervisor::takeover`]: the takeover on the
+//!   taker (adopt the backlog, mail) and on the server taken over (rejoin,
+//!   return).
+//! - [`hosting`]: follows the topology: [`hosting::plan`] decides what to
+//!   start and stop here, [`hosting::run`] does it; fencing.
+//! - [`node`]: the parts one server's tasks share.
 //! - [`scheduler`], [`timeout`]: the singleton services; [`schedule`]:
 //!   schedules as data (cadence, slots, the event of a slot).
 //! - [`admin::api`]: the types peers exchange over the admin API.

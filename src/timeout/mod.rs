@@ -16,8 +16,8 @@
 //!    records [`Change::CheckFinished`]. A crash between the two sends the
 //!    same mail again (same `Message-ID`); nothing else repeats.
 //!
-//! [`checker`] is the asking side (steps 1–4, on the timeout checker's
-//! host); [`local`] the answering side, on every server (overdue items,
+//! `checker.rs` ([`Checker`]) is the asking side (steps 1–4, on the timeout checker's
+//! host); `local.rs` ([`Local`]) the answering side, on every server (overdue items,
 //! parking).
 //!
 //! [`Change::CheckStarted`]: crate::topology::Change::CheckStarted

@@ -591,6 +591,41 @@ async fn the_admin_api_wants_tokens_and_cuts_off_slow_clients() {
         ),
         413
     );
+    // Every refusal is JSON, {"error": why}, with its status code.
+    for (response, code) in [
+        (get("/backlog", None).await.expect("backlog"), 401),
+        (
+            post("/stop", TEST_READ_TOKEN, Vec::new())
+                .await
+                .expect("stop"),
+            403,
+        ),
+        (
+            post("/timeout/park", &peer, b"{not json".to_vec())
+                .await
+                .expect("park"),
+            400,
+        ),
+        (
+            get("/backlog/items?limit=many", Some(TEST_READ_TOKEN))
+                .await
+                .expect("items"),
+            400,
+        ),
+        (
+            get("/no/such/route", Some(TEST_READ_TOKEN))
+                .await
+                .expect("route"),
+            404,
+        ),
+    ] {
+        assert_eq!(response.status().as_u16(), code);
+        let body: serde_json::Value = response.json().await.expect("a JSON refusal");
+        assert!(
+            body["error"].as_str().is_some_and(|e| !e.is_empty()),
+            "{code}: {body}"
+        );
+    }
 
     // A client that sends its headers a byte at a time is cut off after
     // admin.header_read_timeout (1 s).

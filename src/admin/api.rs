@@ -2,7 +2,9 @@
 //! API (`/state`, `/item`, `/timeout/*`), apart from the server that
 //! answers them, so that the supervisor, the scheduler and the timeout
 //! checker depend on these and not on the admin server, and the admin
-//! server on [`TimeoutPeer`] and not on the timeout checker.
+//! server on [`TimeoutPeer`] and not on the timeout checker. Every
+//! refusal is an [`AdminError`], sent as `{"error": "..."}` ([`ErrorBody`])
+//! with its status code.
 
 use crate::repository::OverdueItem;
 use futures::future::BoxFuture;
@@ -53,10 +55,81 @@ pub enum ParkResult {
 /// (`GET /timeout/overdue`, `POST /timeout/park`).
 pub trait TimeoutPeer: Send + Sync {
     /// This server's unfinished items past their deadline, at most `limit`.
-    fn overdue(&self, limit: usize) -> BoxFuture<'_, Result<Vec<OverdueItem>, String>>;
-    /// Park the items of a check under way.
+    fn overdue(&self, limit: usize) -> BoxFuture<'_, Result<Vec<OverdueItem>, AdminError>>;
+    /// Park the items of a check under way ([`AdminError::Refused`] with
+    /// the reason when this server cannot take part in it now).
     fn park(
         self: Arc<Self>,
         request: ParkRequest,
-    ) -> BoxFuture<'static, Result<Vec<(ItemRef, ParkResult)>, String>>;
+    ) -> BoxFuture<'static, Result<Vec<(ItemRef, ParkResult)>, AdminError>>;
+}
+
+/// Why the admin API did not do what a request asked; each kind has its
+/// status code ([`AdminError::status`]) and is sent as an [`ErrorBody`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AdminError {
+    /// 400: a query or body that cannot be read.
+    #[error("{0}")]
+    BadRequest(String),
+    /// 401: no token, or one this server does not know.
+    #[error("unauthorized: {0}")]
+    Unauthorized(String),
+    /// 403: a known token whose role does not reach the route.
+    #[error("token {name:?} has role {role}, which does not reach this route")]
+    Forbidden { name: String, role: String },
+    /// 404: no such route, or nothing of that kind on this server.
+    #[error("{0}")]
+    NotHere(String),
+    /// 409: this server cannot take part in the request now (a park
+    /// request of a check it has not seen, while fenced, ...).
+    #[error("{0}")]
+    Refused(String),
+    /// 413: a body over `admin.max_body`.
+    #[error("{0}")]
+    TooLarge(String),
+    /// 503: the request took longer than `admin.request_timeout`.
+    #[error("request took longer than admin.request_timeout ({0:?})")]
+    TooSlow(std::time::Duration),
+    /// 500: this server failed (its repository, a task).
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl AdminError {
+    /// The HTTP status code this refusal is sent with.
+    pub fn status(&self) -> u16 {
+        match self {
+            AdminError::BadRequest(_) => 400,
+            AdminError::Unauthorized(_) => 401,
+            AdminError::Forbidden { .. } => 403,
+            AdminError::NotHere(_) => 404,
+            AdminError::Refused(_) => 409,
+            AdminError::TooLarge(_) => 413,
+            AdminError::TooSlow(_) => 503,
+            AdminError::Internal(_) => 500,
+        }
+    }
+
+    /// The body it is sent with.
+    pub fn body(&self) -> ErrorBody {
+        ErrorBody {
+            error: self.to_string(),
+        }
+    }
+}
+
+/// The body of every refusal: `{"error": "..."}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+impl ErrorBody {
+    /// The reason in a refusal's body: the `error` of an [`ErrorBody`], or
+    /// the text as it came (a proxy's page, an older server).
+    pub fn reason_of(text: &str) -> String {
+        serde_json::from_str::<ErrorBody>(text)
+            .map(|b| b.error)
+            .unwrap_or_else(|_| text.trim().to_owned())
+    }
 }

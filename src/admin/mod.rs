@@ -25,6 +25,8 @@
 //! `admin.header_read_timeout`, ends requests that take longer than
 //! `admin.request_timeout`, serves at most `admin.max_connections` at once
 //! and refuses bodies over `admin.max_body` (413). Bad JSON gets 400.
+//! Every refusal is an [`api::AdminError`]: `{"error": "..."}` with its
+//! status code.
 //!
 //! It takes no locks that the pipeline waits on for longer than an index
 //! lookup.
@@ -36,10 +38,12 @@ pub mod client;
 use crate::config::AdminConfig;
 use crate::repository::{CopiesView, ItemKey, Repository, now_ms};
 use crate::topology::Topology;
+use api::AdminError;
 use auth::{Auth, Need, Refusal};
 use axum::Json;
 use axum::Router;
-use axum::extract::{Request, State};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -195,6 +199,13 @@ fn router(parts: AdminParts) -> Router {
         .merge(read)
         .merge(operate)
         .merge(peer)
+        .fallback(|request: Request| async move {
+            AdminError::NotHere(format!(
+                "no route {} {}",
+                request.method(),
+                request.uri().path()
+            ))
+        })
         .with_state(app_state)
         .layer(axum::extract::DefaultBodyLimit::max(parts.limits.max_body))
         .layer(axum::middleware::from_fn_with_state(timeout, limit_time))
@@ -219,31 +230,49 @@ async fn require(
             }
             next.run(request).await
         }
-        Err(Refusal::Unauthorized(why)) => (
-            StatusCode::UNAUTHORIZED,
-            [(axum::http::header::WWW_AUTHENTICATE, "Bearer")],
-            Json(serde_json::json!({"error": format!("unauthorized: {why}")})),
-        )
-            .into_response(),
+        Err(Refusal::Unauthorized(why)) => AdminError::Unauthorized(why.into()).into_response(),
         Err(Refusal::PeerWithoutCertificate) => {
             tracing::warn!(caller = ?caller.map(|c| c.address), path = %request.uri().path(), "The peer token came without the cluster's client certificate: refused. The token may have leaked; consider rotating the cluster key.");
-            (
-                StatusCode::UNAUTHORIZED,
-                [(axum::http::header::WWW_AUTHENTICATE, "Bearer")],
-                Json(serde_json::json!({"error": "unauthorized: unknown token"})),
-            )
-                .into_response()
+            AdminError::Unauthorized("unknown token".into()).into_response()
         }
         Err(Refusal::Forbidden { name, role }) => {
             tracing::warn!(caller = %name, ?role, path = %request.uri().path(), "Admin request refused: role too weak.");
-            (
-                StatusCode::FORBIDDEN,
-                Json(serde_json::json!({
-                    "error": format!("token {name:?} has role {role:?}, which does not reach this route")
-                })),
-            )
-                .into_response()
+            AdminError::Forbidden {
+                name,
+                role: format!("{role:?}"),
+            }
+            .into_response()
         }
+    }
+}
+
+impl IntoResponse for AdminError {
+    fn into_response(self) -> Response {
+        let status =
+            StatusCode::from_u16(self.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let body = Json(self.body());
+        if status == StatusCode::UNAUTHORIZED {
+            return (
+                status,
+                [(axum::http::header::WWW_AUTHENTICATE, "Bearer")],
+                body,
+            )
+                .into_response();
+        }
+        (status, body).into_response()
+    }
+}
+
+/// A query string that does not fit the route: 400 naming what is wrong.
+fn bad_query(e: QueryRejection) -> AdminError {
+    AdminError::BadRequest(e.body_text())
+}
+
+/// A body that cannot be read: 413 when too large, 400 otherwise.
+fn bad_body(e: axum::extract::rejection::JsonRejection) -> AdminError {
+    match e.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => AdminError::TooLarge(e.body_text()),
+        _ => AdminError::BadRequest(e.body_text()),
     }
 }
 
@@ -255,11 +284,7 @@ async fn limit_time(
 ) -> Response {
     match tokio::time::timeout(limit, next.run(request)).await {
         Ok(r) => r,
-        Err(_) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(serde_json::json!({"error": format!("request took longer than admin.request_timeout ({limit:?})")})),
-        )
-            .into_response(),
+        Err(_) => AdminError::TooSlow(limit).into_response(),
     }
 }
 
@@ -442,8 +467,9 @@ struct ItemsQuery {
 
 async fn items(
     State(s): State<AppState>,
-    axum::extract::Query(q): axum::extract::Query<ItemsQuery>,
-) -> Result<Json<ItemsView>, (StatusCode, String)> {
+    q: Result<Query<ItemsQuery>, QueryRejection>,
+) -> Result<Json<ItemsView>, AdminError> {
+    let Query(q) = q.map_err(bad_query)?;
     let limit = q.limit.unwrap_or(ITEMS_PAGE_MAX).clamp(1, ITEMS_PAGE_MAX);
     let view = s
         .repo
@@ -458,16 +484,13 @@ async fn items(
             Ok((own, copies, generations))
         })
         .await
-        .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        .map_err(|e| AdminError::Internal(e.to_string()))?;
     let (own, copies, generations) = view;
     let total = own.len() + copies.values().map(Vec::len).sum::<usize>();
     let after = match q.after.as_deref().map(Cursor::decode) {
         Some(Some(c)) => Some(c),
         Some(None) => {
-            return Err((
-                StatusCode::BAD_REQUEST,
-                "unreadable cursor in after=".into(),
-            ));
+            return Err(AdminError::BadRequest("unreadable cursor in after=".into()));
         }
         None => None,
     };
@@ -559,15 +582,16 @@ struct ItemQuery {
 
 async fn item(
     State(s): State<AppState>,
-    axum::extract::Query(q): axum::extract::Query<ItemQuery>,
-) -> Json<ItemStatus> {
+    q: Result<Query<ItemQuery>, QueryRejection>,
+) -> Result<Json<ItemStatus>, AdminError> {
+    let Query(q) = q.map_err(bad_query)?;
     let identity = crate::event::Identity {
         source: q.source,
         id: q.id,
     };
-    Json(ItemStatus {
+    Ok(Json(ItemStatus {
         state: s.repo.item_state(&q.adaptor, &identity),
-    })
+    }))
 }
 
 #[derive(Deserialize)]
@@ -577,50 +601,45 @@ struct OverdueQuery {
 
 async fn overdue(
     State(s): State<AppState>,
-    axum::extract::Query(q): axum::extract::Query<OverdueQuery>,
-) -> Result<Json<Vec<crate::repository::OverdueItem>>, (StatusCode, String)> {
-    let Some(t) = &s.timeouts else {
-        return Err((StatusCode::NOT_FOUND, "no timeout checks here".into()));
-    };
+    q: Result<Query<OverdueQuery>, QueryRejection>,
+) -> Result<Json<Vec<crate::repository::OverdueItem>>, AdminError> {
+    let Query(q) = q.map_err(bad_query)?;
+    let t = timeout_peer(&s)?;
     let limit = q
         .limit
         .unwrap_or(api::MAX_ITEMS_PER_CHECK)
         .min(api::MAX_ITEMS_PER_CHECK);
-    t.overdue(limit)
-        .await
-        .map(Json)
-        .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e))
+    t.overdue(limit).await.map(Json)
+}
+
+fn timeout_peer(s: &AppState) -> Result<&Arc<dyn api::TimeoutPeer>, AdminError> {
+    s.timeouts
+        .as_ref()
+        .ok_or_else(|| AdminError::NotHere("no timeout checks here".into()))
 }
 
 async fn park(
     State(s): State<AppState>,
     req: Result<Json<api::ParkRequest>, axum::extract::rejection::JsonRejection>,
-) -> Result<Json<Vec<(api::ItemRef, api::ParkResult)>>, (StatusCode, String)> {
-    // Too large stays 413; any other unreadable body is 400.
-    let Json(req) = req.map_err(|e| match e.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => (StatusCode::PAYLOAD_TOO_LARGE, e.body_text()),
-        _ => (StatusCode::BAD_REQUEST, e.body_text()),
-    })?;
-    let Some(t) = &s.timeouts else {
-        return Err((StatusCode::NOT_FOUND, "no timeout checks here".into()));
-    };
+) -> Result<Json<Vec<(api::ItemRef, api::ParkResult)>>, AdminError> {
+    let Json(req) = req.map_err(bad_body)?;
+    let t = timeout_peer(&s)?;
     // A task of its own: an asker that goes away (killed mid-check) must
     // not cut a park short between its publish and its removal, or the
     // taker's retry would park the item again.
     let t = t.clone();
     tokio::spawn(async move { t.park(req).await })
         .await
-        .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| AdminError::Internal(e.to_string()))?
         .map(Json)
-        .map_err(|e| (StatusCode::CONFLICT, e))
 }
 
 async fn topology_state(
     State(s): State<AppState>,
-) -> Result<Json<crate::topology::State>, (StatusCode, String)> {
+) -> Result<Json<crate::topology::State>, AdminError> {
     match &s.topology {
         Some(t) => Ok(Json((*t.state()).clone())),
-        None => Err((StatusCode::NOT_FOUND, "no topology".into())),
+        None => Err(AdminError::NotHere("no topology".into())),
     }
 }
 
@@ -698,13 +717,64 @@ async fn state(State(s): State<AppState>) -> Json<StateView> {
     })
 }
 
-async fn stop(State(s): State<AppState>) -> (StatusCode, String) {
+async fn stop(State(s): State<AppState>) -> Result<(StatusCode, String), AdminError> {
     match &s.health {
         Some(h) => {
             tracing::info!("Stop requested through the admin API.");
             h.stop_requested.cancel();
-            (StatusCode::ACCEPTED, format!("{} is stopping\n", s.node))
+            Ok((StatusCode::ACCEPTED, format!("{} is stopping\n", s.node)))
         }
-        None => (StatusCode::NOT_FOUND, "no stop here\n".into()),
+        None => Err(AdminError::NotHere("no stop here".into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn sent(e: AdminError) -> (u16, Option<String>, serde_json::Value) {
+        let response = e.into_response();
+        let status = response.status().as_u16();
+        let challenge = response
+            .headers()
+            .get(axum::http::header::WWW_AUTHENTICATE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let body = axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .expect("body");
+        let json = serde_json::from_slice(&body).expect("JSON");
+        (status, challenge, json)
+    }
+
+    #[tokio::test]
+    async fn every_refusal_is_json_with_its_status() {
+        let cases = [
+            (AdminError::BadRequest("unreadable cursor".into()), 400),
+            (AdminError::Unauthorized("unknown token".into()), 401),
+            (
+                AdminError::Forbidden {
+                    name: "ops".into(),
+                    role: "Read".into(),
+                },
+                403,
+            ),
+            (AdminError::NotHere("no timeout checks here".into()), 404),
+            (AdminError::Refused("check 3 is not under way".into()), 409),
+            (AdminError::TooLarge("too big".into()), 413),
+            (AdminError::Internal("repository failed".into()), 500),
+            (AdminError::TooSlow(std::time::Duration::from_secs(10)), 503),
+        ];
+        for (e, code) in cases {
+            let text = e.to_string();
+            let (status, challenge, body) = sent(e).await;
+            assert_eq!(status, code, "{text}");
+            assert_eq!(body, serde_json::json!({ "error": text }));
+            assert_eq!(challenge.is_some(), code == 401, "{text}");
+        }
+        // A peer reads the reason back from the body, or the raw text of
+        // an answer that is not one of ours.
+        assert_eq!(api::ErrorBody::reason_of(r#"{"error":"fenced"}"#), "fenced");
+        assert_eq!(api::ErrorBody::reason_of(" Bad Gateway\n"), "Bad Gateway");
     }
 }

@@ -401,7 +401,7 @@ async fn ask_park(
         let text = r.text().await.unwrap_or_default();
         return Err(TimeoutError::PeerRefused {
             status,
-            reason: text.trim().to_owned(),
+            reason: crate::admin::api::ErrorBody::reason_of(&text),
         });
     }
     Ok(r.json::<Vec<(ItemRef, ParkResult)>>().await?)

@@ -3,6 +3,7 @@
 //! under way that the timeout checker asks it to.
 
 use super::{ItemRef, ParkRequest, ParkResult, TimeoutError, rfc3339};
+use crate::admin::api::{AdminError, TimeoutPeer};
 use crate::config::Config;
 use crate::event::Identity;
 use crate::repository::{ClaimRefused, OverdueItem, Repository, StoredItem, now_ms};
@@ -29,20 +30,30 @@ pub struct Local {
     parked: std::sync::Mutex<VecDeque<(u64, HashSet<ItemRef>)>>,
 }
 
-/// The admin API serves a refusal as its text.
-impl crate::admin::api::TimeoutPeer for Local {
+/// What the admin API serves: a failure to list is this server's (500); a
+/// park this server cannot take part in now is refused with its reason
+/// (409), and the checker asks again or gives the check to the next host.
+impl TimeoutPeer for Local {
     fn overdue(
         &self,
         limit: usize,
-    ) -> futures::future::BoxFuture<'_, Result<Vec<OverdueItem>, String>> {
-        Box::pin(async move { Local::overdue(self, limit).await.map_err(|e| e.to_string()) })
+    ) -> futures::future::BoxFuture<'_, Result<Vec<OverdueItem>, AdminError>> {
+        Box::pin(async move {
+            Local::overdue(self, limit)
+                .await
+                .map_err(|e| AdminError::Internal(e.to_string()))
+        })
     }
 
     fn park(
         self: Arc<Self>,
         request: ParkRequest,
-    ) -> futures::future::BoxFuture<'static, Result<Vec<(ItemRef, ParkResult)>, String>> {
-        Box::pin(async move { Local::park(&self, request).await.map_err(|e| e.to_string()) })
+    ) -> futures::future::BoxFuture<'static, Result<Vec<(ItemRef, ParkResult)>, AdminError>> {
+        Box::pin(async move {
+            Local::park(&self, request)
+                .await
+                .map_err(|e| AdminError::Refused(e.to_string()))
+        })
     }
 }
 

@@ -67,6 +67,19 @@ pub enum Misfire {
     Skip,
 }
 
+/// Why a schedule's `cron`/`every` does not make a cadence.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CadenceError {
+    #[error("give either cron or every, not both")]
+    Both,
+    #[error("give cron or every")]
+    Neither,
+    #[error("every must be at least 100ms")]
+    TooOften,
+    #[error("cron {pattern:?}: {reason}")]
+    Cron { pattern: String, reason: String },
+}
+
 /// When a schedule's slots fall.
 pub enum Cadence {
     Every(u64),
@@ -74,21 +87,24 @@ pub enum Cadence {
 }
 
 impl Cadence {
-    pub fn of(s: &ScheduleConfig) -> Result<Cadence, String> {
+    pub fn of(s: &ScheduleConfig) -> Result<Cadence, CadenceError> {
         match (&s.cron, s.every) {
-            (Some(_), Some(_)) => Err("give either cron or every, not both".into()),
-            (None, None) => Err("give cron or every".into()),
+            (Some(_), Some(_)) => Err(CadenceError::Both),
+            (None, None) => Err(CadenceError::Neither),
             (None, Some(every)) => {
                 let ms = every.as_millis() as u64;
                 if ms < 100 {
-                    return Err("every must be at least 100ms".into());
+                    return Err(CadenceError::TooOften);
                 }
                 Ok(Cadence::Every(ms))
             }
             (Some(pattern), None) => pattern
                 .parse::<croner::Cron>()
                 .map(|c| Cadence::Cron(Box::new(c)))
-                .map_err(|e| format!("cron {pattern:?}: {e}")),
+                .map_err(|e| CadenceError::Cron {
+                    pattern: pattern.clone(),
+                    reason: e.to_string(),
+                }),
         }
     }
 

@@ -28,8 +28,15 @@ pub enum ServerError {
     Key(#[from] crate::crypto::KeyError),
     #[error("{0}")]
     Auth(String),
-    #[error("{0}")]
-    Tls(String),
+    #[error(transparent)]
+    Tls(Box<crate::tls::TlsError>),
+    #[error("{source} (servers.{node}.admin_listen)")]
+    AdminCertificate {
+        node: String,
+        source: Box<crate::tls::TlsError>,
+    },
+    #[error(transparent)]
+    PeerClient(Box<crate::admin::client::ClientError>),
     #[error("topology: {0}")]
     Topology(#[from] crate::topology::TopologyError),
     #[error("target {name}: {reason}")]
@@ -89,7 +96,7 @@ pub async fn start(config: &Config, node: &str) -> Result<Running, ServerError> 
     let keys = Arc::new(config.security.key_ring()?);
     // Certificate files are read before anything is consumed or joined.
     let admin_tls = admin_tls(config, node)?;
-    let peers = crate::admin::client::peer_client(config, &keys).map_err(ServerError::Tls)?;
+    let peers = crate::admin::client::peer_client(config, &keys)?;
     let repo = Repository::open(&server.data_dir, keys.clone())?;
     let broker = Broker::new(config.broker.clone(), format!("provring {node}"));
     let shutdown = CancellationToken::new();
@@ -184,11 +191,29 @@ fn admin_tls(
         .unwrap_or_default();
     // Peers would refuse a certificate that does not name this server's
     // address: better to say so now than to be taken over.
-    crate::tls::check_covers(&t.cert_file, &t.ca_file, listen)
-        .map_err(|e| ServerError::Tls(format!("{e} (servers.{node}.admin_listen)")))?;
-    crate::tls::admin_server_config(&t.cert_file, &t.key_file, &t.ca_file)
-        .map(Some)
-        .map_err(ServerError::Tls)
+    crate::tls::check_covers(&t.cert_file, &t.ca_file, listen).map_err(|source| {
+        ServerError::AdminCertificate {
+            node: node.to_owned(),
+            source: Box::new(source),
+        }
+    })?;
+    Ok(Some(crate::tls::admin_server_config(
+        &t.cert_file,
+        &t.key_file,
+        &t.ca_file,
+    )?))
+}
+
+impl From<crate::tls::TlsError> for ServerError {
+    fn from(e: crate::tls::TlsError) -> Self {
+        ServerError::Tls(Box::new(e))
+    }
+}
+
+impl From<crate::admin::client::ClientError> for ServerError {
+    fn from(e: crate::admin::client::ClientError) -> Self {
+        ServerError::PeerClient(Box::new(e))
+    }
 }
 
 /// Fail early on a target of this server's adaptors that cannot be built.

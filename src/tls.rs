@@ -8,48 +8,135 @@
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+/// Why a TLS configuration cannot be built; each names the setting (`key`)
+/// and its file.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {key} {}: {source}", path.display())]
+    Read {
+        key: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{key} {}: not PEM certificates ({reason})", path.display())]
+    NotPem {
+        key: String,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error("{key} {}: no certificate (expected -----BEGIN CERTIFICATE-----)", path.display())]
+    NoCertificate { key: String, path: PathBuf },
+    #[error("{key} {}: no PEM private key found (PKCS#8, PKCS#1 or SEC1)", path.display())]
+    NoKey { key: String, path: PathBuf },
+    #[error("{key} {}: unusable CA certificate ({reason})", path.display())]
+    BadCa {
+        key: String,
+        path: PathBuf,
+        reason: String,
+    },
+    /// A CA file whose certificates do not make a verifier.
+    #[error("{key} {}: {reason}", path.display())]
+    Verifier {
+        key: String,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error("cannot load the platform's trust store: {0}")]
+    Platform(rustls::Error),
+    #[error("{prefix}.cert_file {} and {prefix}.key_file {} do not make a usable client identity: {reason}", cert.display(), key.display())]
+    ClientIdentity {
+        prefix: String,
+        cert: PathBuf,
+        key: PathBuf,
+        reason: String,
+    },
+    #[error("admin.tls.cert_file {} and admin.tls.key_file {} do not match: {reason}", cert.display(), key.display())]
+    ServerIdentity {
+        cert: PathBuf,
+        key: PathBuf,
+        reason: String,
+    },
+    #[error("{0:?} is not a host name or IP address")]
+    NotAHost(String),
+    #[error("admin.tls.cert_file {} is not valid for {host} under admin.tls.ca_file {}: {reason}", cert.display(), ca.display())]
+    NotValidFor {
+        cert: PathBuf,
+        host: String,
+        ca: PathBuf,
+        reason: String,
+    },
+    #[error(
+        "admin.tls.cert_file {} is not usable for client authentication, which peers \
+         need (extended key usage clientAuth, or none): {reason}", cert.display()
+    )]
+    NotForClients { cert: PathBuf, reason: String },
+    #[error(
+        "broker.tls.key_file {}: the key must be PKCS#8 (-----BEGIN PRIVATE KEY-----); \
+         convert it with `openssl pkcs8 -topk8 -nocrypt`", path.display()
+    )]
+    NotPkcs8 { path: PathBuf },
+}
+
 /// Certificates (PEM) of `path`; `key` names the setting in errors.
-pub fn certificates(key: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+pub fn certificates(key: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let bytes = read(key, path)?;
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&bytes)
         .collect::<Result<_, _>>()
-        .map_err(|e| format!("{key} {}: not PEM certificates ({e})", path.display()))?;
+        .map_err(|e| TlsError::NotPem {
+            key: key.to_owned(),
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
     if certs.is_empty() {
-        return Err(format!(
-            "{key} {}: no certificate (expected -----BEGIN CERTIFICATE-----)",
-            path.display()
-        ));
+        return Err(TlsError::NoCertificate {
+            key: key.to_owned(),
+            path: path.to_owned(),
+        });
     }
     Ok(certs)
 }
 
 /// The private key (PEM: PKCS#8, PKCS#1 or SEC1) of `path`.
-pub fn private_key(key: &str, path: &Path) -> Result<PrivateKeyDer<'static>, String> {
+pub fn private_key(key: &str, path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     let bytes = read(key, path)?;
-    PrivateKeyDer::from_pem_slice(&bytes).map_err(|_| {
-        format!(
-            "{key} {}: no PEM private key found (PKCS#8, PKCS#1 or SEC1)",
-            path.display()
-        )
+    // The parser's error is not shown: it could quote the file.
+    PrivateKeyDer::from_pem_slice(&bytes).map_err(|_| TlsError::NoKey {
+        key: key.to_owned(),
+        path: path.to_owned(),
     })
 }
 
-fn read(key: &str, path: &Path) -> Result<Vec<u8>, String> {
-    std::fs::read(path).map_err(|e| format!("cannot read {key} {}: {e}", path.display()))
+fn read(key: &str, path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        key: key.to_owned(),
+        path: path.to_owned(),
+        source,
+    })
 }
 
 /// A trust store holding only the certificates of `path`.
-pub fn roots(key: &str, path: &Path) -> Result<RootCertStore, String> {
+pub fn roots(key: &str, path: &Path) -> Result<RootCertStore, TlsError> {
     let mut store = RootCertStore::empty();
     for cert in certificates(key, path)? {
-        store
-            .add(cert)
-            .map_err(|e| format!("{key} {}: unusable CA certificate ({e})", path.display()))?;
+        store.add(cert).map_err(|e| TlsError::BadCa {
+            key: key.to_owned(),
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
     }
     Ok(store)
+}
+
+/// The verifier error for the CA file `path` of `key`.
+fn verifier_error(key: &str, path: &Path, e: impl std::fmt::Display) -> TlsError {
+    TlsError::Verifier {
+        key: key.to_owned(),
+        path: path.to_owned(),
+        reason: e.to_string(),
+    }
 }
 
 /// Where a client's trust and identity come from; `prefix` names the
@@ -63,7 +150,7 @@ pub struct ClientFiles<'a> {
 }
 
 /// A client configuration from `files`.
-pub fn client_config(files: &ClientFiles<'_>) -> Result<ClientConfig, String> {
+pub fn client_config(files: &ClientFiles<'_>) -> Result<ClientConfig, TlsError> {
     let p = files.prefix;
     let builder = match files.ca_file {
         Some(ca) => {
@@ -73,7 +160,7 @@ pub fn client_config(files: &ClientFiles<'_>) -> Result<ClientConfig, String> {
             use rustls_platform_verifier::BuilderVerifierExt;
             ClientConfig::builder()
                 .with_platform_verifier()
-                .map_err(|e| format!("cannot load the platform's trust store: {e}"))?
+                .map_err(TlsError::Platform)?
         }
     };
     match files.identity {
@@ -82,12 +169,11 @@ pub fn client_config(files: &ClientFiles<'_>) -> Result<ClientConfig, String> {
                 certificates(&format!("{p}.cert_file"), cert)?,
                 private_key(&format!("{p}.key_file"), key)?,
             )
-            .map_err(|e| {
-                format!(
-                    "{p}.cert_file {} and {p}.key_file {} do not make a usable client identity: {e}",
-                    cert.display(),
-                    key.display()
-                )
+            .map_err(|reason| TlsError::ClientIdentity {
+                prefix: p.to_owned(),
+                cert: cert.to_owned(),
+                key: key.to_owned(),
+                reason: reason.to_string(),
             }),
         None => Ok(builder.with_no_client_auth()),
     }
@@ -101,24 +187,22 @@ pub fn admin_server_config(
     cert: &Path,
     key: &Path,
     ca: &Path,
-) -> Result<Arc<ServerConfig>, String> {
+) -> Result<Arc<ServerConfig>, TlsError> {
     let roots = Arc::new(roots("admin.tls.ca_file", ca)?);
     let verifier = rustls::server::WebPkiClientVerifier::builder(roots)
         .allow_unauthenticated()
         .build()
-        .map_err(|e| format!("admin.tls.ca_file {}: {e}", ca.display()))?;
+        .map_err(|e| verifier_error("admin.tls.ca_file", ca, e))?;
     let mut config = ServerConfig::builder()
         .with_client_cert_verifier(verifier)
         .with_single_cert(
             certificates("admin.tls.cert_file", cert)?,
             private_key("admin.tls.key_file", key)?,
         )
-        .map_err(|e| {
-            format!(
-                "admin.tls.cert_file {} and admin.tls.key_file {} do not match: {e}",
-                cert.display(),
-                key.display()
-            )
+        .map_err(|reason| TlsError::ServerIdentity {
+            cert: cert.to_owned(),
+            key: key.to_owned(),
+            reason: reason.to_string(),
         })?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
@@ -127,12 +211,12 @@ pub fn admin_server_config(
 /// Whether the certificate of `cert_file` chains to `ca_file` and names
 /// the host of `address` (`host:port`), as a peer connecting to
 /// `address` checks it.
-pub fn check_covers(cert_file: &Path, ca_file: &Path, address: &str) -> Result<(), String> {
+pub fn check_covers(cert_file: &Path, ca_file: &Path, address: &str) -> Result<(), TlsError> {
     use rustls::client::danger::ServerCertVerifier;
     let trusted = Arc::new(roots("admin.tls.ca_file", ca_file)?);
     let verifier = rustls::client::WebPkiServerVerifier::builder(trusted.clone())
         .build()
-        .map_err(|e| format!("admin.tls.ca_file {}: {e}", ca_file.display()))?;
+        .map_err(|e| verifier_error("admin.tls.ca_file", ca_file, e))?;
     let chain = certificates("admin.tls.cert_file", cert_file)?;
     let host = address
         .rsplit_once(':')
@@ -140,30 +224,26 @@ pub fn check_covers(cert_file: &Path, ca_file: &Path, address: &str) -> Result<(
         .trim_start_matches('[')
         .trim_end_matches(']');
     let name = rustls::pki_types::ServerName::try_from(host.to_owned())
-        .map_err(|_| format!("{host:?} is not a host name or IP address"))?;
+        .map_err(|_| TlsError::NotAHost(host.to_owned()))?;
     let now = rustls::pki_types::UnixTime::now();
     verifier
         .verify_server_cert(&chain[0], &chain[1..], &name, &[], now)
-        .map_err(|e| {
-            format!(
-                "admin.tls.cert_file {} is not valid for {host} under admin.tls.ca_file {}: {e}",
-                cert_file.display(),
-                ca_file.display()
-            )
+        .map_err(|reason| TlsError::NotValidFor {
+            cert: cert_file.to_owned(),
+            host: host.to_owned(),
+            ca: ca_file.to_owned(),
+            reason: reason.to_string(),
         })?;
     // Peers present the same certificate as clients: it must be good for
     // client authentication too (many CAs issue server-only certificates).
     rustls::server::WebPkiClientVerifier::builder(trusted)
         .build()
-        .map_err(|e| format!("admin.tls.ca_file {}: {e}", ca_file.display()))?
+        .map_err(|e| verifier_error("admin.tls.ca_file", ca_file, e))?
         .verify_client_cert(&chain[0], &chain[1..], now)
         .map(|_| ())
-        .map_err(|e| {
-            format!(
-                "admin.tls.cert_file {} is not usable for client authentication, which peers \
-                 need (extended key usage clientAuth, or none): {e}",
-                cert_file.display()
-            )
+        .map_err(|reason| TlsError::NotForClients {
+            cert: cert_file.to_owned(),
+            reason: reason.to_string(),
         })
 }
 
@@ -171,7 +251,7 @@ pub fn check_covers(cert_file: &Path, ca_file: &Path, address: &str) -> Result<(
 /// its clients will: `Err` names the first unusable one; `Ok` holds
 /// warnings (an admin certificate that does not cover a server's address,
 /// which that server's node file may fix).
-pub fn check_files(config: &crate::config::Config) -> Result<Vec<String>, String> {
+pub fn check_files(config: &crate::config::Config) -> Result<Vec<String>, TlsError> {
     let mut notes = Vec::new();
     if let Some(t) = &config.admin.tls {
         admin_server_config(&t.cert_file, &t.key_file, &t.ca_file)?;
@@ -196,11 +276,7 @@ pub fn check_files(config: &crate::config::Config) -> Result<Vec<String>, String
                 PrivateKeyDer::Pkcs8(_)
             )
         {
-            return Err(format!(
-                "broker.tls.key_file {}: the key must be PKCS#8 (-----BEGIN PRIVATE KEY-----); \
-                 convert it with `openssl pkcs8 -topk8 -nocrypt`",
-                key.display()
-            ));
+            return Err(TlsError::NotPkcs8 { path: key.clone() });
         }
     }
     if let Some(ca) = config.alerts.as_ref().and_then(|a| a.ca_file.as_ref()) {
@@ -252,10 +328,10 @@ mod tests {
         let (ca, cert) = issue(dir.path(), Vec::new());
         check_covers(&cert, &ca, "127.0.0.1:7101").expect("covers its address");
         let e = check_covers(&cert, &ca, "127.0.0.2:7101").expect_err("another address");
-        assert!(e.contains("127.0.0.2"), "{e}");
+        assert!(e.to_string().contains("127.0.0.2"), "{e}");
         let (ca, cert) = issue(dir.path(), vec![ExtendedKeyUsagePurpose::ServerAuth]);
         let e = check_covers(&cert, &ca, "127.0.0.1:7101").expect_err("server-only");
-        assert!(e.contains("client authentication"), "{e}");
+        assert!(e.to_string().contains("client authentication"), "{e}");
         let (ca, cert) = issue(
             dir.path(),
             vec![
@@ -268,6 +344,7 @@ mod tests {
         std::fs::write(dir.path().join("junk.pem"), "secret-ish junk").expect("write");
         let e =
             certificates("admin.tls.cert_file", &dir.path().join("junk.pem")).expect_err("junk");
+        let e = e.to_string();
         assert!(
             e.contains("admin.tls.cert_file") && !e.contains("secret-ish"),
             "{e}"

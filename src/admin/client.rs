@@ -2,13 +2,58 @@
 
 use super::BacklogView;
 use crate::config::Config;
+use crate::tls::TlsError;
+use std::path::PathBuf;
 use std::time::Duration;
+
+/// Why a command or a peer could not ask a server's admin API.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("node {node:?} is not in the configuration; known servers: {known}")]
+    UnknownNode { node: String, known: String },
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("cannot build the HTTP client: {0}")]
+    Build(reqwest::Error),
+    #[error("cannot read token file {}: {source}", path.display())]
+    TokenFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("token file {} is empty", path.display())]
+    EmptyToken { path: PathBuf },
+    #[error("cannot reach {node} at {address}: {source}")]
+    Unreachable {
+        node: String,
+        address: String,
+        source: reqwest::Error,
+    },
+    /// The server answered with a refusal; the text says what to do.
+    #[error("{0}")]
+    Refused(String),
+    #[error("{node} answered with a body that cannot be read: {source}")]
+    Unreadable {
+        node: String,
+        source: reqwest::Error,
+    },
+}
+
+impl ClientError {
+    /// The reason without the server's name and address, for a line
+    /// that already names them.
+    fn why(&self) -> String {
+        match self {
+            ClientError::Unreachable { source, .. } => source.to_string(),
+            other => other.to_string(),
+        }
+    }
+}
 
 /// One server's answer, or why there is none.
 pub struct ServerBacklog {
     pub node: String,
     pub address: String,
-    pub view: Result<BacklogView, String>,
+    pub view: Result<BacklogView, ClientError>,
 }
 
 pub struct BacklogReport {
@@ -27,7 +72,7 @@ impl BacklogReport {
                 .iter()
                 .map(|s| match &s.view {
                     Ok(v) => serde_json::json!({"node": s.node, "address": s.address, "adaptors": v.adaptors, "copies": v.copies}),
-                    Err(e) => serde_json::json!({"node": s.node, "address": s.address, "error": e}),
+                    Err(e) => serde_json::json!({"node": s.node, "address": s.address, "error": e.why()}),
                 })
                 .collect();
             return serde_json::Value::Array(items).to_string();
@@ -39,8 +84,10 @@ impl BacklogReport {
         for s in &self.servers {
             match &s.view {
                 Err(e) => out.push_str(&format!(
-                    "\n{:<12} unreachable at {}: {e}",
-                    s.node, s.address
+                    "\n{:<12} unreachable at {}: {}",
+                    s.node,
+                    s.address,
+                    e.why()
                 )),
                 Ok(v) if v.adaptors.is_empty() && v.copies.is_empty() => out.push_str(&format!(
                     "\n{:<12} {:<16} {:>10} {:>14}",
@@ -113,7 +160,7 @@ fn with_admin_tls(
     builder: reqwest::ClientBuilder,
     config: &Config,
     present: bool,
-) -> Result<reqwest::ClientBuilder, String> {
+) -> Result<reqwest::ClientBuilder, TlsError> {
     let Some(t) = &config.admin.tls else {
         return Ok(builder);
     };
@@ -135,14 +182,14 @@ fn with_admin_tls(
 pub fn peer_client(
     config: &Config,
     keys: &crate::crypto::KeyRing,
-) -> Result<reqwest::Client, String> {
+) -> Result<reqwest::Client, ClientError> {
     with_admin_tls(
         builder_with_token(keys.peer_tokens().first().map(String::as_str)),
         config,
         true,
     )?
     .build()
-    .map_err(|e| format!("cannot build the peers' HTTP client: {e}"))
+    .map_err(ClientError::Build)
 }
 
 /// A client builder for a command (`provring backlog`, `stop`) presenting
@@ -152,7 +199,7 @@ pub fn peer_client(
 pub fn command_builder(
     config: &Config,
     token: Option<&str>,
-) -> Result<reqwest::ClientBuilder, String> {
+) -> Result<reqwest::ClientBuilder, TlsError> {
     let readable = config.admin.tls.as_ref().is_some_and(|t| {
         crate::tls::certificates("admin.tls.cert_file", &t.cert_file).is_ok()
             && crate::tls::private_key("admin.tls.key_file", &t.key_file).is_ok()
@@ -166,13 +213,17 @@ pub fn command_builder(
 pub fn command_token(
     config: &Config,
     token_file: Option<&std::path::Path>,
-) -> Result<Option<String>, String> {
+) -> Result<Option<String>, ClientError> {
     if let Some(path) = token_file {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read token file {}: {e}", path.display()))?;
+        let text = std::fs::read_to_string(path).map_err(|source| ClientError::TokenFile {
+            path: path.to_owned(),
+            source,
+        })?;
         let token = text.trim().to_owned();
         if token.is_empty() {
-            return Err(format!("token file {} is empty", path.display()));
+            return Err(ClientError::EmptyToken {
+                path: path.to_owned(),
+            });
         }
         return Ok(Some(token));
     }
@@ -188,9 +239,12 @@ pub fn command_token(
         .and_then(|k| k.peer_tokens().into_iter().next()))
 }
 
-/// The error text for an admin API's refusal.
-fn refused(config: &Config, node: &str, status: reqwest::StatusCode) -> String {
-    match status.as_u16() {
+/// An admin API's refusal, with what to do about it, and the server's
+/// reason when it gave one.
+async fn refused(config: &Config, node: &str, response: reqwest::Response) -> ClientError {
+    let status = response.status();
+    let reason = super::api::ErrorBody::reason_of(&response.text().await.unwrap_or_default());
+    let text = match status.as_u16() {
         401 if config.admin.tls.is_some() => format!(
             "{node} answered 401: give an operator token (--token-file or PROVRING_TOKEN), or run where \
              security.key_file and admin.tls.cert_file/key_file are readable (the peer token needs the certificate)"
@@ -201,8 +255,24 @@ fn refused(config: &Config, node: &str, status: reqwest::StatusCode) -> String {
         403 => format!(
             "{node} answered 403: the token's role does not allow this (stop needs operate)"
         ),
-        _ => format!("{node} answered HTTP {status}"),
-    }
+        _ if reason.is_empty() => format!("{node} answered HTTP {status}"),
+        _ => format!("{node} answered HTTP {status}: {reason}"),
+    };
+    ClientError::Refused(text)
+}
+
+/// `node` of `config`, or the error naming the known servers.
+fn server<'a>(
+    config: &'a Config,
+    node: &str,
+) -> Result<&'a crate::config::ServerConfig, ClientError> {
+    config
+        .servers
+        .get(node)
+        .ok_or_else(|| ClientError::UnknownNode {
+            node: node.to_owned(),
+            known: config.server_names(),
+        })
 }
 
 /// Ask every server (or `only` one) of `config`.
@@ -210,19 +280,14 @@ pub async fn backlog(
     config: &Config,
     only: Option<&str>,
     token: Option<&str>,
-) -> Result<BacklogReport, String> {
-    if let Some(node) = only
-        && !config.servers.contains_key(node)
-    {
-        return Err(format!(
-            "node {node:?} is not in the configuration; known servers: {}",
-            config.server_names()
-        ));
+) -> Result<BacklogReport, ClientError> {
+    if let Some(node) = only {
+        server(config, node)?;
     }
     let client = command_builder(config, token)?
         .timeout(Duration::from_secs(3))
         .build()
-        .map_err(|e| format!("cannot build HTTP client: {e}"))?;
+        .map_err(ClientError::Build)?;
     let mut servers = Vec::new();
     for (node, s) in &config.servers {
         if only.is_some_and(|o| o != node) {
@@ -230,14 +295,26 @@ pub async fn backlog(
         }
         let url = admin_url(config, &s.admin_listen, "/backlog");
         let view = async {
-            let response = client.get(&url).send().await.map_err(|e| e.to_string())?;
+            let response =
+                client
+                    .get(&url)
+                    .send()
+                    .await
+                    .map_err(|source| ClientError::Unreachable {
+                        node: node.clone(),
+                        address: s.admin_listen.clone(),
+                        source,
+                    })?;
             if !response.status().is_success() {
-                return Err(refused(config, node, response.status()));
+                return Err(refused(config, node, response).await);
             }
             response
                 .json::<BacklogView>()
                 .await
-                .map_err(|e| e.to_string())
+                .map_err(|source| ClientError::Unreadable {
+                    node: node.clone(),
+                    source,
+                })
         }
         .await;
         servers.push(ServerBacklog {
@@ -250,24 +327,23 @@ pub async fn backlog(
 }
 
 /// Ask server `node` to stop (`POST /stop`).
-pub async fn stop(config: &Config, node: &str, token: Option<&str>) -> Result<String, String> {
-    let Some(server) = config.servers.get(node) else {
-        return Err(format!(
-            "node {node:?} is not in the configuration; known servers: {}",
-            config.server_names()
-        ));
-    };
+pub async fn stop(config: &Config, node: &str, token: Option<&str>) -> Result<String, ClientError> {
+    let server = server(config, node)?;
     let url = admin_url(config, &server.admin_listen, "/stop");
     let response = command_builder(config, token)?
         .build()
-        .map_err(|e| format!("cannot build HTTP client: {e}"))?
+        .map_err(ClientError::Build)?
         .post(&url)
         .timeout(Duration::from_secs(5))
         .send()
         .await
-        .map_err(|e| format!("cannot reach {node} at {}: {e}", server.admin_listen))?;
+        .map_err(|source| ClientError::Unreachable {
+            node: node.to_owned(),
+            address: server.admin_listen.clone(),
+            source,
+        })?;
     if !response.status().is_success() {
-        return Err(refused(config, node, response.status()));
+        return Err(refused(config, node, response).await);
     }
     Ok(format!(
         "{node} is stopping: it announces the stop in the topology log (no takeover) and exits once its in-flight work is done"

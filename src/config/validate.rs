@@ -635,7 +635,10 @@ fn schedules(config: &Config, p: &mut Problems) {
             );
         }
         if let Err(e) = crate::schedule::Cadence::of(s) {
-            p.add(key(if s.cron.is_some() { "cron" } else { "every" }), e);
+            p.add(
+                key(if s.cron.is_some() { "cron" } else { "every" }),
+                e.to_string(),
+            );
         }
         let Some(adaptor) = config.adaptors.get(&s.adaptor) else {
             p.add(

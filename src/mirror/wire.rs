@@ -93,36 +93,56 @@ pub fn encode(origin: &str, generation: u64, body: &Body) -> Vec<u8> {
     buf
 }
 
+/// Why a mirror record cannot be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error("not a provring mirror record (bad magic)")]
+    Magic,
+    #[error("length overflow")]
+    Overflow,
+    #[error("record ends at byte {len} of {expected} expected")]
+    Short { len: usize, expected: usize },
+    #[error("invalid UTF-8 in a name: {0}")]
+    Utf8(std::str::Utf8Error),
+    #[error("unknown mirror record kind {0}")]
+    Kind(u8),
+    #[error("{0} bytes after the end of the record")]
+    Trailing(usize),
+}
+
 struct Reader<'a> {
     buf: &'a [u8],
     at: usize,
 }
 
 impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
-        let end = self.at.checked_add(n).ok_or("length overflow")?;
-        let s = self
-            .buf
-            .get(self.at..end)
-            .ok_or_else(|| format!("record ends at byte {} of {} expected", self.buf.len(), end))?;
+    fn take(&mut self, n: usize) -> Result<&'a [u8], WireError> {
+        let end = self.at.checked_add(n).ok_or(WireError::Overflow)?;
+        let s = self.buf.get(self.at..end).ok_or(WireError::Short {
+            len: self.buf.len(),
+            expected: end,
+        })?;
         self.at = end;
         Ok(s)
     }
-    fn u32(&mut self) -> Result<u32, String> {
-        Ok(u32::from_be_bytes(
-            self.take(4)?.try_into().map_err(|_| "short")?,
-        ))
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], WireError> {
+        let len = self.buf.len();
+        self.take(N)?.try_into().map_err(|_| WireError::Short {
+            len,
+            expected: self.at,
+        })
     }
-    fn u64(&mut self) -> Result<u64, String> {
-        Ok(u64::from_be_bytes(
-            self.take(8)?.try_into().map_err(|_| "short")?,
-        ))
+    fn u32(&mut self) -> Result<u32, WireError> {
+        Ok(u32::from_be_bytes(self.array()?))
     }
-    fn str(&mut self) -> Result<String, String> {
+    fn u64(&mut self) -> Result<u64, WireError> {
+        Ok(u64::from_be_bytes(self.array()?))
+    }
+    fn str(&mut self) -> Result<String, WireError> {
         let n = self.u32()? as usize;
         std::str::from_utf8(self.take(n)?)
             .map(str::to_owned)
-            .map_err(|e| format!("invalid UTF-8 in a name: {e}"))
+            .map_err(WireError::Utf8)
     }
     fn rest(&mut self) -> &'a [u8] {
         let s = self.buf.get(self.at..).unwrap_or_default();
@@ -131,10 +151,10 @@ impl<'a> Reader<'a> {
     }
 }
 
-pub fn decode(buf: &[u8]) -> Result<Frame, String> {
+pub fn decode(buf: &[u8]) -> Result<Frame, WireError> {
     let mut r = Reader { buf, at: 0 };
     if r.take(4).ok() != Some(MAGIC.as_slice()) {
-        return Err("not a provring mirror record (bad magic)".into());
+        return Err(WireError::Magic);
     }
     let kind = r.take(1)?[0];
     let generation = r.u64()?;
@@ -163,13 +183,10 @@ pub fn decode(buf: &[u8]) -> Result<Frame, String> {
             Body::Remove { finished }
         }
         4 => Body::End { batches: r.u32()? },
-        other => return Err(format!("unknown mirror record kind {other}")),
+        other => return Err(WireError::Kind(other)),
     };
     if r.at != buf.len() {
-        return Err(format!(
-            "{} bytes after the end of the record",
-            buf.len() - r.at
-        ));
+        return Err(WireError::Trailing(buf.len() - r.at));
     }
     Ok(Frame {
         origin,

@@ -62,7 +62,7 @@ pub struct ItemKey {
 
 /// Check a batch record received from another server: `(received_ms,
 /// items)`, or why it is unreadable.
-pub fn check_record(bytes: &[u8]) -> Result<(u64, usize), String> {
+pub fn check_record(bytes: &[u8]) -> Result<(u64, usize), record::RecordError> {
     record::check(bytes)
 }
 
@@ -118,7 +118,7 @@ pub(super) fn rebuild(tree: &sled::Tree) -> Result<CopiesIndex, RepositoryError>
         let Some((origin, adaptor, seq)) = parse_copy_key(&k) else {
             return Err(RepositoryError::Corrupt {
                 key: describe_key(&k),
-                reason: "malformed copy key".into(),
+                reason: record::RecordError::MalformedKey("copy"),
             });
         };
         let (received_ms, count) =

@@ -46,7 +46,11 @@ impl Repository {
 impl Repository {
     /// The receipt time and events of one handover record; `from` names
     /// the sender in warnings.
-    pub fn handover_events(&self, from: &str, bytes: &[u8]) -> Result<(u64, Vec<Event>), String> {
+    pub fn handover_events(
+        &self,
+        from: &str,
+        bytes: &[u8],
+    ) -> Result<(u64, Vec<Event>), record::RecordError> {
         let rec = record::read(bytes, &self.inner.keys)?;
         Ok((rec.received_ms, record_events(from, rec.items)))
     }

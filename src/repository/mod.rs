@@ -43,6 +43,7 @@ mod rekey;
 mod timeout;
 
 pub use backup::{CopiesView, ItemKey, check_record};
+pub use record::RecordError;
 pub use rekey::Rekeyed;
 pub use timeout::{Claim, ClaimRefused, OverdueItem};
 
@@ -67,7 +68,10 @@ pub enum RepositoryError {
     #[error("repository operation failed: {0}")]
     Sled(#[from] sled::Error),
     #[error("repository record {key} is unreadable: {reason}")]
-    Corrupt { key: String, reason: String },
+    Corrupt {
+        key: String,
+        reason: record::RecordError,
+    },
     #[error("repository flush failed: {0}")]
     Flush(String),
     #[error("repository flusher has stopped")]
@@ -226,7 +230,7 @@ impl Repository {
             path: path.to_owned(),
             reason,
         };
-        let marker = marker::check(path).map_err(open_err)?;
+        let marker = marker::check(path).map_err(|e| open_err(e.to_string()))?;
         let db = sled::Config::new()
             .path(path)
             .mode(sled::Mode::HighThroughput)
@@ -243,7 +247,7 @@ impl Repository {
         ) {
             (Some(v), marker_found) if v.len() == 16 => {
                 if marker_found.is_none() {
-                    marker::write(path).map_err(open_err)?;
+                    marker::write(path).map_err(|e| open_err(e.to_string()))?;
                 }
                 split_key(&v)
             }
@@ -256,7 +260,7 @@ impl Repository {
             }
             (_, None) => {
                 let key = new_hash_key(&db).map_err(|e| open_err(e.to_string()))?;
-                marker::write(path).map_err(open_err)?;
+                marker::write(path).map_err(|e| open_err(e.to_string()))?;
                 key
             }
         };
@@ -712,7 +716,7 @@ fn rebuild_index(
         let Some((adaptor, seq)) = parse_batch_key(&k) else {
             return Err(RepositoryError::Corrupt {
                 key: describe_key(&k),
-                reason: "malformed batch key".into(),
+                reason: record::RecordError::MalformedKey("batch"),
             });
         };
         let rec = record::read(&v, keys).map_err(|reason| RepositoryError::Corrupt {
@@ -836,7 +840,7 @@ fn seq_of(k: &[u8], prefix_len: usize) -> Result<u64, RepositoryError> {
         .map(u64::from_be_bytes)
         .ok_or_else(|| RepositoryError::Corrupt {
             key: describe_key(k),
-            reason: "malformed batch key".into(),
+            reason: record::RecordError::MalformedKey("batch"),
         })
 }
 

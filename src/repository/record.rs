@@ -82,6 +82,36 @@ impl<'k> Writer<'k> {
     }
 }
 
+/// Why a stored record (or its key) cannot be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RecordError {
+    #[error("unknown record version {0:?}")]
+    Version(Option<u8>),
+    #[error("record truncated at byte {at} (needs {len} more of {total})")]
+    Truncated { at: usize, len: usize, total: usize },
+    #[error("length overflow")]
+    Overflow,
+    #[error("invalid UTF-8 at byte {at}: {reason}")]
+    Utf8 {
+        at: usize,
+        reason: std::str::Utf8Error,
+    },
+    /// An item whose sealed part does not open with the keys held.
+    #[error("event {event}: {reason}")]
+    Sealed { event: String, reason: String },
+    #[error("event {event}: body is not UTF-8: {reason}")]
+    Body {
+        event: String,
+        reason: std::string::FromUtf8Error,
+    },
+    #[error("{0} bytes after the last item")]
+    Trailing(usize),
+    /// A key that does not name a batch (or a copy) as this version writes
+    /// them.
+    #[error("malformed {0} key")]
+    MalformedKey(&'static str),
+}
+
 pub struct Record {
     pub received_ms: u64,
     pub items: Vec<RecordItem>,
@@ -96,7 +126,7 @@ pub struct RecordItem {
 }
 
 /// Decode a record and open every item's sealed part with `keys`.
-pub fn read(v: &[u8], keys: &KeyRing) -> Result<Record, String> {
+pub fn read(v: &[u8], keys: &KeyRing) -> Result<Record, RecordError> {
     let (received_ms, count, mut pos) = header(v)?;
     let mut items = Vec::with_capacity(count.min(100_000) as usize);
     for _ in 0..count {
@@ -106,11 +136,16 @@ pub fn read(v: &[u8], keys: &KeyRing) -> Result<Record, String> {
         let sealed = bytes(v, &mut pos)?;
         let plain = keys
             .open(&event_ad(Sealed::Record, &source, &id, &event_type), sealed)
-            .map_err(|e| format!("event {source}|{id}: {e}"))?;
+            .map_err(|e| RecordError::Sealed {
+                event: format!("{source}|{id}"),
+                reason: e.to_string(),
+            })?;
         let mut at = 0;
         let subject = text(&plain, &mut at)?;
-        let body = String::from_utf8(plain[at..].to_vec())
-            .map_err(|e| format!("event {source}|{id}: body is not UTF-8: {e}"))?;
+        let body = String::from_utf8(plain[at..].to_vec()).map_err(|reason| RecordError::Body {
+            event: format!("{source}|{id}"),
+            reason,
+        })?;
         items.push(RecordItem {
             source,
             id,
@@ -120,20 +155,20 @@ pub fn read(v: &[u8], keys: &KeyRing) -> Result<Record, String> {
         });
     }
     if pos != v.len() {
-        return Err(format!("{} bytes after the last item", v.len() - pos));
+        return Err(RecordError::Trailing(v.len() - pos));
     }
     Ok(Record { received_ms, items })
 }
 
 /// Receipt time and number of items, checking the record's structure but
 /// opening nothing.
-pub fn check(v: &[u8]) -> Result<(u64, usize), String> {
+pub fn check(v: &[u8]) -> Result<(u64, usize), RecordError> {
     identities(v).map(|(ms, ids)| (ms, ids.len()))
 }
 
 /// Receipt time and the identities (`source`, `id`) of the items, without
 /// opening their sealed parts.
-pub fn identities(v: &[u8]) -> Result<(u64, Vec<(String, String)>), String> {
+pub fn identities(v: &[u8]) -> Result<(u64, Vec<(String, String)>), RecordError> {
     let (received_ms, count, mut pos) = header(v)?;
     let mut out = Vec::with_capacity(count.min(100_000) as usize);
     for _ in 0..count {
@@ -144,13 +179,13 @@ pub fn identities(v: &[u8]) -> Result<(u64, Vec<(String, String)>), String> {
         out.push((source, id));
     }
     if pos != v.len() {
-        return Err(format!("{} bytes after the last item", v.len() - pos));
+        return Err(RecordError::Trailing(v.len() - pos));
     }
     Ok((received_ms, out))
 }
 
 /// Whether every item of the record is sealed under the key `fingerprint`.
-pub fn sealed_under(v: &[u8], fingerprint: &str) -> Result<bool, String> {
+pub fn sealed_under(v: &[u8], fingerprint: &str) -> Result<bool, RecordError> {
     let (_, count, mut pos) = header(v)?;
     for _ in 0..count {
         for _ in 0..3 {
@@ -164,37 +199,46 @@ pub fn sealed_under(v: &[u8], fingerprint: &str) -> Result<bool, String> {
     Ok(true)
 }
 
-fn header(v: &[u8]) -> Result<(u64, u32, usize), String> {
+fn header(v: &[u8]) -> Result<(u64, u32, usize), RecordError> {
     if v.first() != Some(&VERSION) {
-        return Err(format!("unknown record version {:?}", v.first()));
+        return Err(RecordError::Version(v.first().copied()));
     }
-    let received_ms = u64::from_be_bytes(take(v, 1, 8)?.try_into().map_err(|_| "short record")?);
-    let count = u32::from_be_bytes(take(v, 9, 4)?.try_into().map_err(|_| "short record")?);
+    let received_ms = u64::from_be_bytes(array(v, 1)?);
+    let count = u32::from_be_bytes(array(v, 9)?);
     Ok((received_ms, count, 13))
 }
 
-fn bytes<'a>(v: &'a [u8], pos: &mut usize) -> Result<&'a [u8], String> {
-    let len =
-        u32::from_be_bytes(take(v, *pos, 4)?.try_into().map_err(|_| "short record")?) as usize;
+fn bytes<'a>(v: &'a [u8], pos: &mut usize) -> Result<&'a [u8], RecordError> {
+    let len = u32::from_be_bytes(array(v, *pos)?) as usize;
     let s = take(v, *pos + 4, len)?;
     *pos += 4 + len;
     Ok(s)
 }
 
-fn text(v: &[u8], pos: &mut usize) -> Result<String, String> {
+fn text(v: &[u8], pos: &mut usize) -> Result<String, RecordError> {
     let at = *pos;
     std::str::from_utf8(bytes(v, pos)?)
         .map(str::to_owned)
-        .map_err(|e| format!("invalid UTF-8 at byte {at}: {e}"))
+        .map_err(|reason| RecordError::Utf8 { at, reason })
 }
 
-fn take(v: &[u8], at: usize, len: usize) -> Result<&[u8], String> {
-    v.get(at..at.checked_add(len).ok_or("length overflow")?)
-        .ok_or_else(|| {
-            format!(
-                "record truncated at byte {at} (needs {len} more of {})",
-                v.len()
-            )
+/// `N` bytes at `at`, as an array.
+fn array<const N: usize>(v: &[u8], at: usize) -> Result<[u8; N], RecordError> {
+    take(v, at, N)?
+        .try_into()
+        .map_err(|_| RecordError::Truncated {
+            at,
+            len: N,
+            total: v.len(),
+        })
+}
+
+fn take(v: &[u8], at: usize, len: usize) -> Result<&[u8], RecordError> {
+    v.get(at..at.checked_add(len).ok_or(RecordError::Overflow)?)
+        .ok_or(RecordError::Truncated {
+            at,
+            len,
+            total: v.len(),
         })
 }
 
@@ -228,6 +272,6 @@ mod tests {
         assert!(read(&[], &k).is_err());
         let other = KeyRing::from_keys(&[8; 32], &[]);
         let e = read(&bytes, &other).err().expect("wrong key");
-        assert!(e.contains("/s|1"), "{e}");
+        assert!(e.to_string().contains("/s|1"), "{e}");
     }
 }

@@ -33,7 +33,7 @@ impl Repository {
             };
             for entry in tree.scan_prefix(prefix) {
                 let (k, v) = entry?;
-                let corrupt = |reason: String| RepositoryError::Corrupt {
+                let corrupt = |reason: record::RecordError| RepositoryError::Corrupt {
                     key: describe_key(&k),
                     reason,
                 };

@@ -88,7 +88,9 @@ impl HttpClient {
         gate: Gate,
     ) -> Result<HttpClient, BuildError> {
         let tls = match tls {
-            Some(files) => crate::tls::client_config(files).map_err(BuildError::Tls)?,
+            Some(files) => {
+                crate::tls::client_config(files).map_err(|e| BuildError::Tls(Box::new(e)))?
+            }
             None => {
                 rustls::ClientConfig::with_platform_verifier().map_err(BuildError::PlatformRoots)?
             }

@@ -64,8 +64,8 @@ pub enum BuildError {
     CredentialsInUrl { target: String },
     /// A certificate or key file of `[targets.<name>.tls]`
     /// ([`crate::tls::client_config`] names the key and file).
-    #[error("{0}")]
-    Tls(String),
+    #[error(transparent)]
+    Tls(Box<crate::tls::TlsError>),
     #[error("cannot load the TLS root certificates: {0}")]
     PlatformRoots(rustls::Error),
     #[error("cannot read bearer token file {path}: {source}")]

@@ -16,6 +16,7 @@
 //! broker redelivers what was not acked, and the loop reconnects with
 //! back-off.
 
+use crate::broker::consume;
 use crate::broker::declare::declare_adaptor_queue;
 use crate::broker::{Backoff, Broker, BrokerError};
 use crate::config::AdaptorKind;
@@ -26,10 +27,9 @@ use crate::repository::{Repository, RepositoryError, Stored};
 use crate::stats::Stats;
 use crate::topology::Fence;
 use crate::workflow::ItemSender;
-use futures::{FutureExt, StreamExt};
 use lapin::Channel;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::options::{BasicAckOptions, BasicCancelOptions};
 use lapin::types::FieldTable;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -56,6 +56,15 @@ pub enum AdaptorError {
         "this server no longer hosts the adaptor (or cannot read the topology log); the batch goes back to the queue unacked"
     )]
     NotHosted,
+}
+
+impl From<consume::End> for AdaptorError {
+    fn from(end: consume::End) -> Self {
+        match end {
+            consume::End::Closed => AdaptorError::ConsumerClosed,
+            failed => AdaptorError::Broker(failed.error("an adaptor queue")),
+        }
+    }
 }
 
 /// One adaptor of this server.
@@ -175,25 +184,9 @@ impl Adaptor {
         let channel = p.broker.channel().await?;
         let queue =
             declare_adaptor_queue(&channel, &cfg.namespace, cfg.queue_type, &p.queue).await?;
-        channel
-            .basic_qos(cfg.prefetch, BasicQosOptions::default())
-            .await
-            .map_err(BrokerError::op("basic.qos"))?;
-        let tag = format!(
-            "provring.{}.{}.{:08x}",
-            p.node,
-            p.name,
-            rand::random::<u32>()
-        );
-        let mut consumer = channel
-            .basic_consume(
-                queue.as_str().into(),
-                tag.as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(BrokerError::op("basic.consume"))?;
+        let tag = consume::tag(&format!("{}.{}", p.node, p.name));
+        let mut consumer =
+            consume::consume(&channel, &queue, &tag, cfg.prefetch, FieldTable::default()).await?;
         tracing::info!(adaptor = %p.name, %queue, "Consuming.");
 
         let (batch_tx, batch_rx) = mpsc::channel::<Vec<Delivery>>(2);
@@ -219,37 +212,20 @@ impl Adaptor {
                     writer_done = Some(());
                     break Err(e);
                 }
-                next = consumer.next() => {
+                next = consume::next(&mut consumer) => {
                     let delivery = match next {
-                        None => break Err(AdaptorError::ConsumerClosed),
-                        Some(Err(e)) => break Err(BrokerError::Op { op: "consume", source: e }.into()),
-                        Some(Ok(d)) => d,
+                        Ok(d) => d,
+                        Err(end) => break Err(end.into()),
                     };
                     let mut batch = Vec::with_capacity(64);
                     batch.push(delivery);
-                    // Take what is ready now, without waiting: the batch
-                    // grows while the writer flushes (group commit).
                     // The stream's end or an error is kept, not swallowed:
                     // the batch goes to the writer first, then the session ends.
-                    let mut end = None;
-                    while batch.len() < batch_max {
-                        match consumer.next().now_or_never() {
-                            Some(Some(Ok(d))) => batch.push(d),
-                            None => break, // nothing more ready yet
-                            Some(None) => {
-                                end = Some(AdaptorError::ConsumerClosed);
-                                break;
-                            }
-                            Some(Some(Err(e))) => {
-                                end = Some(BrokerError::Op { op: "consume", source: e }.into());
-                                break;
-                            }
-                        }
-                    }
+                    let end = consume::take_ready(&mut consumer, &mut batch, batch_max);
                     p.stats.received.fetch_add(batch.len() as u64, Relaxed);
                     let sent = batch_tx.send(batch).await.is_ok();
-                    if let Some(e) = end {
-                        break Err(e);
+                    if let Some(end) = end {
+                        break Err(end.into());
                     }
                     if !sent {
                         // The writer has stopped; its error arrives next turn.

@@ -1,9 +1,8 @@
 //! Take everything off a queue that nobody else writes to any more.
 
-use super::BrokerError;
-use futures::{FutureExt, StreamExt};
+use super::{BrokerError, consume};
 use lapin::Channel;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
+use lapin::options::{BasicAckOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 use std::future::Future;
 use std::time::Duration;
@@ -60,65 +59,41 @@ where
     Fut: Future<Output = Result<(), E>>,
     E: std::fmt::Display,
 {
-    channel
-        .basic_qos(CHUNK as u16 * 2, BasicQosOptions::default())
-        .await
-        .map_err(BrokerError::op("basic.qos"))?;
-    let mut consumer = channel
-        .basic_consume(
-            queue.into(),
-            tag.into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .map_err(BrokerError::op("basic.consume"))?;
+    let mut consumer =
+        consume::consume(channel, queue, tag, CHUNK as u16 * 2, FieldTable::default()).await?;
     let mut applied = 0;
     loop {
-        let mut bodies = Vec::new();
-        let mut last = None;
-        let first = tokio::time::timeout(Duration::from_millis(300), consumer.next()).await;
-        match first {
-            Ok(None) => {
-                return Err(BrokerError::Closed(format!(
-                    "the broker ended the consumer on {queue}"
-                )));
-            }
-            Ok(Some(Err(e))) => {
-                return Err(BrokerError::Op {
-                    op: "consume",
-                    source: e,
-                });
-            }
-            Ok(Some(Ok(_))) | Err(_) => {}
-        }
-        if let Ok(Some(Ok(d))) = first {
-            last = Some(d.delivery_tag);
-            bodies.push(d.data);
-            while bodies.len() < CHUNK {
-                match consumer.next().now_or_never() {
-                    Some(Some(Ok(d))) => {
-                        last = Some(d.delivery_tag);
-                        bodies.push(d.data);
-                    }
-                    _ => break,
-                }
-            }
-        }
-        let Some(tag) = last else {
+        let first =
+            match tokio::time::timeout(Duration::from_millis(300), consume::next(&mut consumer))
+                .await
+            {
+                Ok(next) => Some(next.map_err(|end| end.error(queue))?),
+                Err(_) => None,
+            };
+        let Some(first) = first else {
             if ready(channel, queue).await?.unwrap_or(0) == 0 {
                 return Ok(applied);
             }
             continue;
         };
-        let n = bodies.len();
-        apply(bodies).await.map_err(|e| {
-            BrokerError::Closed(format!("cannot apply what was drained from {queue}: {e}"))
-        })?;
-        channel
-            .basic_ack(tag, BasicAckOptions { multiple: true })
+        let mut batch = vec![first];
+        // What arrived before an end is applied and acked first.
+        let end = consume::take_ready(&mut consumer, &mut batch, CHUNK);
+        let last = batch.last().map(|d| d.delivery_tag).unwrap_or_default();
+        let n = batch.len();
+        apply(batch.into_iter().map(|d| d.data).collect())
             .await
-            .map_err(BrokerError::op("basic.ack"))?;
+            .map_err(|e| {
+                BrokerError::Closed(format!("cannot apply what was drained from {queue}: {e}"))
+            })?;
+        let acked = channel
+            .basic_ack(last, BasicAckOptions { multiple: true })
+            .await;
+        // After an end, its reason says more than the failed ack.
+        if let Some(end) = end {
+            return Err(end.error(queue));
+        }
+        acked.map_err(BrokerError::op("basic.ack"))?;
         applied += n;
     }
 }

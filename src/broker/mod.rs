@@ -18,6 +18,7 @@
 //!   default, single-active-consumer adaptor queues, the parking queue).
 //! - [`Publisher`]: publish with publisher confirm and a timeout.
 
+pub mod consume;
 pub mod declare;
 pub mod drain;
 mod publish;

@@ -9,13 +9,13 @@
 //! applied and never stops the consumer.
 
 use super::wire::{self, Body, Frame};
+use crate::broker::consume;
 use crate::broker::declare::declare_backup;
 use crate::broker::{Backoff, Broker, BrokerError};
 use crate::repository::{Repository, RepositoryError, check_record};
 use crate::topology::{State, Topology};
-use futures::{FutureExt, StreamExt};
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::options::BasicAckOptions;
 use lapin::types::FieldTable;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -165,24 +165,9 @@ impl Consumer {
         // then fails with INTERNAL_ERROR and closes the whole connection.
         // The origin declares the same queue as it starts: give it a moment.
         tokio::time::sleep(Duration::from_millis(300)).await;
-        channel
-            .basic_qos(cfg.prefetch, BasicQosOptions::default())
-            .await
-            .map_err(BrokerError::op("basic.qos"))?;
-        let tag = format!(
-            "provring.backup.{}.{:08x}",
-            self.origin,
-            rand::random::<u32>()
-        );
-        let mut consumer = channel
-            .basic_consume(
-                queue.as_str().into(),
-                tag.as_str().into(),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(BrokerError::op("basic.consume"))?;
+        let tag = consume::tag(&format!("backup.{}", self.origin));
+        let mut consumer =
+            consume::consume(&channel, &queue, &tag, cfg.prefetch, FieldTable::default()).await?;
         let mut check = tokio::time::interval(Duration::from_secs(1));
         loop {
             let first = tokio::select! {
@@ -207,29 +192,25 @@ impl Consumer {
                     let _ = channel.close(200, "backup consumer stopped".into()).await;
                     return Ok(());
                 }
-                next = consumer.next() => match next {
-                    None => return Err(BrokerError::Closed("the broker closed the backup consumer".into())),
-                    Some(Err(e)) => return Err(BrokerError::Op { op: "consume", source: e }),
-                    Some(Ok(d)) => d,
-                },
+                next = consume::next(&mut consumer) => next.map_err(|end| end.error("a backup queue"))?,
             };
             let mut batch = vec![first];
-            while batch.len() < BATCH_MAX {
-                match consumer.next().now_or_never() {
-                    Some(Some(Ok(d))) => batch.push(d),
-                    _ => break,
-                }
-            }
+            // What arrived before an end is stored and acked first.
+            let end = consume::take_ready(&mut consumer, &mut batch, BATCH_MAX);
             let last = batch.last().map(|d| d.delivery_tag).unwrap_or_default();
             if let Err(e) = self.apply(batch).await {
                 tracing::error!(origin = %self.origin, error = %e, "Cannot store copies; stopping the server.");
                 self.fatal.cancel();
                 return Err(BrokerError::Closed(e.to_string()));
             }
-            channel
+            let acked = channel
                 .basic_ack(last, BasicAckOptions { multiple: true })
-                .await
-                .map_err(BrokerError::op("basic.ack"))?;
+                .await;
+            // After an end, its reason says more than the failed ack.
+            if let Some(end) = end {
+                return Err(end.error("a backup queue"));
+            }
+            acked.map_err(BrokerError::op("basic.ack"))?;
         }
     }
 

@@ -8,7 +8,7 @@ use crate::broker::declare::backup_queue;
 use crate::event::Event;
 use crate::node::Node;
 use crate::repository::{Repository, RepositoryError, Stored};
-use crate::topology::{Change, Outcome, State};
+use crate::topology::{Change, State, TopologyError};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -64,7 +64,7 @@ pub enum TakeoverError {
     #[error(transparent)]
     Topology(#[from] crate::topology::TopologyError),
     #[error("the topology log refused the join: {0}")]
-    JoinRefused(String),
+    JoinRefused(crate::topology::Rejected),
     /// Adopted, but the adoption is not in the log yet: the failed server
     /// cannot rejoin until it is, so the taker adopts (finds) it again.
     #[error("adopted {items} items, but cannot record the adoption: {source}")]
@@ -225,36 +225,14 @@ pub async fn rejoin(node: &Node) -> Result<(), TakeoverError> {
         &node.alerter,
     )
     .await?;
-    let id = node.id.clone();
-    let keys = node.topology.keys();
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        let outcome = node
-            .topology
-            .propose_with(|s| {
-                s.servers
-                    .get(&id)
-                    .is_some_and(|x| x.failed)
-                    .then(|| Change::Joined {
-                        node: id.clone(),
-                        version: env!("CARGO_PKG_VERSION").to_owned(),
-                        key_fingerprint: Some(keys.fingerprint()),
-                        accepted_keys: keys.fingerprints(),
-                    })
-            })
-            .await?;
-        match outcome {
-            // The taker is still adopting this server's backlog.
-            Some(Outcome::Ignored(reason)) if Instant::now() < deadline => {
-                tracing::info!(%reason, "Cannot join yet; retrying.");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Some(Outcome::Ignored(reason)) => {
-                return Err(TakeoverError::JoinRefused(reason.to_string()));
-            }
-            _ => break,
-        }
-    }
+    let id = &node.id;
+    node.topology
+        .propose_joined(id, |s| s.servers.get(id).is_some_and(|x| x.failed))
+        .await
+        .map_err(|e| match e {
+            TopologyError::Refused(reason) => TakeoverError::JoinRefused(reason),
+            other => other.into(),
+        })?;
     tracing::warn!("Joined the topology again after being taken over.");
     Ok(())
 }
@@ -293,7 +271,13 @@ fn takeover_mail(
          Nothing moves back by itself: when {failed} is back, move what you want with\n\
          `provring move`.",
         epoch = after.epoch,
-        moved = if moved.is_empty() {
+        moved = if before.servers.get(failed).is_some_and(|s| s.failed) {
+            // It joined and failed again between two states this server
+            // saw: what it hosted in between is not known here.
+            "  (not known here: the server returned and failed again unseen; \
+             see `provring topology show`)"
+                .to_owned()
+        } else if moved.is_empty() {
             "  (nothing)".to_owned()
         } else {
             moved.join("\n")

@@ -16,12 +16,13 @@
 //! after the last one it could verify.
 
 use super::{Change, Outcome, Record, State, shape_differences};
+use crate::broker::consume;
 use crate::broker::declare::declare_topology;
 use crate::broker::{Backoff, Broker, BrokerError, PublishError, Publisher};
 use crate::config::Config;
 use crate::crypto::{Context, KeyRing, MacError};
 use futures::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::options::BasicAckOptions;
 use lapin::types::{AMQPValue, FieldTable};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -35,6 +36,9 @@ const PROPOSAL_TIMEOUT: Duration = Duration::from_secs(15);
 const SNAPSHOT_EVERY: u64 = 32;
 /// Attempts of a compare-and-set that keeps losing to other changes.
 const CAS_ATTEMPTS: usize = 20;
+/// How long a server retries its join while the log refuses it (its
+/// taker still adopting its backlog).
+const JOIN_PATIENCE: Duration = Duration::from_secs(300);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TopologyError {
@@ -81,7 +85,7 @@ pub enum TopologyError {
     #[error("the topology log refused the change: {0}")]
     Refused(super::Rejected),
     /// The cluster key could not be loaded (by the command-line tool).
-    #[error("the topology log refused the change: {0}")]
+    #[error("security.key_file: {0}")]
     KeyRing(crate::crypto::KeyError),
     #[error("gave up after {0} attempts: other changes kept winning")]
     Contended(usize),
@@ -163,8 +167,6 @@ impl Topology {
         keys: Arc<KeyRing>,
         shutdown: CancellationToken,
     ) -> Result<(Topology, Arc<State>), TopologyError> {
-        let key_fingerprint = Some(keys.fingerprint());
-        let accepted_keys = keys.fingerprints();
         let topology = Topology::connect(broker, node, keys, shutdown).await?;
         topology.sync().await?;
         topology.check_key(config, node)?;
@@ -195,35 +197,15 @@ impl Topology {
                 known: state.ring.join(", "),
             });
         }
-        let version = env!("CARGO_PKG_VERSION").to_owned();
         let before = std::sync::Mutex::new(state.clone());
-        let deadline = Instant::now() + Duration::from_secs(300);
-        loop {
-            let outcome = topology
-                .propose_with(|s| {
-                    if let Ok(mut b) = before.lock() {
-                        *b = Arc::new(s.clone());
-                    }
-                    Some(Change::Joined {
-                        node: node.to_owned(),
-                        version: version.clone(),
-                        key_fingerprint: key_fingerprint.clone(),
-                        accepted_keys: accepted_keys.clone(),
-                    })
-                })
-                .await?;
-            match outcome {
-                Some(Outcome::Ignored(reason)) if Instant::now() < deadline => {
-                    // The taker is still adopting this server's backlog.
-                    tracing::info!(%reason, "Cannot join yet; retrying.");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+        topology
+            .propose_joined(node, |s| {
+                if let Ok(mut b) = before.lock() {
+                    *b = Arc::new(s.clone());
                 }
-                Some(Outcome::Ignored(reason)) => {
-                    return Err(TopologyError::Refused(reason));
-                }
-                _ => break,
-            }
-        }
+                true
+            })
+            .await?;
         let before = before
             .into_inner()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -371,6 +353,39 @@ impl Topology {
             }
         }
         Ok(outcome)
+    }
+
+    /// Record that `node` (this server) has joined, with its version and
+    /// keys, if `needed` says so of the current state. A refusal (the
+    /// taker of this server is still adopting its backlog) is retried
+    /// every 200 ms for up to 5 minutes, then returned.
+    pub async fn propose_joined(
+        &self,
+        node: &str,
+        needed: impl Fn(&State) -> bool,
+    ) -> Result<(), TopologyError> {
+        let keys = self.keys();
+        let deadline = Instant::now() + JOIN_PATIENCE;
+        loop {
+            let outcome = self
+                .propose_with(|s| {
+                    needed(s).then(|| Change::Joined {
+                        node: node.to_owned(),
+                        version: env!("CARGO_PKG_VERSION").to_owned(),
+                        key_fingerprint: Some(keys.fingerprint()),
+                        accepted_keys: keys.fingerprints(),
+                    })
+                })
+                .await?;
+            match outcome {
+                Some(Outcome::Ignored(reason)) if Instant::now() < deadline => {
+                    tracing::info!(%reason, "Cannot join yet; retrying.");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Some(Outcome::Ignored(reason)) => return Err(TopologyError::Refused(reason)),
+                _ => return Ok(()),
+            }
+        }
     }
 
     /// Compare-and-set with retries: `make` builds the change from the
@@ -559,10 +574,6 @@ async fn open_session(
 ) -> Result<(lapin::Channel, lapin::Consumer), BrokerError> {
     let channel = broker.channel().await?;
     declare_topology(&channel, &broker.config().namespace).await?;
-    channel
-        .basic_qos(256, BasicQosOptions::default())
-        .await
-        .map_err(BrokerError::op("basic.qos"))?;
     let mut args = FieldTable::default();
     args.insert(
         "x-stream-offset".into(),
@@ -571,16 +582,8 @@ async fn open_session(
             None => AMQPValue::LongString("first".into()),
         },
     );
-    let tag = format!("provring.topology.{:08x}", rand::random::<u32>());
-    let consumer = channel
-        .basic_consume(
-            shared.queue.as_str().into(),
-            tag.as_str().into(),
-            BasicConsumeOptions::default(),
-            args,
-        )
-        .await
-        .map_err(BrokerError::op("basic.consume"))?;
+    let tag = consume::tag("topology");
+    let consumer = consume::consume(&channel, &shared.queue, &tag, 256, args).await?;
     Ok((channel, consumer))
 }
 

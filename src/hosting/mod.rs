@@ -27,7 +27,7 @@ use crate::node::Node;
 use crate::supervisor::takeover::{self, TakeoverError};
 use crate::topology::State;
 use crate::workflow::{Executor, targets};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::task::JoinHandle;
@@ -107,7 +107,8 @@ struct Work {
     /// Handovers of moved adaptors' backlogs in progress.
     sending: HashMap<String, (CancellationToken, JoinHandle<()>)>,
     singletons: BTreeMap<String, JoinHandle<()>>,
-    adopted: BTreeSet<String>,
+    /// See [`Here::adopted`].
+    adopted: BTreeMap<String, Option<u64>>,
 }
 
 /// The context of one action: the topology it follows and the one before.
@@ -144,7 +145,8 @@ impl Work {
                 let before = step.previous.filter(|_| mail);
                 match takeover::take_over(node, &failed, before, step.state).await {
                     Ok(_) => {
-                        self.adopted.insert(failed);
+                        let joined = step.state.servers.get(&failed).and_then(|s| s.joined_epoch);
+                        self.adopted.insert(failed, joined);
                     }
                     // Adopted again (found again) at the next change.
                     Err(TakeoverError::NotRecorded { items, source }) => {

@@ -3,7 +3,7 @@
 //! here. [`super::run`] only carries the actions out, in the order given.
 
 use crate::topology::{State, TIMEOUT_CHECKER};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// The scheduler's name among the singletons.
 pub const SCHEDULER: &str = "scheduler";
@@ -18,8 +18,13 @@ pub struct Here {
     pub handovers: BTreeSet<String>,
     /// Singleton services running here.
     pub singletons: BTreeSet<String>,
-    /// Failed servers whose backlog this server has adopted.
-    pub adopted: BTreeSet<String>,
+    /// Failed servers whose backlog this server has adopted, each with
+    /// the epoch it had last joined at ([`ServerState::joined_epoch`]): a
+    /// server that joined again and failed again is a new takeover, even
+    /// if hosting saw neither the join nor the new failure on its own.
+    ///
+    /// [`ServerState::joined_epoch`]: crate::topology::ServerState::joined_epoch
+    pub adopted: BTreeMap<String, Option<u64>>,
     /// The cluster file has schedules (without any, the scheduler does
     /// not run anywhere).
     pub has_schedules: bool,
@@ -81,14 +86,17 @@ pub fn plan(previous: Option<&State>, current: &State, node: &str, here: &Here) 
     let mut actions = Vec::new();
     // Adopt first, so that the adaptors start with the whole backlog.
     for (id, s) in &current.servers {
-        if s.failed && s.taken_over_by.as_deref() == Some(node) && !here.adopted.contains(id) {
+        if s.failed
+            && s.taken_over_by.as_deref() == Some(node)
+            && here.adopted.get(id) != Some(&s.joined_epoch)
+        {
             actions.push(Action::Adopt {
                 failed: id.clone(),
                 mail: previous.is_some(),
             });
         }
     }
-    for id in &here.adopted {
+    for id in here.adopted.keys() {
         if !current.servers.get(id).is_some_and(|s| s.failed) {
             actions.push(Action::Forget { failed: id.clone() });
         }
@@ -255,7 +263,7 @@ mod tests {
                 .servers
                 .iter()
                 .filter(|(_, x)| x.failed && x.taken_over_by.as_deref() == Some(node))
-                .map(|(id, _)| id.clone())
+                .map(|(id, x)| (id.clone(), x.joined_epoch))
                 .collect(),
             has_schedules: true,
         }
@@ -321,9 +329,45 @@ mod tests {
         );
         // Done once: the next change does not adopt again.
         let mut here = following(&before, "c");
-        here.adopted.insert("b".into());
+        here.adopted
+            .insert("b".into(), after.servers["b"].joined_epoch);
         here.adaptors.insert("pw".into());
         assert_eq!(plan(Some(&after), &after, "c", &here), vec![]);
+    }
+
+    #[test]
+    fn a_peer_that_rejoined_and_failed_again_unseen_is_adopted_again() {
+        // c adopted b; b joined again and was killed again while c's
+        // hosting was busy: c sees only the last state, b failed and
+        // taken over by c, as after the first failure.
+        let first = taken_over(ring(), "b", "c");
+        let adopted = apply(
+            &first,
+            Change::Adopted {
+                failed: "b".into(),
+                by: "c".into(),
+            },
+        );
+        let mut here = following(&adopted, "c");
+        assert_eq!(here.adopted.len(), 1);
+        let rejoined = apply(
+            &adopted,
+            Change::Joined {
+                node: "b".into(),
+                version: "test".into(),
+                key_fingerprint: None,
+                accepted_keys: vec![],
+            },
+        );
+        let again = taken_over(rejoined, "b", "c");
+        here.adaptors.insert("pw".into());
+        assert_eq!(
+            plan(Some(&adopted), &again, "c", &here),
+            vec![Action::Adopt {
+                failed: "b".into(),
+                mail: true
+            }]
+        );
     }
 
     #[test]
@@ -410,7 +454,7 @@ mod tests {
         // Its taker forgets the adoption, so that a later failure is
         // adopted again.
         let mut taker = following(&s, "b");
-        taker.adopted.insert("a".into());
+        taker.adopted.insert("a".into(), None);
         assert_eq!(
             plan(Some(&s), &s, "b", &taker),
             vec![Action::Forget { failed: "a".into() }]

@@ -65,7 +65,10 @@ impl Alerter {
             .from
             .parse()
             .map_err(|e| format!("alerts.from {:?}: {e}", cfg.from))?;
+        // The arrows and names in the text are UTF-8: say so, or mail
+        // readers guess another charset and garble them.
         let mut builder = Message::builder()
+            .header(lettre::message::header::ContentType::TEXT_PLAIN)
             .message_id(message_id)
             .from(from)
             .subject(format!("[provring] {subject}"));

@@ -67,6 +67,32 @@ pub mod tls;
 pub mod topology;
 pub mod workflow;
 
+/// Write one line of a command's output to stdout. When the reader has
+/// gone away (`provring topology show | head`), the process ends quietly
+/// with 0 instead of panicking on the broken pipe; [`say!`] is the
+/// `println!` form of it.
+pub fn say_line(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = writeln!(out, "{args}").and_then(|()| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        // Anything else (a full disk behind a redirect) is worth a word.
+        eprintln!("provring: cannot write the output: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// `println!` for command output that ends quietly on a closed pipe
+/// (see [`say_line`]).
+#[macro_export]
+macro_rules! say {
+    ($($arg:tt)*) => {
+        $crate::say_line(format_args!($($arg)*))
+    };
+}
+
 /// Install the process-wide rustls crypto provider (aws-lc-rs) once, before
 /// any TLS is used; rustls panics when it has to choose between two.
 pub fn install_crypto_provider() {

@@ -37,7 +37,7 @@ pub async fn run(config: &Config, files: &[PathBuf]) -> Result<bool, RingError> 
     let key = &config.security.key_file;
     if !key.exists() {
         let fingerprint = crate::crypto::keygen(key)?;
-        println!(
+        crate::say!(
             "ring: wrote a new cluster key to {} (fingerprint {fingerprint})",
             key.display()
         );
@@ -59,7 +59,7 @@ pub async fn run(config: &Config, files: &[PathBuf]) -> Result<bool, RingError> 
         tracing::info!(%node, pid = child.id(), "Server process started.");
         children.push((node.clone(), child));
     }
-    println!(
+    crate::say!(
         "ring: {} servers running ({}); Ctrl-C stops them",
         children.len(),
         config.server_names()

@@ -186,7 +186,7 @@ fn check_config(args: &ConfigArgs) -> Outcome {
     })?;
     // Certificate files too, named by their key.
     let tls_notes = provring::tls::check_files(&c).map_err(Failure::config)?;
-    println!(
+    provring::say!(
         "configuration OK: {} servers, {} adaptors, {} targets, namespace {:?}",
         c.servers.len(),
         c.adaptors.len(),
@@ -194,12 +194,12 @@ fn check_config(args: &ConfigArgs) -> Outcome {
         c.broker.namespace
     );
     print_initial_hosts(&c);
-    println!("  cluster key: fingerprint {}", keys.fingerprint());
+    provring::say!("  cluster key: fingerprint {}", keys.fingerprint());
     if c.admin.tls.is_some() {
-        println!("  admin API: HTTPS, mutual TLS between peers");
+        provring::say!("  admin API: HTTPS, mutual TLS between peers");
     }
     for note in tls_notes {
-        println!("  warning: {note}");
+        provring::say!("  warning: {note}");
     }
     Ok(0)
 }
@@ -217,8 +217,8 @@ fn print_initial_hosts(c: &config::Config) {
             .collect();
         hosts.sort_unstable();
         match initial.hosts_nothing_because(id) {
-            Some(reason) => println!("  {id}: hosts nothing: {reason}"),
-            None => println!("  {id}: {}", hosts.join(", ")),
+            Some(reason) => provring::say!("  {id}: hosts nothing: {reason}"),
+            None => provring::say!("  {id}: {}", hosts.join(", ")),
         }
     }
 }
@@ -239,7 +239,7 @@ async fn publish_events(
     let summary = publish::run(&config, adaptor, source)
         .await
         .map_err(Failure::failed)?;
-    println!("{summary}");
+    provring::say!("{summary}");
     Ok(0)
 }
 
@@ -250,7 +250,7 @@ async fn backlog(args: &ConfigArgs, node: Option<&str>, json: bool) -> Outcome {
     let report = provring::admin::client::backlog(&config, node, token.as_deref())
         .await
         .map_err(Failure::config)?;
-    println!("{}", report.render(json));
+    provring::say!("{}", report.render(json));
     Ok(if report.all_reachable() {
         0
     } else {
@@ -265,7 +265,7 @@ async fn stop(args: &ConfigArgs, node: &str) -> Outcome {
     let text = provring::admin::client::stop(&config, node, token.as_deref())
         .await
         .map_err(Failure::failed)?;
-    println!("{text}");
+    provring::say!("{text}");
     Ok(0)
 }
 
@@ -281,7 +281,7 @@ async fn move_to(
     let (text, code) = provring::topology::tool::move_to(&config, what, to, wait)
         .await
         .map_err(Failure::failed)?;
-    println!("{text}");
+    provring::say!("{text}");
     Ok(code)
 }
 
@@ -306,7 +306,7 @@ async fn topology(command: TopologyCommand) -> Outcome {
                 .map_err(Failure::failed)?
         }
     };
-    println!("{text}");
+    provring::say!("{text}");
     Ok(if applied { 0 } else { EXIT_REFUSED })
 }
 
@@ -314,7 +314,7 @@ async fn topology(command: TopologyCommand) -> Outcome {
 fn broker_definitions(args: &ConfigArgs) -> Outcome {
     let c = load(args)?;
     let doc = provring::broker::declare::definitions(&c);
-    println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+    provring::say!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
     Ok(0)
 }
 
@@ -323,7 +323,7 @@ fn broker_definitions(args: &ConfigArgs) -> Outcome {
 fn keygen(out: &Path, if_missing: bool) -> Outcome {
     if if_missing && out.exists() {
         let k = provring::crypto::KeyRing::load(out, &[]).map_err(Failure::config)?;
-        println!(
+        provring::say!(
             "key {} exists (fingerprint {}); left as it is",
             out.display(),
             k.fingerprint()
@@ -331,7 +331,7 @@ fn keygen(out: &Path, if_missing: bool) -> Outcome {
         return Ok(0);
     }
     let fingerprint = provring::crypto::keygen(out).map_err(Failure::failed)?;
-    println!(
+    provring::say!(
         "wrote a new cluster key to {} (fingerprint {fingerprint}); copy it to every server and set [security] key_file",
         out.display()
     );
@@ -341,7 +341,7 @@ fn keygen(out: &Path, if_missing: bool) -> Outcome {
 /// `provring token`.
 fn token(name: &str, role: &str, out: &Path) -> Outcome {
     let hash = provring::cli::write_token(out).map_err(Failure::failed)?;
-    println!(
+    provring::say!(
         "wrote a new token to {} (present it with --token-file {0} or PROVRING_TOKEN); add to the cluster file:\n\n[[security.admin_tokens]]\nname = {name:?}\nrole = {role:?}\nsha256 = {hash:?}",
         out.display()
     );
@@ -352,7 +352,7 @@ fn token(name: &str, role: &str, out: &Path) -> Outcome {
 fn rekey(args: &ConfigArgs, node: &str) -> Outcome {
     let config = load(args)?;
     let done = provring::cli::rekey(&config, node).map_err(Failure::failed)?;
-    println!("{done}");
+    provring::say!("{done}");
     Ok(0)
 }
 
@@ -365,6 +365,6 @@ async fn run_bench(which: Bench) -> Outcome {
         Bench::Pipeline(args) => bench::pipeline(args).await.map(|r| r.render(args.json)),
     }
     .map_err(|e| Failure::failed(format!("bench failed: {e}")))?;
-    println!("{report}");
+    provring::say!("{report}");
     Ok(0)
 }

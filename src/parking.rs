@@ -44,6 +44,7 @@ pub enum ParkError {
 /// Publishes to the parking queue; cheap to clone.
 #[derive(Clone)]
 pub struct Parking {
+    broker: Broker,
     publisher: Publisher,
     queue: String,
     keys: Arc<KeyRing>,
@@ -54,11 +55,22 @@ impl Parking {
     pub fn new(broker: Broker, keys: Arc<KeyRing>, ttl: Duration) -> Parking {
         let queue = parking_queue(&broker.config().namespace);
         Parking {
-            publisher: Publisher::for_parking(broker),
+            publisher: Publisher::for_parking(broker.clone()),
+            broker,
             queue,
             keys,
             ttl,
         }
+    }
+
+    /// Declare the parking queue, so that a consumer finds it before
+    /// anything is parked (publishing declares it too).
+    pub async fn declare(&self) -> Result<(), crate::broker::BrokerError> {
+        let cfg = self.broker.config();
+        let channel = self.broker.channel().await?;
+        crate::broker::declare::declare_parking(&channel, &cfg.namespace, cfg.queue_type).await?;
+        let _ = channel.close(200, "declared".into()).await;
+        Ok(())
     }
 
     /// The underlying confirm-mode publisher (shared with other publishes

@@ -153,6 +153,9 @@ pub async fn start(config: &Config, node: &str) -> Result<Running, ServerError> 
         finishing: Finishing::default(),
         peers,
     });
+    if let Err(e) = this.parking.declare().await {
+        tracing::warn!(error = %e, "Cannot declare the parking queue now; it is declared when something is first parked.");
+    }
     let mut tasks = vec![("mirror".to_owned(), mirror_task)];
     tasks.extend(spawn_roles(&this, &shutdown));
     let stopping = CancellationToken::new();

@@ -26,6 +26,7 @@ async fn reconnects_after_a_broker_restart_and_loses_nothing() {
     setup.uri = uri;
     setup.concurrency = 4;
     setup.grace = "3s";
+    setup.admin = free_addr();
     let cfg_path = setup.write(dir.path());
     let cfg = load(&cfg_path);
     let _cleanup = Cleanup::new(&cfg.broker, &["hr"]);
@@ -37,8 +38,24 @@ async fn reconnects_after_a_broker_restart_and_loses_nothing() {
     })
     .await;
     let at_stop = rec.distinct_effects();
+    wait_ready(
+        &setup.admin,
+        200,
+        Duration::from_secs(10),
+        "before the restart",
+    )
+    .await;
     rabbitmqctl(PORT, &["stop_app"]);
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Fenced without its broker: an orchestrator sees it is not ready.
+    let body = wait_ready(
+        &setup.admin,
+        503,
+        Duration::from_secs(15),
+        "with the broker down",
+    )
+    .await;
+    println!("not ready while the broker is down: {body}");
+    assert!(body["reasons"].to_string().contains("fenced"), "{body}");
     rabbitmqctl(PORT, &["start_app"]);
     println!("broker restarted after {at_stop} of 5000 deliveries");
     assert!(
@@ -49,6 +66,13 @@ async fn reconnects_after_a_broker_restart_and_loses_nothing() {
 
     rec.wait_for(7000, Duration::from_secs(180), "after the broker restart")
         .await;
+    wait_ready(
+        &setup.admin,
+        200,
+        Duration::from_secs(30),
+        "after the broker restart",
+    )
+    .await;
     assert!(
         server.is_running(),
         "server must survive the broker restart"

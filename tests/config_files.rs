@@ -134,3 +134,23 @@ fn broker_definitions_file_matches_the_cluster_file() {
         "broker/definitions.json is stale: regenerate with provring broker-definitions --config config/cluster.toml"
     );
 }
+
+/// `provring … | head` closes the pipe before the command has written
+/// everything: the command ends quietly, without a panic's backtrace.
+#[test]
+fn a_closed_output_pipe_ends_a_command_quietly() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_provring"))
+        .args(["broker-definitions", "--config"])
+        .arg(root().join("config/cluster.toml"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run");
+    // The reader goes away before the command writes (it reads its
+    // configuration first).
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("wait");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(out.status.success(), "{:?}: {err}", out.status);
+}

@@ -67,6 +67,24 @@ async fn kill_each_server_in_turn_under_load() {
             state.monitors
         );
         assert_eq!(state.monitors.len(), 2, "links: {:?}", state.monitors);
+        if round == 0 {
+            // What an operator reads names the taker.
+            let taker = state.servers[*victim]
+                .taken_over_by
+                .clone()
+                .expect("a taker");
+            let config_arg = path.to_str().expect("path");
+            let (_, out, err) = provring_async(&["backlog", "--config", config_arg]).await;
+            assert!(
+                out.lines().any(|l| l.starts_with(*victim)
+                    && l.contains(&format!("failed; taken over by {taker}"))),
+                "backlog: {out}{err}"
+            );
+            let (code, out, err) =
+                provring_async(&["topology", "show", "--config", config_arg]).await;
+            assert_eq!(code, 0, "{out}{err}");
+            assert!(out.contains(&format!("taken over by {taker}")), "{out}");
+        }
         assert!(
             state.adaptors.values().all(|h| h != victim),
             "adaptors left on {victim}: {:?}",
@@ -78,6 +96,20 @@ async fn kill_each_server_in_turn_under_load() {
             smtp.count(&subject) >= 1
         })
         .await;
+        // Its text (arrows, names) is UTF-8, and it says so.
+        let mail = smtp
+            .messages
+            .lock()
+            .expect("lock")
+            .iter()
+            .find(|m| m.contains(&subject))
+            .cloned()
+            .unwrap_or_default();
+        assert!(
+            mail.to_ascii_lowercase()
+                .contains("content-type: text/plain; charset=utf-8"),
+            "{mail}"
+        );
         // More load while it is down.
         for feed in nodes {
             publish(
@@ -184,6 +216,21 @@ async fn an_intentional_stop_is_not_taken_over() {
     let state = try_topology_of(&admins["a"]).await.expect("a's topology");
     assert!(state.servers["c"].stopping && !state.servers["c"].failed);
     assert_eq!(smtp.count("failed"), 0, "a failure mail was sent");
+    // `provring backlog` tells a server stopped on purpose from a failed one.
+    let (code, out, err) = provring(&[
+        "backlog",
+        "--json",
+        "--config",
+        path.to_str().expect("path"),
+    ]);
+    assert_eq!(code, 1, "c does not answer: {out}{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).expect("backlog JSON");
+    let c = report
+        .as_array()
+        .and_then(|all| all.iter().find(|s| s["node"] == "c"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(c["standing"], "stopped on purpose", "{report}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -250,6 +297,14 @@ async fn a_frozen_server_is_taken_over_and_delivers_nothing_it_surrendered() {
     })
     .await;
     assert_eq!(state.adaptors["feed_b"], taker);
+    // Ready again for an orchestrator once it has rejoined.
+    wait_ready(
+        &admins["b"],
+        200,
+        Duration::from_secs(30),
+        "b after its rejoin",
+    )
+    .await;
     recorder
         .wait_quiet(Duration::from_secs(2), Duration::from_secs(30))
         .await;

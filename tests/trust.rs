@@ -511,6 +511,18 @@ async fn the_admin_api_wants_tokens_and_cuts_off_slow_clients() {
     let _cleanup = Cleanup::new(&config.broker, &["hr"]);
     let mut server = ServerProc::start(&path, "a", dir.path().join("a.log"));
     server.wait_started(Duration::from_secs(60));
+    // The parking queue is there from the start, before anything is parked.
+    let broker = provring::broker::Broker::new(config.broker.clone(), "test");
+    let channel = broker.channel().await.expect("channel");
+    let parking = format!("{}.parking", config.broker.namespace);
+    assert_eq!(
+        provring::broker::drain::ready(&channel, &parking)
+            .await
+            .expect("passive declare"),
+        Some(0),
+        "{parking} is not declared at start"
+    );
+    broker.close().await;
     let base = format!("http://{}", setup.admin);
     let http = reqwest::Client::new();
     let peer = key_ring(dir.path()).peer_tokens()[0].clone();

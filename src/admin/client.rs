@@ -54,6 +54,25 @@ pub struct ServerBacklog {
     pub node: String,
     pub address: String,
     pub view: Result<BacklogView, ClientError>,
+    /// For a server that did not answer, what the topology (as a server
+    /// that did answer knows it) says of it: stopped on purpose, or failed
+    /// and taken over by whom.
+    pub standing: Option<String>,
+}
+
+/// What the topology says of a server that does not answer.
+fn standing(state: &crate::topology::State, node: &str) -> Option<String> {
+    let s = state.servers.get(node)?;
+    if s.failed {
+        Some(match &s.taken_over_by {
+            Some(by) => format!("failed; taken over by {by}"),
+            None => "failed; taken over".to_owned(),
+        })
+    } else if s.stopping {
+        Some("stopped on purpose".to_owned())
+    } else {
+        None
+    }
 }
 
 pub struct BacklogReport {
@@ -72,7 +91,7 @@ impl BacklogReport {
                 .iter()
                 .map(|s| match &s.view {
                     Ok(v) => serde_json::json!({"node": s.node, "address": s.address, "adaptors": v.adaptors, "copies": v.copies}),
-                    Err(e) => serde_json::json!({"node": s.node, "address": s.address, "error": e.why()}),
+                    Err(e) => serde_json::json!({"node": s.node, "address": s.address, "error": e.why(), "standing": s.standing}),
                 })
                 .collect();
             return serde_json::Value::Array(items).to_string();
@@ -83,12 +102,18 @@ impl BacklogReport {
         );
         for s in &self.servers {
             match &s.view {
-                Err(e) => out.push_str(&format!(
-                    "\n{:<12} unreachable at {}: {}",
-                    s.node,
-                    s.address,
-                    e.why()
-                )),
+                Err(e) => match &s.standing {
+                    Some(standing) => out.push_str(&format!(
+                        "\n{:<12} {standing} (no answer at {})",
+                        s.node, s.address
+                    )),
+                    None => out.push_str(&format!(
+                        "\n{:<12} unreachable at {}: {}",
+                        s.node,
+                        s.address,
+                        e.why()
+                    )),
+                },
                 Ok(v) if v.adaptors.is_empty() && v.copies.is_empty() => out.push_str(&format!(
                     "\n{:<12} {:<16} {:>10} {:>14}",
                     s.node, "-", 0, "-"
@@ -321,9 +346,35 @@ pub async fn backlog(
             node: node.clone(),
             address: s.admin_listen.clone(),
             view,
+            standing: None,
         });
     }
+    if servers.iter().any(|s| s.view.is_err())
+        && let Some(state) = topology_of_any(&client, config).await
+    {
+        for s in servers.iter_mut().filter(|s| s.view.is_err()) {
+            s.standing = standing(&state, &s.node);
+        }
+    }
     Ok(BacklogReport { servers })
+}
+
+/// The topology as the first server that answers knows it.
+async fn topology_of_any(
+    client: &reqwest::Client,
+    config: &Config,
+) -> Option<crate::topology::State> {
+    for s in config.servers.values() {
+        let url = admin_url(config, &s.admin_listen, "/topology");
+        let answer = client.get(&url).send().await;
+        let Ok(response) = answer.and_then(reqwest::Response::error_for_status) else {
+            continue;
+        };
+        if let Ok(state) = response.json().await {
+            return Some(state);
+        }
+    }
+    None
 }
 
 /// Ask server `node` to stop (`POST /stop`).

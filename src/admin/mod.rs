@@ -1,6 +1,9 @@
 //! The admin HTTP API on `servers.<id>.admin_listen`.
 //!
-//! - `GET /health`: `200 ok` while the server runs.
+//! - `GET /health`, `GET /health/live`: `200 ok` while the process runs.
+//! - `GET /health/ready`: 200 while this server does its work; 503 while
+//!   it is fenced (cannot read the topology log: broker connection lost),
+//!   taken over and not rejoined, stopping, or failed ([`Readiness`]).
 //! - `GET /backlog`: this server's unfinished items per adaptor (count and
 //!   age of the oldest) and the copies it holds for each origin, as JSON
 //!   ([`BacklogView`]).
@@ -18,7 +21,7 @@
 //! - `POST /stop`: stop this server as SIGTERM does (the stop is announced
 //!   in the topology log, so it is not taken over).
 //!
-//! Who may call which route is [`auth`]'s business: `/health` is open,
+//! Who may call which route is [`auth`]'s business: `/health*` is open,
 //! the rest need a bearer token (`read`, `operate` for `/stop`, the peer
 //! token for `/timeout/*`), unless `security.admin_auth = "none"`. The
 //! server closes connections that do not send their headers within
@@ -196,6 +199,8 @@ fn router(parts: AdminParts) -> Router {
     let timeout = parts.limits.request_timeout;
     Router::new()
         .route("/health", get(|| async { "ok" }))
+        .route("/health/live", get(|| async { "ok" }))
+        .route("/health/ready", get(ready))
         .merge(read)
         .merge(operate)
         .merge(peer)
@@ -641,6 +646,63 @@ async fn topology_state(
         Some(t) => Ok(Json((*t.state()).clone())),
         None => Err(AdminError::NotHere("no topology".into())),
     }
+}
+
+/// What `GET /health/ready` returns.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Readiness {
+    pub ready: bool,
+    /// Why not, when not.
+    pub reasons: Vec<String>,
+}
+
+/// `GET /health/ready`, for orchestrators: 503 with the reasons while this
+/// server cannot do its work.
+async fn ready(State(s): State<AppState>) -> (StatusCode, Json<Readiness>) {
+    let reasons = not_ready_because(&s);
+    let status = if reasons.is_empty() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let ready = reasons.is_empty();
+    (status, Json(Readiness { ready, reasons }))
+}
+
+fn not_ready_because(s: &AppState) -> Vec<String> {
+    let mut reasons = Vec::new();
+    if let Some(h) = &s.health {
+        if h.fatal.is_cancelled() {
+            reasons.push("repository failed; the server is stopping".to_owned());
+        } else if h.stopping.is_cancelled() {
+            reasons.push("stopping".to_owned());
+        }
+    }
+    let Some(t) = &s.topology else {
+        reasons.push("not joined to the topology".to_owned());
+        return reasons;
+    };
+    if let Some(h) = &s.health {
+        let age = t.read_age();
+        if age > h.fence_after {
+            reasons.push(format!(
+                "fenced: cannot read the topology log for {} (broker connection lost?)",
+                humantime::format_duration(
+                    std::time::Duration::from_millis(age.as_millis() as u64)
+                )
+            ));
+        }
+    }
+    match t.state().servers.get(&s.node) {
+        None => reasons.push("not in the topology".to_owned()),
+        Some(me) if me.failed => reasons.push(format!(
+            "taken over by {}; rejoining",
+            me.taken_over_by.as_deref().unwrap_or("a peer")
+        )),
+        Some(me) if me.joined_epoch.is_none() => reasons.push("not joined yet".to_owned()),
+        Some(_) => {}
+    }
+    reasons
 }
 
 /// Oldest backlog item age above which the state drops.

@@ -308,9 +308,30 @@ impl State {
                 .into()
         } else if !self.eligible(server, "adaptors") {
             "it may not host adaptors, and no singleton service is placed on it".into()
+        } else if let Some(moved) = self.configured_elsewhere(server) {
+            format!(
+                "its adaptors moved away ({moved}) and nothing moves back by itself; \
+                 `provring move ADAPTOR --to {server}` brings one back"
+            )
         } else {
             "no adaptor is configured on it or moved to it".into()
         })
+    }
+
+    /// The adaptors the cluster file places on `server` that run elsewhere
+    /// now (`hr on b, pw on c`), if any.
+    fn configured_elsewhere(&self, server: &str) -> Option<String> {
+        let moved: Vec<String> = self
+            .cluster
+            .iter()
+            .filter(|(_, host)| host.as_str() == server)
+            .filter_map(|(key, _)| key.strip_prefix("adaptors.")?.strip_suffix(".server"))
+            .filter_map(|name| {
+                let now = self.adaptors.get(name)?;
+                (now != server).then(|| format!("{name} on {now}"))
+            })
+            .collect();
+        (!moved.is_empty()).then(|| moved.join(", "))
     }
 
     /// The adaptors `node` runs now: those it hosts whose backlog is not
@@ -482,6 +503,49 @@ mod tests {
             from: from.into(),
             items: 0,
         }
+    }
+
+    #[test]
+    fn a_server_back_after_a_takeover_is_told_where_its_adaptors_went() {
+        let mut s = three();
+        s.cluster.insert("adaptors.hr.server".into(), "a".into());
+        // (Without a host, the timeout checker would go to the next server
+        // that joins.)
+        s.singletons.insert(TIMEOUT_CHECKER.into(), "b".into());
+        assert_eq!(s.hosts_nothing_because("a"), None);
+        apply(
+            &mut s,
+            Change::Takeover {
+                failed: "a".into(),
+                by: "c".into(),
+            },
+        );
+        let why = s.hosts_nothing_because("a").expect("a hosts nothing");
+        assert!(why.contains("taken over"), "{why}");
+        apply(
+            &mut s,
+            Change::Adopted {
+                failed: "a".into(),
+                by: "c".into(),
+            },
+        );
+        apply(
+            &mut s,
+            Change::Joined {
+                node: "a".into(),
+                version: "test".into(),
+                key_fingerprint: None,
+                accepted_keys: vec![],
+            },
+        );
+        let why = s.hosts_nothing_because("a").expect("a hosts nothing");
+        assert!(why.contains("hr on c"), "{why}");
+        assert!(why.contains("provring move ADAPTOR --to a"), "{why}");
+        s.singletons.remove(TIMEOUT_CHECKER);
+        assert_eq!(
+            s.hosts_nothing_because("b").as_deref(),
+            Some("no adaptor is configured on it or moved to it")
+        );
     }
 
     #[test]

@@ -167,7 +167,11 @@ pub fn render(state: &State) -> String {
     for id in &state.ring {
         let s = state.servers.get(id).cloned().unwrap_or_default();
         let status = if s.failed {
-            "taken over".to_owned()
+            match (&s.taken_over_by, s.adopted) {
+                (Some(by), true) => format!("taken over by {by}"),
+                (Some(by), false) => format!("taken over by {by}, which is adopting its backlog"),
+                (None, _) => "taken over".to_owned(),
+            }
         } else if s.stopping {
             "stopped on purpose".to_owned()
         } else if let Some(e) = s.joined_epoch {

@@ -29,6 +29,40 @@ pub async fn admin_get<T: serde::de::DeserializeOwned>(
         .map_err(|e| format!("{url}: {e}"))
 }
 
+/// Poll `GET /health/ready` of `admin` until it answers `status`; its body
+/// then, or a panic naming `what` and the last answer after `within`.
+pub async fn wait_ready(
+    admin: &str,
+    status: u16,
+    within: Duration,
+    what: &str,
+) -> serde_json::Value {
+    let url = format!("http://{admin}/health/ready");
+    let client = reqwest::Client::new();
+    let started = Instant::now();
+    let mut last = String::new();
+    while started.elapsed() < within {
+        match client
+            .get(&url)
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+        {
+            Ok(r) => {
+                let code = r.status().as_u16();
+                let body: serde_json::Value = r.json().await.unwrap_or_default();
+                if code == status {
+                    return body;
+                }
+                last = format!("HTTP {code} {body}");
+            }
+            Err(e) => last = e.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("{what}: /health/ready did not answer {status} within {within:?}; last: {last}");
+}
+
 /// Every page of `GET /backlog/items`, merged into one view.
 pub async fn all_items(admin: &str) -> Result<ItemsView, String> {
     let mut all: ItemsView = admin_get(admin, "/backlog/items").await?;

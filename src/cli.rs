@@ -88,6 +88,21 @@ pub enum Command {
         #[arg(long, value_name = "N")]
         generate: Option<u64>,
     },
+    /// The ring at a glance: one row per server (reachable, state and its
+    /// reasons, epoch, whom it monitors, what it hosts, backlog, copies,
+    /// stopped on purpose or taken over by whom and when, uptime), the
+    /// messages waiting on the broker per adaptor queue, and a summary.
+    /// Exit 0 when every server is up and the ring is closed, 1 otherwise.
+    Status {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Redraw every second until Ctrl-C.
+        #[arg(long)]
+        watch: bool,
+    },
     /// Show each server's backlog (unfinished items per adaptor, age of the
     /// oldest), asked from its admin address.
     Backlog {
@@ -135,6 +150,22 @@ pub enum Command {
         no_wait: bool,
         /// How long to wait for the backlog handover.
         #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
+    /// Planned maintenance: move every adaptor and singleton service the
+    /// server hosts to the next eligible server in ring order, one at a
+    /// time, each with its backlog handed over (a line per step), then say
+    /// that the server can be stopped. Nothing is lost, no failure mail is
+    /// sent, nothing is taken over. Exit 0 drained, 2 refused or nowhere to
+    /// go, 3 a handover not finished within --timeout.
+    Drain {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// The server to drain.
+        #[arg(long, value_name = "ID")]
+        node: String,
+        /// How long to wait for each backlog handover.
+        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
     },
     /// Read or change the topology log (who hosts what, who monitors whom).

@@ -121,8 +121,18 @@ async fn run(command: Command) -> Outcome {
             file,
             generate,
         } => publish_events(&config, &adaptor, file, generate).await,
+        Command::Status {
+            config,
+            json,
+            watch,
+        } => status(&config, json, watch).await,
         Command::Backlog { config, node, json } => backlog(&config, node.as_deref(), json).await,
         Command::Stop { config, node } => stop(&config, &node).await,
+        Command::Drain {
+            config,
+            node,
+            timeout,
+        } => drain(&config, &node, timeout).await,
         Command::Move {
             config,
             what,
@@ -243,6 +253,28 @@ async fn publish_events(
     Ok(0)
 }
 
+/// `provring status`: 1 unless every server is up and the ring closed.
+async fn status(args: &ConfigArgs, json: bool, watch: bool) -> Outcome {
+    let config = load(args)?;
+    let token = command_token(&config, args)?;
+    loop {
+        let report = provring::admin::status::status(&config, token.as_deref())
+            .await
+            .map_err(Failure::config)?;
+        let code = if report.healthy() { 0 } else { EXIT_FAILURE };
+        if !watch {
+            provring::say!("{}", report.render(json));
+            return Ok(code);
+        }
+        // Clear the screen, then draw.
+        provring::say!("\x1b[2J\x1b[H{}", report.render(json));
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return Ok(code),
+            _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+        }
+    }
+}
+
 /// `provring backlog`: 1 when a server did not answer.
 async fn backlog(args: &ConfigArgs, node: Option<&str>, json: bool) -> Outcome {
     let config = load(args)?;
@@ -278,7 +310,20 @@ async fn move_to(
     wait: Option<std::time::Duration>,
 ) -> Outcome {
     let config = load(args)?;
-    let (text, code) = provring::topology::tool::move_to(&config, what, to, wait)
+    let progress = |line: &str| provring::say!("{line}");
+    let (text, code) = provring::topology::tool::move_to(&config, what, to, wait, &progress)
+        .await
+        .map_err(Failure::failed)?;
+    provring::say!("{text}");
+    Ok(code)
+}
+
+/// `provring drain`: the code is the tool's (0 drained, 2 refused or
+/// nowhere to go, 3 a handover not finished in time).
+async fn drain(args: &ConfigArgs, node: &str, timeout: std::time::Duration) -> Outcome {
+    let config = load(args)?;
+    let progress = |line: &str| provring::say!("{line}");
+    let (text, code) = provring::topology::tool::drain(&config, node, timeout, &progress)
         .await
         .map_err(Failure::failed)?;
     provring::say!("{text}");

@@ -316,6 +316,7 @@ async fn start_admin(
         fence_after: config.supervisor.fence_after,
         last: Arc::new(std::sync::Mutex::new((0, 0))),
         stop_requested: stop_requested.clone(),
+        started: std::time::Instant::now(),
     };
     let timeouts = Arc::new(crate::timeout::Local::new(
         config.clone(),
@@ -343,6 +344,10 @@ async fn start_admin(
             topology: Some(node.topology.clone()),
             health: Some(health),
             timeouts: Some(timeouts),
+            cluster: Some(crate::admin::ClusterParts {
+                config: config.clone(),
+                peers: node.peers.clone(),
+            }),
             auth: Arc::new(auth),
             limits: config.admin.clone(),
             tls,

@@ -22,6 +22,18 @@ async fn kill_each_server_in_turn_under_load() {
     let config = load(&path);
     let _cleanup = Cleanup::new(&config.broker, &["feed-a", "feed-b", "feed-c"]);
     let mut servers = start_servers(&path, dir.path(), &nodes);
+    let config_arg = path.to_str().expect("path");
+    // `provring status` on the healthy ring: every server up, ring closed.
+    let (code, out, err) = provring_async(&["status", "--json", "--config", config_arg]).await;
+    let status: serde_json::Value = serde_json::from_str(&out).expect("status JSON");
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(status["healthy"], true, "{status}");
+    assert_eq!(status["ring_closed"], true, "{status}");
+    assert_eq!(
+        status["cluster"]["servers"].as_array().map(Vec::len),
+        Some(3),
+        "{status}"
+    );
 
     let mut total = 0u64;
     for (round, victim) in nodes.iter().enumerate() {
@@ -73,7 +85,6 @@ async fn kill_each_server_in_turn_under_load() {
                 .taken_over_by
                 .clone()
                 .expect("a taker");
-            let config_arg = path.to_str().expect("path");
             let (_, out, err) = provring_async(&["backlog", "--config", config_arg]).await;
             assert!(
                 out.lines().any(|l| l.starts_with(*victim)
@@ -84,6 +95,32 @@ async fn kill_each_server_in_turn_under_load() {
                 provring_async(&["topology", "show", "--config", config_arg]).await;
             assert_eq!(code, 0, "{out}{err}");
             assert!(out.contains(&format!("taken over by {taker}")), "{out}");
+            // `status` shows the taker and when, and exits 1.
+            let (code, out, err) =
+                provring_async(&["status", "--json", "--config", config_arg]).await;
+            assert_eq!(code, 1, "{out}{err}");
+            let status: serde_json::Value = serde_json::from_str(&out).expect("status JSON");
+            let failed = status["cluster"]["servers"]
+                .as_array()
+                .and_then(|all| all.iter().find(|s| s["node"] == *victim))
+                .cloned()
+                .unwrap_or_default();
+            assert_eq!(failed["failed"], true, "{status}");
+            assert_eq!(failed["taken_over_by"], taker.as_str(), "{status}");
+            assert!(failed["taken_over_at_ms"].is_u64(), "{status}");
+            assert_eq!(status["ring_closed"], true, "closed around it: {status}");
+            let (_, table, _) = provring_async(&["status", "--config", config_arg]).await;
+            println!("{table}");
+            // The change is in the history, with its time.
+            let view: serde_json::Value = admin_get(&admins[&taker], "/topology?history=10")
+                .await
+                .expect("history");
+            assert!(
+                view["history"].as_array().is_some_and(|h| h
+                    .iter()
+                    .any(|c| c["change"] == "takeover" && c["at_ms"].is_u64())),
+                "{view}"
+            );
         }
         assert!(
             state.adaptors.values().all(|h| h != victim),

@@ -137,6 +137,7 @@ fn sample_topology(k: &KeyRing) -> Vec<u8> {
         id: "a-0001".into(),
         proposer: "a".into(),
         expected_epoch: 3,
+        at_ms: None,
         change: Change::Takeover {
             failed: "b".into(),
             by: "a".into(),

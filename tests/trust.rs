@@ -407,6 +407,7 @@ async fn forged_records_change_nothing() {
         id: "forged-takeover".into(),
         proposer: "b".into(),
         expected_epoch: before.epoch,
+        at_ms: None,
         change: Change::Takeover {
             failed: "a".into(),
             by: "b".into(),

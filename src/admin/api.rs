@@ -133,3 +133,48 @@ impl ErrorBody {
             .unwrap_or_else(|_| text.trim().to_owned())
     }
 }
+
+/// What `GET /cluster` returns: every server of the cluster file as the
+/// answering server knows it (its topology replica, and a `GET /state` of
+/// each server made for this request).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterView {
+    /// The server that answered.
+    pub by: String,
+    /// Its topology epoch.
+    pub epoch: u64,
+    /// Every server that is neither failed nor stopped on purpose is
+    /// monitored by one that is neither.
+    pub ring_closed: bool,
+    pub servers: Vec<ServerView>,
+}
+
+/// One server in a [`ClusterView`].
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ServerView {
+    pub node: String,
+    pub address: String,
+    /// It answered `GET /state`.
+    pub reachable: bool,
+    /// Why it did not answer.
+    pub error: Option<String>,
+    /// 0–10, from its own `GET /state`.
+    pub state: Option<u8>,
+    pub reasons: Vec<String>,
+    /// The topology epoch it has seen.
+    pub epoch: Option<u64>,
+    /// How long its `GET /state` took, in milliseconds.
+    pub probe_ms: Option<u64>,
+    pub uptime_s: Option<u64>,
+    /// The server it monitors, and the one that monitors it.
+    pub monitors: Option<String>,
+    pub monitored_by: Option<String>,
+    pub adaptors: Vec<String>,
+    pub singletons: Vec<String>,
+    pub stopping: bool,
+    pub failed: bool,
+    pub taken_over_by: Option<String>,
+    /// When the takeover was written, if the answering server still holds
+    /// that change in its history (ms since the Unix epoch).
+    pub taken_over_at_ms: Option<u64>,
+}

@@ -300,6 +300,43 @@ fn server<'a>(
         })
 }
 
+/// Why a `GET /state` got no state.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("no answer in time")]
+    Timeout,
+    #[error("connection refused")]
+    Refused,
+    #[error("{0}")]
+    Request(reqwest::Error),
+    #[error("HTTP {0}")]
+    Status(reqwest::StatusCode),
+    #[error("unreadable state: {0}")]
+    Unreadable(reqwest::Error),
+}
+
+/// `GET /state` of `url` (a server's admin API) within `within`: what the
+/// supervisor probes and `GET /cluster` shows.
+pub async fn get_state(
+    client: &reqwest::Client,
+    url: &str,
+    within: Duration,
+) -> Result<super::StateView, StateError> {
+    let response = client.get(url).timeout(within).send().await.map_err(|e| {
+        if e.is_timeout() {
+            StateError::Timeout
+        } else if e.is_connect() {
+            StateError::Refused
+        } else {
+            StateError::Request(e)
+        }
+    })?;
+    if !response.status().is_success() {
+        return Err(StateError::Status(response.status()));
+    }
+    response.json().await.map_err(StateError::Unreadable)
+}
+
 /// Ask every server (or `only` one) of `config`.
 pub async fn backlog(
     config: &Config,

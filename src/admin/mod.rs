@@ -9,7 +9,9 @@
 //!   ([`BacklogView`]).
 //! - `GET /backlog/items`: every unfinished item and every copy, named
 //!   ([`ItemsView`]); for comparing a server with its monitor.
-//! - `GET /topology`: this server's replica of the topology.
+//! - `GET /topology`: this server's replica of the topology; with
+//!   `?history=N`, also the last N changes applied, with their times.
+//! - `GET /cluster`: every server as this one sees it ([`api::ClusterView`]).
 //! - `GET /state`: this server's state from 0 (unusable) to 10 (healthy)
 //!   with the reasons ([`StateView`]); what the supervisor of its monitor
 //!   polls.
@@ -37,6 +39,10 @@
 pub mod api;
 pub mod auth;
 pub mod client;
+mod cluster;
+pub mod status;
+
+pub use cluster::ClusterParts;
 
 use crate::config::AdminConfig;
 use crate::repository::{CopiesView, ItemKey, Repository, now_ms};
@@ -125,6 +131,9 @@ pub struct StateView {
     pub key_fingerprint: Option<String>,
     /// The server is stopping on purpose.
     pub stopping: bool,
+    /// Seconds since the server started (absent from earlier versions).
+    #[serde(default)]
+    pub uptime_s: Option<u64>,
 }
 
 /// What `GET /state` looks at.
@@ -138,6 +147,8 @@ pub struct Health {
     pub last: std::sync::Arc<std::sync::Mutex<(u64, u64)>>,
     /// Cancelled by `POST /stop` (`provring stop`).
     pub stop_requested: CancellationToken,
+    /// When the server started.
+    pub started: std::time::Instant,
 }
 
 #[derive(Clone)]
@@ -147,6 +158,7 @@ struct AppState {
     topology: Option<Topology>,
     health: Option<Health>,
     timeouts: Option<Arc<dyn api::TimeoutPeer>>,
+    cluster: Option<ClusterParts>,
 }
 
 /// What the admin server serves, and how.
@@ -156,6 +168,8 @@ pub struct AdminParts {
     pub topology: Option<Topology>,
     pub health: Option<Health>,
     pub timeouts: Option<Arc<dyn api::TimeoutPeer>>,
+    /// For `GET /cluster`.
+    pub cluster: Option<ClusterParts>,
     pub auth: Arc<Auth>,
     pub limits: AdminConfig,
     /// HTTPS, from `[admin.tls]` ([`crate::tls::admin_server_config`]).
@@ -179,6 +193,7 @@ fn router(parts: AdminParts) -> Router {
         topology: parts.topology,
         health: parts.health,
         timeouts: parts.timeouts,
+        cluster: parts.cluster,
     };
     let guard =
         |need: Need| axum::middleware::from_fn_with_state((parts.auth.clone(), need), require);
@@ -187,6 +202,7 @@ fn router(parts: AdminParts) -> Router {
         .route("/backlog/items", get(items))
         .route("/item", get(item))
         .route("/topology", get(topology_state))
+        .route("/cluster", get(cluster::cluster))
         .route("/state", get(state))
         .route_layer(guard(Need::Read));
     let operate = Router::new()
@@ -639,13 +655,38 @@ async fn park(
         .map(Json)
 }
 
+/// What `GET /topology?history=N` returns.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TopologyView {
+    pub state: crate::topology::State,
+    /// The last N changes applied here, oldest first (at most
+    /// [`crate::topology::log::HISTORY_MAX`]).
+    pub history: Vec<crate::topology::Applied>,
+}
+
+#[derive(Deserialize)]
+struct TopologyQuery {
+    history: Option<usize>,
+}
+
+/// `GET /topology`: the state; with `?history=N`, a [`TopologyView`].
 async fn topology_state(
     State(s): State<AppState>,
-) -> Result<Json<crate::topology::State>, AdminError> {
-    match &s.topology {
-        Some(t) => Ok(Json((*t.state()).clone())),
-        None => Err(AdminError::NotHere("no topology".into())),
-    }
+    q: Result<Query<TopologyQuery>, QueryRejection>,
+) -> Result<Response, AdminError> {
+    let Query(q) = q.map_err(bad_query)?;
+    let Some(t) = &s.topology else {
+        return Err(AdminError::NotHere("no topology".into()));
+    };
+    let state = (*t.state()).clone();
+    Ok(match q.history {
+        None => Json(state).into_response(),
+        Some(n) => Json(TopologyView {
+            state,
+            history: t.history(n),
+        })
+        .into_response(),
+    })
 }
 
 /// What `GET /health/ready` returns.
@@ -723,8 +764,10 @@ async fn state(State(s): State<AppState>) -> Json<StateView> {
         None => (0, None),
     };
     let mut stopping = false;
+    let mut uptime_s = None;
     if let Some(h) = &s.health {
         stopping = h.stopping.is_cancelled();
+        uptime_s = Some(h.started.elapsed().as_secs());
         if h.fatal.is_cancelled() {
             score = 0;
             reasons.push("repository failed; the server is stopping".into());
@@ -776,6 +819,7 @@ async fn state(State(s): State<AppState>) -> Json<StateView> {
         epoch,
         key_fingerprint: fingerprint,
         stopping,
+        uptime_s,
     })
 }
 

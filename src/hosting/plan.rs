@@ -191,6 +191,7 @@ mod tests {
             id: "test".into(),
             proposer: "test".into(),
             expected_epoch: s.epoch,
+            at_ms: None,
             change,
         };
         let outcome = next.apply(&record);

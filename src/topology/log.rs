@@ -15,7 +15,7 @@
 //! finds out: [`Topology::join`] refuses to join when such records come
 //! after the last one it could verify.
 
-use super::{Change, Outcome, Record, State, shape_differences};
+use super::{Applied, Change, Outcome, Record, State, shape_differences};
 use crate::broker::consume;
 use crate::broker::declare::declare_topology;
 use crate::broker::{Backoff, Broker, BrokerError, PublishError, Publisher};
@@ -114,7 +114,12 @@ struct Shared {
     /// Per proposer, whether its latest record verified (`None`) or was
     /// signed with a key this server does not hold (`Some(key id)`).
     latest: Mutex<HashMap<String, Option<String>>>,
+    /// The last [`HISTORY_MAX`] changes applied, oldest first.
+    history: Mutex<std::collections::VecDeque<Applied>>,
 }
+
+/// Changes kept for `GET /topology?history=N`.
+pub const HISTORY_MAX: usize = 256;
 
 impl Topology {
     /// Start reading the log from its first record. `proposer` names this
@@ -141,6 +146,7 @@ impl Topology {
             shutdown,
             keys,
             latest: Mutex::new(HashMap::new()),
+            history: Mutex::default(),
         });
         tokio::spawn(read_loop(shared.clone(), broker));
         // A stream that was just declared can take a moment before it
@@ -284,6 +290,17 @@ impl Topology {
         self.propose(0, change).await.map(|_| ())
     }
 
+    /// The last `n` changes applied (at most [`HISTORY_MAX`]), oldest
+    /// first.
+    pub fn history(&self, n: usize) -> Vec<Applied> {
+        let h = self
+            .shared
+            .history
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        h.iter().skip(h.len().saturating_sub(n)).cloned().collect()
+    }
+
     /// Time since the reader last had a working consumer on the log.
     pub fn read_age(&self) -> Duration {
         self.shared
@@ -310,6 +327,7 @@ impl Topology {
             id: id.clone(),
             proposer: self.shared.proposer.clone(),
             expected_epoch,
+            at_ms: Some(crate::time::now_ms()),
             change,
         };
         let body = encode(&self.shared.keys, &record);
@@ -415,6 +433,7 @@ impl Topology {
             id: format!("{}-{:016x}", self.shared.proposer, rand::random::<u64>()),
             proposer: self.shared.proposer.clone(),
             expected_epoch: state.epoch,
+            at_ms: Some(crate::time::now_ms()),
             change: Change::Snapshot {
                 state: state.clone(),
             },
@@ -683,6 +702,17 @@ impl Session {
             (Outcome::Applied, _) if state.epoch != before || before == 0 => {
                 tracing::debug!(epoch = state.epoch, proposer = %record.proposer, change = ?record.change, "Topology change applied.");
                 shared.state.send_replace(Arc::new(state.clone()));
+                if let Ok(mut h) = shared.history.lock() {
+                    if h.len() == HISTORY_MAX {
+                        h.pop_front();
+                    }
+                    h.push_back(Applied {
+                        epoch: state.epoch,
+                        at_ms: record.at_ms,
+                        proposer: record.proposer.clone(),
+                        change: record.change.clone(),
+                    });
+                }
             }
             (Outcome::Applied, _) => {}
             (Outcome::Ignored(reason), Change::Snapshot { .. }) => {
@@ -895,6 +925,7 @@ async fn write_barrier(shared: &Shared) -> Result<String, BrokerError> {
         id: barrier.clone(),
         proposer: shared.proposer.clone(),
         expected_epoch: 0,
+        at_ms: None,
         change: Change::Sync,
     };
     shared

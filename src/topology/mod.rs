@@ -138,6 +138,22 @@ pub struct Record {
     pub proposer: String,
     /// The epoch the change expects; ignored for `sync` and `snapshot`.
     pub expected_epoch: u64,
+    /// When the proposer wrote it (ms since the Unix epoch, its clock);
+    /// absent in records of earlier versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at_ms: Option<u64>,
+    #[serde(flatten)]
+    pub change: Change,
+}
+
+/// One change that moved the topology to `epoch`, as `GET
+/// /topology?history=N` lists it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Applied {
+    pub epoch: u64,
+    /// When its proposer wrote it, if it said.
+    pub at_ms: Option<u64>,
+    pub proposer: String,
     #[serde(flatten)]
     pub change: Change,
 }
@@ -458,6 +474,7 @@ mod tests {
             id: format!("{:x}", rand::random::<u64>()),
             proposer: "test".into(),
             expected_epoch,
+            at_ms: None,
             change,
         }
     }

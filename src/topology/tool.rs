@@ -75,6 +75,7 @@ pub async fn move_to(
     what: &str,
     to: &str,
     wait: Option<std::time::Duration>,
+    progress: &(dyn Fn(&str) + Sync),
 ) -> Result<(String, u8), TopologyError> {
     let singleton = super::SINGLETONS.iter().any(|(_, name)| *name == what);
     if !config.adaptors.contains_key(what) && !singleton {
@@ -88,17 +89,26 @@ pub async fn move_to(
             2,
         ));
     }
-    if !config.servers.contains_key(to) {
-        let known: Vec<&str> = config.servers.keys().map(String::as_str).collect();
-        return Ok((
-            format!(
-                "not moved: no server {to:?} in the cluster file; known: {}",
-                known.join(", ")
-            ),
-            2,
-        ));
+    if let Some(unknown) = unknown_server(config, to) {
+        return Ok((format!("not moved: {unknown}"), 2));
     }
     let (topology, broker, stop) = connect(config).await?;
+    let result = move_one(&topology, what, to, wait, progress).await;
+    stop.cancel();
+    broker.close().await;
+    result
+}
+
+/// Move `what` to `to` on a connected log; see [`move_to`]. `progress`
+/// hears a line every 5 s while the backlog is handed over.
+async fn move_one(
+    topology: &Topology,
+    what: &str,
+    to: &str,
+    wait: Option<std::time::Duration>,
+    progress: &(dyn Fn(&str) + Sync),
+) -> Result<(String, u8), TopologyError> {
+    let singleton = super::SINGLETONS.iter().any(|(_, name)| *name == what);
     let change = Change::Move {
         what: what.to_owned(),
         to: to.to_owned(),
@@ -122,16 +132,32 @@ pub async fn move_to(
             let mut text = format!("moved: {what} from {from} to {to} (epoch {})", state.epoch);
             let mut code = 0;
             if let Some(limit) = wait.filter(|_| state.handovers.contains_key(what)) {
+                let started = std::time::Instant::now();
                 let mut rx = topology.subscribe();
-                let done = tokio::time::timeout(
-                    limit,
-                    rx.wait_for(|s| {
-                        !s.handovers.contains_key(what) && !s.receiving.contains_key(what)
-                    }),
-                )
-                .await;
+                let mut done = false;
+                while started.elapsed() < limit {
+                    let slice = (limit - started.elapsed()).min(std::time::Duration::from_secs(5));
+                    let waited = tokio::time::timeout(
+                        slice,
+                        rx.wait_for(|s| {
+                            !s.handovers.contains_key(what) && !s.receiving.contains_key(what)
+                        }),
+                    )
+                    .await;
+                    if matches!(waited, Ok(Ok(_))) {
+                        done = true;
+                        break;
+                    }
+                    if matches!(waited, Ok(Err(_))) {
+                        break;
+                    }
+                    progress(&format!(
+                        "{what}: {from} still hands its backlog over to {to} ({}s)",
+                        started.elapsed().as_secs()
+                    ));
+                }
                 state = topology.state();
-                if matches!(done, Ok(Ok(_))) {
+                if done {
                     text.push_str(&format!(
                         "\nbacklog handed over by {from} and taken in by {to}, which runs {what} now (epoch {})",
                         state.epoch
@@ -152,9 +178,95 @@ pub async fn move_to(
             (text, code)
         }
     };
+    Ok(result)
+}
+
+/// `provring drain`: move everything `node` hosts, one item at a time, to
+/// the next eligible server in ring order, each waiting up to `wait` for
+/// its backlog to be handed over; `progress` hears a line per step.
+/// Returns the closing text and the exit code (0 drained: the server can
+/// be stopped; 2 refused or nowhere to go; 3 a handover did not finish).
+pub async fn drain(
+    config: &Config,
+    node: &str,
+    wait: std::time::Duration,
+    progress: &(dyn Fn(&str) + Sync),
+) -> Result<(String, u8), TopologyError> {
+    if let Some(unknown) = unknown_server(config, node) {
+        return Ok((format!("not drained: {unknown}"), 2));
+    }
+    let (topology, broker, stop) = connect(config).await?;
+    let state = topology.state();
+    let hosted: Vec<(String, &str)> = state
+        .adaptors
+        .iter()
+        .filter(|(_, host)| host.as_str() == node)
+        .map(|(name, _)| (name.clone(), "adaptors"))
+        .chain(
+            super::SINGLETONS
+                .iter()
+                .filter(|(_, name)| state.singletons.get(*name).map(String::as_str) == Some(node))
+                .map(|(service, name)| ((*name).to_owned(), service.as_str())),
+        )
+        .collect();
+    let mut code = 0;
+    let mut moved = 0;
+    for (what, service) in &hosted {
+        let Some(to) = next_eligible(&topology.state(), node, service) else {
+            progress(&format!(
+                "{what}: no other server that runs and may host {service}; it stays on {node}"
+            ));
+            code = 2;
+            continue;
+        };
+        progress(&format!("{what}: moving from {node} to {to}"));
+        let (text, c) = move_one(&topology, what, &to, Some(wait), progress).await?;
+        for line in text.lines() {
+            progress(&format!("{what}: {line}"));
+        }
+        if c == 0 {
+            moved += 1;
+        }
+        code = code.max(c);
+    }
     stop.cancel();
     broker.close().await;
-    Ok(result)
+    let text = if code == 0 {
+        format!(
+            "{node} drained ({moved} moved): it hosts nothing and holds no backlog of its adaptors; \
+             stop it with `provring stop --node {node}` (no takeover, no mail)"
+        )
+    } else {
+        format!("{node} is not drained: see the lines above; run `provring drain` again once fixed")
+    };
+    Ok((text, code))
+}
+
+/// Why `node` is not a server of `config`, if it is not.
+fn unknown_server(config: &Config, node: &str) -> Option<String> {
+    (!config.servers.contains_key(node)).then(|| {
+        format!(
+            "no server {node:?} in the cluster file; known: {}",
+            config.server_names()
+        )
+    })
+}
+
+/// The first server after `node` in ring order that runs (joined, neither
+/// failed nor stopping) and may host `service`.
+fn next_eligible(state: &State, node: &str, service: &str) -> Option<String> {
+    let at = state.ring.iter().position(|id| id == node)?;
+    let n = state.ring.len();
+    (1..n)
+        .map(|i| &state.ring[(at + i) % n])
+        .find(|id| {
+            state
+                .servers
+                .get(*id)
+                .is_some_and(|s| s.joined_epoch.is_some() && !s.failed && !s.stopping)
+                && state.eligible(id, service)
+        })
+        .cloned()
 }
 
 /// A human-readable view of a state.

@@ -68,19 +68,24 @@ pub mod topology;
 pub mod workflow;
 
 /// Write one line of a command's output to stdout. When the reader has
-/// gone away (`provring topology show | head`), the process ends quietly
-/// with 0 instead of panicking on the broken pipe; [`say!`] is the
-/// `println!` form of it.
+/// gone away (`provring topology show | head`) or the output cannot be
+/// written, the rest of the output is dropped quietly (one line on stderr
+/// for an error other than a closed pipe) instead of panicking, and the
+/// command goes on to its end and its own exit code: a drain or a move
+/// is never cut short by its output. [`say!`] is the `println!` form.
 pub fn say_line(args: std::fmt::Arguments<'_>) {
     use std::io::Write;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static DROPPED: AtomicBool = AtomicBool::new(false);
+    if DROPPED.load(Ordering::Relaxed) {
+        return;
+    }
     let mut out = std::io::stdout().lock();
     if let Err(e) = writeln!(out, "{args}").and_then(|()| out.flush()) {
-        if e.kind() == std::io::ErrorKind::BrokenPipe {
-            std::process::exit(0);
+        DROPPED.store(true, Ordering::Relaxed);
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            eprintln!("provring: cannot write the output: {e}");
         }
-        // Anything else (a full disk behind a redirect) is worth a word.
-        eprintln!("provring: cannot write the output: {e}");
-        std::process::exit(1);
     }
 }
 

@@ -136,7 +136,8 @@ fn broker_definitions_file_matches_the_cluster_file() {
 }
 
 /// `provring … | head` closes the pipe before the command has written
-/// everything: the command ends quietly, without a panic's backtrace.
+/// everything: the command ends quietly with its own exit code, without a
+/// panic's backtrace.
 #[test]
 fn a_closed_output_pipe_ends_a_command_quietly() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_provring"))

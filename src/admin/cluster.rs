@@ -3,7 +3,7 @@
 
 use super::AppState;
 use super::api::{AdminError, ClusterView, ServerView};
-use crate::topology::{Change, State};
+use crate::topology::State;
 use axum::Json;
 use axum::extract::State as Extract;
 use std::time::{Duration, Instant};
@@ -26,9 +26,9 @@ pub(super) async fn cluster(
         return Err(AdminError::NotHere("no cluster view here".into()));
     };
     let state = topology.state();
-    let takeovers = taken_over_at(&topology.history(crate::topology::log::HISTORY_MAX));
+    let takeovers = topology.takeovers();
     let probes = parts.config.servers.iter().map(|(id, server)| async move {
-        let url = super::client::admin_url(&parts.config, &server.admin_listen, "/state");
+        let url = super::client::admin_url(&parts.config, &server.admin_listen, "/state?peek=true");
         let started = Instant::now();
         let answer = super::client::get_state(&parts.peers, &url, PROBE_TIMEOUT).await;
         (
@@ -53,11 +53,7 @@ pub(super) async fn cluster(
             }
             Err(e) => view.error = Some(e.to_string()),
         }
-        view.taken_over_at_ms = takeovers
-            .iter()
-            .rev()
-            .find(|(failed, _)| *failed == node)
-            .and_then(|(_, at)| *at);
+        view.taken_over_at_ms = takeovers.get(&node).copied().flatten();
         servers.push(view);
     }
     Ok(Json(ClusterView {
@@ -109,17 +105,6 @@ pub fn ring_closed(state: &State) -> bool {
                 .monitor_of(id)
                 .is_some_and(|m| live.iter().any(|l| l.as_str() == m))
         })
-}
-
-/// (failed server, when) of each takeover in `history`, oldest first.
-fn taken_over_at(history: &[crate::topology::Applied]) -> Vec<(String, Option<u64>)> {
-    history
-        .iter()
-        .filter_map(|a| match &a.change {
-            Change::Takeover { failed, .. } => Some((failed.clone(), a.at_ms)),
-            _ => None,
-        })
-        .collect()
 }
 
 #[cfg(test)]

@@ -749,7 +749,21 @@ fn not_ready_because(s: &AppState) -> Vec<String> {
 /// Oldest backlog item age above which the state drops.
 const OLD_BACKLOG_MS: u64 = 15 * 60 * 1000;
 
-async fn state(State(s): State<AppState>) -> Json<StateView> {
+#[derive(Deserialize)]
+struct StateQuery {
+    /// Look without counting as the monitor's probe: the target error
+    /// rate is measured between the monitor's probes only (`/cluster`
+    /// asks with `peek=true`).
+    #[serde(default)]
+    peek: bool,
+}
+
+async fn state(
+    State(s): State<AppState>,
+    q: Result<Query<StateQuery>, QueryRejection>,
+) -> Json<StateView> {
+    // (An unreadable query is a plain probe.)
+    let peek = q.is_ok_and(|Query(q)| q.peek);
     let mut score: i32 = 10;
     let mut reasons = Vec::new();
     let (epoch, fingerprint) = match &s.topology {
@@ -791,7 +805,9 @@ async fn state(State(s): State<AppState>) -> Json<StateView> {
                 retries - last.0.min(retries),
                 delivered - last.1.min(delivered),
             );
-            *last = (retries, delivered);
+            if !peek {
+                *last = (retries, delivered);
+            }
             if dr > 10 && dr > dd {
                 score -= 2;
                 reasons.push(format!(

@@ -77,16 +77,22 @@ async fn queue_depths(config: &Config) -> Result<BTreeMap<String, (String, Optio
     Ok(out)
 }
 
+/// Lowest state 0–10 of a server that counts as up: a fenced server
+/// (cannot read the topology log) or one whose repository failed is below.
+pub const UP_STATE: u8 = 5;
+
+/// A server is up: it answers, is neither failed nor stopped, and its
+/// state is at least [`UP_STATE`].
+fn up(s: &ServerView) -> bool {
+    s.reachable && !s.failed && !s.stopping && s.state.is_some_and(|x| x >= UP_STATE)
+}
+
 impl StatusReport {
-    /// Every server answers, none is failed or stopped, and the ring is
-    /// closed.
+    /// Every server is up and the ring is closed.
     pub fn healthy(&self) -> bool {
-        self.cluster.as_ref().is_some_and(|c| {
-            c.ring_closed
-                && c.servers
-                    .iter()
-                    .all(|s| s.reachable && !s.failed && !s.stopping)
-        })
+        self.cluster
+            .as_ref()
+            .is_some_and(|c| c.ring_closed && c.servers.iter().all(up))
     }
 
     /// Items unfinished in all servers' repositories.
@@ -137,11 +143,7 @@ impl StatusReport {
             }
             Err(e) => out.push_str(&format!("\n\nqueues: unknown ({e})")),
         }
-        let up = cluster
-            .servers
-            .iter()
-            .filter(|s| s.reachable && !s.failed && !s.stopping)
-            .count();
+        let up = cluster.servers.iter().filter(|s| up(s)).count();
         out.push_str(&format!(
             "\n\nring {} · {up} of {} servers up · backlog {} items · epoch {} (as {} sees it)",
             if cluster.ring_closed {

@@ -301,6 +301,22 @@ impl Topology {
         h.iter().skip(h.len().saturating_sub(n)).cloned().collect()
     }
 
+    /// The time of the latest takeover of each server that the history
+    /// still holds (`None`: its record did not say).
+    pub fn takeovers(&self) -> std::collections::BTreeMap<String, Option<u64>> {
+        let h = self
+            .shared
+            .history
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        h.iter()
+            .filter_map(|a| match &a.change {
+                Change::Takeover { failed, .. } => Some((failed.clone(), a.at_ms)),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Time since the reader last had a working consumer on the log.
     pub fn read_age(&self) -> Duration {
         self.shared

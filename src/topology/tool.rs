@@ -93,19 +93,22 @@ pub async fn move_to(
         return Ok((format!("not moved: {unknown}"), 2));
     }
     let (topology, broker, stop) = connect(config).await?;
-    let result = move_one(&topology, what, to, wait, progress).await;
+    let result = move_one(&topology, what, to, wait, None, progress).await;
     stop.cancel();
     broker.close().await;
     result
 }
 
-/// Move `what` to `to` on a connected log; see [`move_to`]. `progress`
-/// hears a line every 5 s while the backlog is handed over.
+/// Move `what` to `to` on a connected log; see [`move_to`]. With
+/// `only_from`, only while `what` is still on that server and `to` still
+/// runs (joined, neither failed nor stopping). `progress` hears a line
+/// every 5 s while the backlog is handed over.
 async fn move_one(
     topology: &Topology,
     what: &str,
     to: &str,
     wait: Option<std::time::Duration>,
+    only_from: Option<&str>,
     progress: &(dyn Fn(&str) + Sync),
 ) -> Result<(String, u8), TopologyError> {
     let singleton = super::SINGLETONS.iter().any(|(_, name)| *name == what);
@@ -122,40 +125,35 @@ async fn move_one(
             .unwrap_or_else(|| "-".into())
     };
     let outcome = topology
-        .propose_with(|_| Some(change.clone()))
-        .await?
-        .unwrap_or(Outcome::Applied);
+        .propose_with(|s| {
+            let still = only_from.is_none_or(|n| {
+                s.adaptors
+                    .get(what)
+                    .or_else(|| s.singletons.get(what))
+                    .map(String::as_str)
+                    == Some(n)
+                    && s.servers
+                        .get(to)
+                        .is_some_and(|t| t.joined_epoch.is_some() && !t.failed && !t.stopping)
+            });
+            still.then(|| change.clone())
+        })
+        .await?;
     let result = match outcome {
-        Outcome::Ignored(reason) => (format!("not moved: {reason}"), 2),
-        Outcome::Applied => {
+        None => (
+            format!(
+                "not moved: {what} is no longer on {}, or {to} no longer runs",
+                only_from.unwrap_or("-")
+            ),
+            2,
+        ),
+        Some(Outcome::Ignored(reason)) => (format!("not moved: {reason}"), 2),
+        Some(Outcome::Applied) => {
             let mut state = topology.state();
             let mut text = format!("moved: {what} from {from} to {to} (epoch {})", state.epoch);
             let mut code = 0;
             if let Some(limit) = wait.filter(|_| state.handovers.contains_key(what)) {
-                let started = std::time::Instant::now();
-                let mut rx = topology.subscribe();
-                let mut done = false;
-                while started.elapsed() < limit {
-                    let slice = (limit - started.elapsed()).min(std::time::Duration::from_secs(5));
-                    let waited = tokio::time::timeout(
-                        slice,
-                        rx.wait_for(|s| {
-                            !s.handovers.contains_key(what) && !s.receiving.contains_key(what)
-                        }),
-                    )
-                    .await;
-                    if matches!(waited, Ok(Ok(_))) {
-                        done = true;
-                        break;
-                    }
-                    if matches!(waited, Ok(Err(_))) {
-                        break;
-                    }
-                    progress(&format!(
-                        "{what}: {from} still hands its backlog over to {to} ({}s)",
-                        started.elapsed().as_secs()
-                    ));
-                }
+                let done = handed_over(topology, what, &from, to, limit, progress).await;
                 state = topology.state();
                 if done {
                     text.push_str(&format!(
@@ -179,6 +177,37 @@ async fn move_one(
         }
     };
     Ok(result)
+}
+
+/// Wait up to `limit` until `what`'s backlog is handed over by `from` and
+/// taken in by `to`, with a progress line every 5 s; whether it was.
+async fn handed_over(
+    topology: &Topology,
+    what: &str,
+    from: &str,
+    to: &str,
+    limit: std::time::Duration,
+    progress: &(dyn Fn(&str) + Sync),
+) -> bool {
+    let started = std::time::Instant::now();
+    let mut rx = topology.subscribe();
+    loop {
+        let left = limit.saturating_sub(started.elapsed());
+        let waited = tokio::time::timeout(
+            left.min(std::time::Duration::from_secs(5)),
+            rx.wait_for(|s| !s.handovers.contains_key(what) && !s.receiving.contains_key(what)),
+        )
+        .await;
+        match waited {
+            Ok(Ok(_)) => return true,
+            Ok(Err(_)) => return false,
+            Err(_) if left.is_zero() || started.elapsed() >= limit => return false,
+            Err(_) => progress(&format!(
+                "{what}: {from} still hands its backlog over to {to} ({}s)",
+                started.elapsed().as_secs()
+            )),
+        }
+    }
 }
 
 /// `provring drain`: move everything `node` hosts, one item at a time, to
@@ -220,7 +249,7 @@ pub async fn drain(
             continue;
         };
         progress(&format!("{what}: moving from {node} to {to}"));
-        let (text, c) = move_one(&topology, what, &to, Some(wait), progress).await?;
+        let (text, c) = move_one(&topology, what, &to, Some(wait), Some(node), progress).await?;
         for line in text.lines() {
             progress(&format!("{what}: {line}"));
         }
@@ -228,6 +257,52 @@ pub async fn drain(
             moved += 1;
         }
         code = code.max(c);
+    }
+    // Backlogs still leaving or arriving (an earlier move), and anything
+    // placed here meanwhile (a takeover, a join), keep the server busy.
+    let pending: Vec<(String, String)> = {
+        let s = topology.state();
+        s.handovers
+            .iter()
+            .filter(|(_, from)| from.as_str() == node)
+            .chain(s.receiving.iter().filter(|(_, by)| by.as_str() == node))
+            .map(|(what, _)| {
+                (
+                    what.clone(),
+                    s.adaptors.get(what).cloned().unwrap_or_default(),
+                )
+            })
+            .collect()
+    };
+    for (what, to) in pending {
+        progress(&format!(
+            "{what}: waiting for the handover under way ({node} → {to})"
+        ));
+        if !handed_over(&topology, &what, node, &to, wait, progress).await {
+            progress(&format!(
+                "{what}: the handover did not finish within {}",
+                humantime::format_duration(wait)
+            ));
+            code = code.max(3);
+        }
+    }
+    let state = topology.state();
+    let left: Vec<&String> = state
+        .adaptors
+        .iter()
+        .chain(state.singletons.iter())
+        .filter(|(_, host)| host.as_str() == node)
+        .map(|(what, _)| what)
+        .collect();
+    if !left.is_empty() {
+        progress(&format!(
+            "{} on {node} again (placed there during the drain)",
+            left.iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+        code = code.max(2);
     }
     stop.cancel();
     broker.close().await;

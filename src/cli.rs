@@ -168,6 +168,22 @@ pub enum Command {
         #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
     },
+    /// Move each adaptor and singleton back to its configured server (or,
+    /// where that server does not run or may not host it, to the running
+    /// eligible server with the least work), one lossless move at a time
+    /// with a line per step. Nothing moves back by itself after a
+    /// takeover: this is how the work gets spread again. Exit 0 done, 2 a
+    /// move refused, 3 a handover not finished within --timeout.
+    Rebalance {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// Print the moves without making them.
+        #[arg(long)]
+        dry_run: bool,
+        /// How long to wait for each backlog handover.
+        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
     /// Read or change the topology log (who hosts what, who monitors whom).
     Topology {
         #[command(subcommand)]

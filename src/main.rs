@@ -133,6 +133,11 @@ async fn run(command: Command) -> Outcome {
             node,
             timeout,
         } => drain(&config, &node, timeout).await,
+        Command::Rebalance {
+            config,
+            dry_run,
+            timeout,
+        } => rebalance(&config, dry_run, timeout).await,
         Command::Move {
             config,
             what,
@@ -314,6 +319,19 @@ async fn move_to(
     let (text, code) = provring::topology::tool::move_to(&config, what, to, wait, &progress)
         .await
         .map_err(Failure::failed)?;
+    provring::say!("{text}");
+    Ok(code)
+}
+
+/// `provring rebalance`: the code is the tool's (0 done, 2 a move refused,
+/// 3 a handover not finished in time).
+async fn rebalance(args: &ConfigArgs, dry_run: bool, timeout: std::time::Duration) -> Outcome {
+    let config = load(args)?;
+    let progress = |line: &str| provring::say!("{line}");
+    let (text, code) =
+        provring::topology::rebalance::rebalance(&config, dry_run, timeout, &progress)
+            .await
+            .map_err(Failure::failed)?;
     provring::say!("{text}");
     Ok(code)
 }

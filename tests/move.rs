@@ -223,3 +223,89 @@ async fn a_drained_server_can_be_stopped_with_nothing_lost() {
         state.servers["a"]
     );
 }
+
+/// After two takeovers the work sits on the takers; `provring rebalance`
+/// moves each adaptor back to its configured server, with its backlog:
+/// nothing lost, no double effect. `--dry-run` moves nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rebalance_after_two_takeovers_puts_every_adaptor_back() {
+    let nodes = ["a", "b", "c"];
+    let mut ring = Ring::start("move_rebalance", &nodes, Duration::from_millis(2), 4).await;
+    let (path, admins, config) = (ring.path.clone(), ring.admins.clone(), ring.config.clone());
+    let all: Vec<&String> = nodes.iter().map(|n| &admins[*n]).collect();
+    let mut total = 0;
+    for (round, victim) in ["b", "c"].iter().enumerate() {
+        for feed in nodes {
+            publish(
+                &config.broker,
+                &format!("feed-{feed}"),
+                events(&format!("rebalance-{round}-{feed}"), 500),
+            )
+            .await;
+            total += 500;
+        }
+        ring.servers.get_mut(*victim).expect("victim").kill9();
+        let v = victim.to_string();
+        wait_state(&all, Duration::from_secs(20), "the takeover", |s| {
+            s.servers[&v].failed
+        })
+        .await;
+        let mut back = ServerProc::start(
+            &path,
+            victim,
+            ring.dir.path().join(format!("{victim}-back.log")),
+        );
+        back.wait_started(Duration::from_secs(60));
+        ring.servers.insert(v.clone(), back);
+        wait_state(&all, Duration::from_secs(30), "the rejoin", |s| {
+            !s.servers[&v].failed
+        })
+        .await;
+    }
+    let state = topology_of(&admins["a"]).await;
+    let away: Vec<&String> = ["b", "c"]
+        .iter()
+        .map(|n| &state.adaptors[&format!("feed_{n}")])
+        .collect();
+    println!("after two takeovers: {:?}", state.adaptors);
+    assert!(
+        away.iter()
+            .zip(["b", "c"])
+            .all(|(host, home)| host.as_str() != home),
+        "the takeovers moved nothing: {:?}",
+        state.adaptors
+    );
+    let config_arg = path.display().to_string();
+
+    let (code, out, err) =
+        provring_async(&["rebalance", "--dry-run", "--config", &config_arg]).await;
+    println!("{out}{err}");
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("would move") && out.contains("nothing moved"),
+        "{out}"
+    );
+    assert_eq!(topology_of(&admins["a"]).await.adaptors, state.adaptors);
+
+    // More events while the work moves back.
+    for feed in nodes {
+        publish(
+            &config.broker,
+            &format!("feed-{feed}"),
+            events(&format!("rebalance-late-{feed}"), 500),
+        )
+        .await;
+        total += 500;
+    }
+    let (code, out, err) = provring_async(&["rebalance", "--config", &config_arg]).await;
+    println!("{out}{err}");
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("rebalanced"), "{out}");
+    wait_state(&all, Duration::from_secs(10), "every adaptor home", |s| {
+        nodes.iter().all(|n| s.adaptors[&format!("feed_{n}")] == *n)
+    })
+    .await;
+    ring.recorder
+        .wait_delivered_once(total, Duration::from_secs(180), "every event")
+        .await;
+}

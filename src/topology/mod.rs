@@ -10,6 +10,7 @@
 
 mod apply;
 pub mod log;
+pub mod rebalance;
 pub mod tool;
 
 use crate::config::{Config, Service};

@@ -6,7 +6,9 @@ use crate::broker::Broker;
 use crate::config::Config;
 use tokio_util::sync::CancellationToken;
 
-async fn connect(config: &Config) -> Result<(Topology, Broker, CancellationToken), TopologyError> {
+pub(super) async fn connect(
+    config: &Config,
+) -> Result<(Topology, Broker, CancellationToken), TopologyError> {
     let broker = Broker::new(config.broker.clone(), "provring topology");
     let stop = CancellationToken::new();
     let proposer = format!("tool@{}", std::process::id());
@@ -103,7 +105,7 @@ pub async fn move_to(
 /// `only_from`, only while `what` is still on that server and `to` still
 /// runs (joined, neither failed nor stopping). `progress` hears a line
 /// every 5 s while the backlog is handed over.
-async fn move_one(
+pub(super) async fn move_one(
     topology: &Topology,
     what: &str,
     to: &str,

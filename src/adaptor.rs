@@ -269,8 +269,12 @@ async fn write_loop(
         // Fencing: nothing is stored for an adaptor this server no longer
         // hosts, e.g. after it was frozen and taken over; the deliveries go
         // back to the queue, to the new host.
+        let at_fence = Instant::now();
         if !p.fence.wait_hosts(&p.name, FENCE_WAIT).await {
             return Err(AdaptorError::NotHosted);
+        }
+        if at_fence.elapsed() > Duration::from_millis(50) {
+            p.stats.fence_pauses.fetch_add(1, Relaxed);
         }
         let mut events = Vec::with_capacity(batch.len());
         for delivery in &batch {
@@ -306,6 +310,12 @@ async fn write_loop(
                 hand_over(&p, stored);
                 return Err(e.into());
             }
+            p.stats.mirrored.fetch_add(stored.len() as u64, Relaxed);
+            p.stats.metrics.observe(
+                "provring_mirror_seconds",
+                &[("adaptor", &p.name)],
+                t2.elapsed().as_secs_f64(),
+            );
             tracing::trace!(adaptor = %p.name, batch = n, store_us = (t1 - t0).as_micros() as u64, flush_us = (t2 - t1).as_micros() as u64, mirror_us = t2.elapsed().as_micros() as u64, "Batch durable on both servers.");
             stored
         };

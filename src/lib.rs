@@ -51,6 +51,7 @@ pub mod event;
 pub mod handover;
 pub mod hosting;
 pub mod local_ring;
+pub mod metrics;
 pub mod mirror;
 pub mod node;
 pub mod parking;

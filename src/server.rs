@@ -270,6 +270,7 @@ fn spawn_roles(node: &Node, shutdown: &CancellationToken) -> Vec<(String, JoinHa
                 n.topology.clone(),
                 n.broker.clone(),
                 n.peers.clone(),
+                n.stats.clone(),
                 shutdown.child_token(),
             )),
         ),

@@ -1,6 +1,7 @@
 //! Counters shared by a server's components, for progress logs, the
-//! benchmark and (later) metrics.
+//! benchmark and `/metrics` (with the histograms of [`Metrics`]).
 
+use crate::metrics::Metrics;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 #[derive(Debug, Default)]
@@ -21,6 +22,15 @@ pub struct Stats {
     pub parked: AtomicU64,
     /// Transient target errors.
     pub retries: AtomicU64,
+    /// New items whose copy the monitor's queue confirmed.
+    pub mirrored: AtomicU64,
+    /// Failed servers this server took over.
+    pub takeovers: AtomicU64,
+    /// Batches held at the fence (this server could not tell whether it
+    /// still hosts the adaptor) for more than 50 ms.
+    pub fence_pauses: AtomicU64,
+    /// Histograms, and the recorder `/metrics` renders.
+    pub metrics: Metrics,
 }
 
 impl Stats {

@@ -389,19 +389,36 @@ async fn keeps_each_accounts_order_across_a_restart() {
     }
 }
 
+/// The cluster file of one server `a` (admin API on a known address, adaptor
+/// `hr`) whose target answers 503 for the first `unavailable_s` seconds.
+async fn one_server(
+    test: &str,
+    rec: &Recorder,
+    unavailable_s: u64,
+) -> (
+    tempfile::TempDir,
+    Setup,
+    std::path::PathBuf,
+    provring::config::Config,
+    Cleanup,
+) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    rec.behaviour.lock().expect("lock").unavailable_until =
+        Some(std::time::Instant::now() + Duration::from_secs(unavailable_s));
+    let mut setup = Setup::new(test, &rec.start().await);
+    setup.admin = free_addr();
+    let cfg_path = setup.write(dir.path());
+    let cfg = load(&cfg_path);
+    let cleanup = Cleanup::new(&cfg.broker, &["hr"]);
+    (dir, setup, cfg_path, cfg, cleanup)
+}
+
 /// `provring backlog` shows what waits in the server's repository, asked
 /// from its admin address, and says when a server cannot be reached.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backlog_command_shows_what_waits() {
-    let dir = tempfile::tempdir().expect("tempdir");
     let rec = Recorder::default();
-    rec.behaviour.lock().expect("lock").unavailable_until =
-        Some(std::time::Instant::now() + Duration::from_secs(4));
-    let mut setup = Setup::new("backlog", &rec.start().await);
-    setup.admin = free_addr();
-    let cfg_path = setup.write(dir.path());
-    let cfg = load(&cfg_path);
-    let _cleanup = Cleanup::new(&cfg.broker, &["hr"]);
+    let (dir, _setup, cfg_path, cfg, _cleanup) = one_server("backlog", &rec, 4).await;
     let mut server = ServerProc::start(&cfg_path, "a", dir.path().join("a.log"));
     server.wait_started(Duration::from_secs(30));
     publish(&cfg.broker, "hr", events("bl", 100)).await;
@@ -436,4 +453,84 @@ async fn backlog_command_shows_what_waits() {
     let (code, v) = backlog(&cfg_path);
     assert_eq!(code, Some(1), "a server that cannot be reached is an error");
     assert!(v[0]["error"].is_string(), "{v}");
+}
+
+/// `GET /metrics` is Prometheus text, read here by a parser, whose counters
+/// match what was sent: 200 events (delivered after a few 503s) and 3
+/// bodies that are no event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_what_was_sent() {
+    use prometheus_parse::{Scrape, Value};
+    let rec = Recorder::default();
+    let (dir, setup, cfg_path, cfg, _cleanup) = one_server("metrics", &rec, 2).await;
+    let mut server = ServerProc::start(&cfg_path, "a", dir.path().join("a.log"));
+    server.wait_started(Duration::from_secs(30));
+    publish(&cfg.broker, "hr", events("metrics", 200)).await;
+    publish(&cfg.broker, "hr", vec![b"not an event".to_vec(); 3]).await;
+    rec.wait_for(200, Duration::from_secs(60), "every event")
+        .await;
+
+    let url = format!("http://{}/metrics", setup.admin);
+    let scrape = |text: &str| {
+        Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).expect("Prometheus text")
+    };
+    let value = |scrape: &Scrape, name: &str| {
+        scrape
+            .samples
+            .iter()
+            .find(|s| s.metric == name)
+            .and_then(|s| match s.value {
+                Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => Some(v),
+                _ => None,
+            })
+    };
+    // The last delivery is counted a moment after the target saw it.
+    let mut text = String::new();
+    for _ in 0..50 {
+        let response = reqwest::Client::new()
+            .get(&url)
+            .bearer_auth(TEST_READ_TOKEN)
+            .send()
+            .await
+            .expect("GET /metrics");
+        assert_eq!(response.status().as_u16(), 200);
+        text = response.text().await.expect("body");
+        let s = scrape(&text);
+        if value(&s, "provring_delivered_total") == Some(200.0)
+            && value(&s, "provring_invalid_total") == Some(3.0)
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let s = scrape(&text);
+    println!("{text}");
+    assert_eq!(value(&s, "provring_delivered_total"), Some(200.0), "{text}");
+    assert_eq!(value(&s, "provring_invalid_total"), Some(3.0), "{text}");
+    assert_eq!(value(&s, "provring_stored_total"), Some(200.0), "{text}");
+    assert!(
+        value(&s, "provring_received_total").is_some_and(|v| v >= 203.0),
+        "{text}"
+    );
+    assert!(
+        value(&s, "provring_retried_total").is_some_and(|v| v > 0.0),
+        "the 503s are counted: {text}"
+    );
+    assert_eq!(value(&s, "provring_parked_total"), Some(0.0), "{text}");
+    assert_eq!(value(&s, "provring_backlog_items"), Some(0.0), "{text}");
+    assert!(
+        value(&s, "provring_state").is_some_and(|v| v >= 8.0),
+        "{text}"
+    );
+    // Every delivery is in the latency histogram.
+    let delivered_in_histogram = s
+        .samples
+        .iter()
+        .find(|x| x.metric == "provring_delivery_seconds")
+        .and_then(|x| match &x.value {
+            Value::Histogram(buckets) => buckets.last().map(|b| b.count),
+            _ => None,
+        });
+    assert_eq!(delivered_in_histogram, Some(200.0), "{text}");
+    assert!(server.stop(Duration::from_secs(30)).success());
 }

@@ -12,6 +12,7 @@
 //! - `GET /topology`: this server's replica of the topology; with
 //!   `?history=N`, also the last N changes applied, with their times.
 //! - `GET /cluster`: every server as this one sees it ([`api::ClusterView`]).
+//! - `GET /metrics`: Prometheus text (see `prometheus.rs` for the list).
 //! - `GET /state`: this server's state from 0 (unusable) to 10 (healthy)
 //!   with the reasons ([`StateView`]); what the supervisor of its monitor
 //!   polls.
@@ -40,6 +41,7 @@ pub mod api;
 pub mod auth;
 pub mod client;
 mod cluster;
+mod prometheus;
 pub mod status;
 
 pub use cluster::ClusterParts;
@@ -203,6 +205,7 @@ fn router(parts: AdminParts) -> Router {
         .route("/item", get(item))
         .route("/topology", get(topology_state))
         .route("/cluster", get(cluster::cluster))
+        .route("/metrics", get(prometheus::metrics))
         .route("/state", get(state))
         .route_layer(guard(Need::Read));
     let operate = Router::new()

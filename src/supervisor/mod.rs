@@ -32,6 +32,7 @@ pub async fn run(
     topology: Topology,
     broker: Broker,
     client: reqwest::Client,
+    stats: std::sync::Arc<crate::stats::Stats>,
     shutdown: CancellationToken,
 ) {
     let sup: SupervisorConfig = config.supervisor.clone();
@@ -63,7 +64,13 @@ pub async fn run(
             continue;
         };
         let url = crate::admin::client::admin_url(&config, &server.admin_listen, "/state");
+        let asked = std::time::Instant::now();
         let result = probe::state(&client, &url, sup.request_timeout).await;
+        stats.metrics.observe(
+            "provring_probe_seconds",
+            &[("peer", &peer)],
+            asked.elapsed().as_secs_f64(),
+        );
         let peer_state = state.servers.get(&peer).cloned().unwrap_or_default();
         let (failures, problem) = match watch.probed(result, &peer_state) {
             Verdict::Idle | Verdict::Healthy | Verdict::Settled => continue,

@@ -109,7 +109,12 @@ pub async fn take_over(
         tokio::spawn(async move { alerter.send(&subject, &body).await });
     }
     match recorded {
-        Ok(_) => Ok(items),
+        Ok(_) => {
+            node.stats
+                .takeovers
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Ok(items)
+        }
         Err(source) => Err(TakeoverError::NotRecorded { items, source }),
     }
 }

@@ -235,6 +235,13 @@ impl Local {
         self.stats
             .parked
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.stats.metrics.increment(
+            "provring_parked_by_reason_total",
+            &[
+                ("adaptor", &r.adaptor),
+                ("reason", crate::metrics::park_class(reason)),
+            ],
+        );
         tracing::warn!(adaptor = %r.adaptor, event = %item.identity(), %reason, "Event parked.");
         ParkResult::Parked
     }

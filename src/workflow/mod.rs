@@ -370,6 +370,11 @@ async fn attempt(w: Arc<Worker>, mut item: StoredItem) -> Outcome {
     match result {
         Ok(()) => {
             w.stats.delivered.fetch_add(1, Relaxed);
+            w.stats.metrics.observe(
+                "provring_delivery_seconds",
+                &[("adaptor", &w.adaptor)],
+                now_ms().saturating_sub(item.received_ms) as f64 / 1000.0,
+            );
             finish(&w, &item);
             Outcome::Finished(item.subject.clone())
         }
@@ -410,6 +415,13 @@ async fn park(w: &Worker, mut item: StoredItem, reason: String) -> Outcome {
         Ok(()) => {
             tracing::warn!(adaptor = %w.adaptor, event = %item.identity(), %reason, "Event parked.");
             w.stats.parked.fetch_add(1, Relaxed);
+            w.stats.metrics.increment(
+                "provring_parked_by_reason_total",
+                &[
+                    ("adaptor", &w.adaptor),
+                    ("reason", crate::metrics::park_class(&reason)),
+                ],
+            );
             finish(w, &item);
             Outcome::Finished(item.subject.clone())
         }

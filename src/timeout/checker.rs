@@ -480,14 +480,7 @@ mod tests {
     fn item(id: &str, by_event: bool) -> CheckedItem {
         CheckedItem {
             server: "b".into(),
-            item: OverdueItem {
-                adaptor: "hr".into(),
-                source: "/hr".into(),
-                id: id.into(),
-                received_ms: 1_000,
-                deadline_ms: 61_000,
-                by_event,
-            },
+            item: super::super::test_item(id, by_event),
         }
     }
 

@@ -295,16 +295,7 @@ fn reason(item: &OverdueItem, check: u64, by: &str) -> String {
 mod tests {
     use super::*;
 
-    fn item(id: &str, by_event: bool) -> OverdueItem {
-        OverdueItem {
-            adaptor: "hr".into(),
-            source: "/hr".into(),
-            id: id.into(),
-            received_ms: 1_000,
-            deadline_ms: 61_000,
-            by_event,
-        }
-    }
+    use super::super::test_item as item;
 
     #[test]
     fn a_parking_reason_names_the_deadline_and_the_check() {

@@ -88,3 +88,17 @@ impl ItemRef {
         }
     }
 }
+
+/// An overdue item of adaptor `hr` for the unit tests: received at 1 s,
+/// due at 61 s, by the adaptor's timeout or (`by_event`) its own deadline.
+#[cfg(test)]
+fn test_item(id: &str, by_event: bool) -> OverdueItem {
+    OverdueItem {
+        adaptor: "hr".into(),
+        source: "/hr".into(),
+        id: id.into(),
+        received_ms: 1_000,
+        deadline_ms: 61_000,
+        by_event,
+    }
+}

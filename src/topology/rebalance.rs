@@ -5,7 +5,7 @@
 //! that hosts the least; one lossless move at a time (see
 //! [`super::tool::move_to`]).
 
-use super::tool::{connect, move_one};
+use super::tool::{connect, move_reporting};
 use super::{State, TopologyError};
 use crate::config::Config;
 use std::collections::BTreeMap;
@@ -126,10 +126,7 @@ pub async fn rebalance(
             continue;
         }
         progress(&format!("{what}: moving from {from} to {to} ({why})"));
-        let (text, c) = move_one(&topology, what, to, Some(wait), Some(from), progress).await?;
-        for line in text.lines() {
-            progress(&format!("{what}: {line}"));
-        }
+        let c = move_reporting(&topology, what, from, to, wait, progress).await?;
         if c == 0 {
             moved += 1;
         }

@@ -105,7 +105,7 @@ pub async fn move_to(
 /// `only_from`, only while `what` is still on that server and `to` still
 /// runs (joined, neither failed nor stopping). `progress` hears a line
 /// every 5 s while the backlog is handed over.
-pub(super) async fn move_one(
+async fn move_one(
     topology: &Topology,
     what: &str,
     to: &str,
@@ -181,6 +181,24 @@ pub(super) async fn move_one(
     Ok(result)
 }
 
+/// One move of a drain or a rebalance: `what` from `from` (only while it is
+/// still there) to `to`, its outcome told line by line to `progress`.
+/// Returns the move's exit code (see [`move_to`]).
+pub(super) async fn move_reporting(
+    topology: &Topology,
+    what: &str,
+    from: &str,
+    to: &str,
+    wait: std::time::Duration,
+    progress: &(dyn Fn(&str) + Sync),
+) -> Result<u8, TopologyError> {
+    let (text, code) = move_one(topology, what, to, Some(wait), Some(from), progress).await?;
+    for line in text.lines() {
+        progress(&format!("{what}: {line}"));
+    }
+    Ok(code)
+}
+
 /// Wait up to `limit` until `what`'s backlog is handed over by `from` and
 /// taken in by `to`, with a progress line every 5 s; whether it was.
 async fn handed_over(
@@ -251,10 +269,7 @@ pub async fn drain(
             continue;
         };
         progress(&format!("{what}: moving from {node} to {to}"));
-        let (text, c) = move_one(&topology, what, &to, Some(wait), Some(node), progress).await?;
-        for line in text.lines() {
-            progress(&format!("{what}: {line}"));
-        }
+        let c = move_reporting(&topology, what, node, &to, wait, progress).await?;
         if c == 0 {
             moved += 1;
         }
